@@ -1,0 +1,205 @@
+//! The YAML configuration file: its schema, its defaults and its validation.
+//!
+//! This module owns everything between the bytes of `m3u-edge.yaml` and a
+//! [`Config`] the rest of the program can trust without re-checking: every
+//! address parses, every URL is http(s) with a host, every duration and size is
+//! in range, stream ids are unique and provider references resolve.
+//!
+//! Loading happens in two passes so that users see as many mistakes as
+//! possible in one go, each as `FILE:LINE:COL: key.path: message`:
+//!
+//! 1. `raw` deserializes the *shape* (known keys, mappings vs lists vs
+//!    scalars) with serde. Every leaf keeps its YAML position. serde stops at
+//!    the first shape error, so this pass reports at most one problem.
+//! 2. `validate` checks the *values* (URLs, durations, header syntax,
+//!    cross references) and collects every problem it finds.
+//!
+//! An empty file (or one with only comments) yields [`Config::default`].
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+mod error;
+mod raw;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::{ConfigError, Problem};
+
+/// The upstream `User-Agent` when neither the stream nor its provider sets one.
+/// A desktop browser string, because some IPTV panels reject unknown clients.
+pub const DEFAULT_USER_AGENT: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) \
+     AppleWebKit/537.36 (KHTML, like Gecko) Chrome/115.0.0.0 Safari/537.36";
+
+/// Reads `path` and parses it with [`parse`].
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
+        file: path.to_path_buf(),
+        error,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates config text. `file` is only used to label errors.
+pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+    let invalid = |problems| ConfigError::Invalid {
+        file: file.to_path_buf(),
+        problems,
+    };
+    let raw = raw::deserialize(text).map_err(|problem| invalid(vec![problem]))?;
+    validate::build(raw, text).map_err(invalid)
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub api: ApiConfig,
+    pub upstream: UpstreamConfig,
+    pub providers: Vec<ProviderConfig>,
+    pub streams: Vec<StreamConfig>,
+    pub live: LiveConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Pingora worker threads, at least 1.
+    pub threads: usize,
+    /// URL prefix of every route: starts with `/` and has no trailing `/`;
+    /// `""` means routes live at the root.
+    pub root_path: String,
+    /// Externally visible base URL (http or https) used when building links.
+    pub public_url: Option<url::Url>,
+    pub state_file: PathBuf,
+    pub stream_idle_ttl: Duration,
+    /// How long a graceful shutdown or upgrade waits for clients.
+    pub grace_period: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8085)),
+            threads: 2,
+            root_path: "/m3u-proxy".to_owned(),
+            public_url: None,
+            state_file: PathBuf::from("m3u-edge-state.json"),
+            stream_idle_ttl: Duration::from_secs(15 * 60),
+            grace_period: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ApiConfig {
+    /// `None` leaves the management API unauthenticated.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    pub user_agent: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    /// 0 disables following redirects.
+    pub max_redirects: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            user_agent: DEFAULT_USER_AGENT.to_owned(),
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(10),
+            max_redirects: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderConfig {
+    /// Unique, non-empty.
+    pub name: String,
+    /// Non-empty; lowercase (IDNA hosts in punycode, as `Url::host_str` gives
+    /// them); an entry may be a `*.example.com` wildcard.
+    pub hosts: Vec<String>,
+    /// `None` = unlimited; never `Some(0)`.
+    pub max_connections: Option<u32>,
+    pub user_agent: Option<String>,
+    /// In file order; names are valid HTTP header names (as written),
+    /// values valid, non-empty header values.
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamConfig {
+    /// `[A-Za-z0-9_-]{1,64}`; defaults to the lowercase md5 hex of the URL
+    /// exactly as written, matching m3u-proxy's ids.
+    pub id: String,
+    pub url: url::Url,
+    pub failover_urls: Vec<url::Url>,
+    pub failover_resolver_url: Option<url::Url>,
+    /// Always names an entry of [`Config::providers`].
+    pub provider: Option<String>,
+    pub user_agent: Option<String>,
+    pub headers: Vec<(String, String)>,
+    /// Scalars as written in the file (`1.50` stays `"1.50"`); never null.
+    pub metadata: BTreeMap<String, String>,
+    /// `None` = auto-detect.
+    pub live: Option<bool>,
+    pub sticky: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveConfig {
+    /// How much recent video a live hub keeps for late joiners
+    /// (YAML key `ring_seconds`, a duration).
+    pub ring_seconds: Duration,
+    /// Upper bound of that ring in bytes, > 0.
+    pub ring_bytes: usize,
+    /// > 0.
+    pub stall_timeout: Duration,
+    pub linger: Duration,
+    pub give_up_after: Duration,
+    /// A failed source is retried only after this.
+    pub retry_backoff: Duration,
+    /// After a failover, the primary is tried again after this.
+    pub primary_cooldown: Duration,
+    pub standby: bool,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        Self {
+            ring_seconds: Duration::from_secs(4),
+            ring_bytes: 16 * 1024 * 1024,
+            stall_timeout: Duration::from_secs(3),
+            linger: Duration::ZERO,
+            give_up_after: Duration::from_secs(30),
+            retry_backoff: Duration::from_secs(5),
+            primary_cooldown: Duration::from_secs(60),
+            standby: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A level (`trace`..`error`, `off`, lowercase) or an `EnvFilter`
+    /// directive string such as `info,pingora=warn`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+        }
+    }
+}

@@ -1,0 +1,787 @@
+//! Pass 2: values and cross references, turning [`RawConfig`] into
+//! [`Config`].
+//!
+//! Every check reports into one list instead of returning early, so a user
+//! fixing a file sees all value mistakes at once. A rejected value is
+//! replaced by its default so checking can go on; the partial `Config` is
+//! thrown away whenever anything was reported.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use md5::{Digest, Md5};
+use serde_saphyr::Spanned;
+use url::Url;
+
+use super::raw::{
+    push_key, spanned_at, Leaf, RawConfig, RawHeaders, RawLive, RawLog, RawProvider, RawServer,
+    RawStream, RawUpstream, Scalar,
+};
+use super::{
+    ApiConfig, Config, LiveConfig, LogConfig, Problem, ProviderConfig, ServerConfig, StreamConfig,
+    UpstreamConfig,
+};
+
+type Check<T> = Result<T, String>;
+type At = Option<(u64, u64)>;
+
+pub(super) fn build(raw: RawConfig, text: &str) -> Result<Config, Vec<Problem>> {
+    let mut v = Validator {
+        problems: Vec::new(),
+        text,
+    };
+    let config = v.config(raw);
+    if v.problems.is_empty() {
+        return Ok(config);
+    }
+    // Cross-reference checks run after the per-key ones; file order reads
+    // better. Problems without a position go last.
+    v.problems
+        .sort_by_key(|p| p.at.map_or((u64::MAX, u64::MAX), |at| at));
+    Err(v.problems)
+}
+
+struct Validator<'t> {
+    problems: Vec<Problem>,
+    /// The file, to locate header names (see [`Validator::key_at`]).
+    text: &'t str,
+}
+
+impl Validator<'_> {
+    fn report(&mut self, at: At, path: &str, message: &str) {
+        self.problems.push(Problem::new(at, path, message));
+    }
+
+    /// Checks an optional key; absent or null gives `default`, and so does a
+    /// rejected value (after reporting it).
+    fn leaf<T, R>(
+        &mut self,
+        leaf: &Leaf<T>,
+        path: &str,
+        default: R,
+        check: impl FnOnce(&T) -> Check<R>,
+    ) -> R {
+        match leaf {
+            None => default,
+            Some(spanned) => self.spanned(spanned, path, default, check),
+        }
+    }
+
+    /// Like [`Self::leaf`] for keys whose absence means `None`.
+    fn optional<T, R>(
+        &mut self,
+        leaf: &Leaf<T>,
+        path: &str,
+        check: impl FnOnce(&T) -> Check<R>,
+    ) -> Option<R> {
+        self.leaf(leaf, path, None, |value| check(value).map(Some))
+    }
+
+    fn spanned<T, R>(
+        &mut self,
+        spanned: &Spanned<T>,
+        path: &str,
+        fallback: R,
+        check: impl FnOnce(&T) -> Check<R>,
+    ) -> R {
+        match check(&spanned.value) {
+            Ok(value) => value,
+            Err(message) => {
+                self.report(spanned_at(spanned), path, &message);
+                fallback
+            }
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let server = self.server(raw.server.unwrap_or_default());
+        let api = ApiConfig {
+            token: self.optional(&raw.api.unwrap_or_default().token, "api.token", |s| {
+                api_token(s)
+            }),
+        };
+        let upstream = self.upstream(raw.upstream.unwrap_or_default());
+        let providers = self.providers(raw.providers.unwrap_or_default());
+        let streams = self.streams(raw.streams.unwrap_or_default(), &providers);
+        let live = self.live(raw.live.unwrap_or_default());
+        let log = self.log(raw.log.unwrap_or_default());
+        Config {
+            server,
+            api,
+            upstream,
+            providers,
+            streams,
+            live,
+            log,
+        }
+    }
+
+    fn server(&mut self, raw: RawServer) -> ServerConfig {
+        let d = ServerConfig::default();
+        ServerConfig {
+            listen: self.leaf(&raw.listen, "server.listen", d.listen, |s| socket_addr(s)),
+            threads: self.leaf(&raw.threads, "server.threads", d.threads, |s| {
+                usize_at_least(s, 1)
+            }),
+            root_path: self.leaf(&raw.root_path, "server.root_path", d.root_path, |s| {
+                root_path(s)
+            }),
+            public_url: self.optional(&raw.public_url, "server.public_url", |s| public_url(s)),
+            state_file: self.leaf(&raw.state_file, "server.state_file", d.state_file, |s| {
+                if s.is_empty() {
+                    Err("must not be empty".to_owned())
+                } else {
+                    Ok(s.into())
+                }
+            }),
+            stream_idle_ttl: self.leaf(
+                &raw.stream_idle_ttl,
+                "server.stream_idle_ttl",
+                d.stream_idle_ttl,
+                duration,
+            ),
+            grace_period: self.leaf(
+                &raw.grace_period,
+                "server.grace_period",
+                d.grace_period,
+                duration,
+            ),
+        }
+    }
+
+    fn upstream(&mut self, raw: RawUpstream) -> UpstreamConfig {
+        let d = UpstreamConfig::default();
+        UpstreamConfig {
+            user_agent: self.leaf(&raw.user_agent, "upstream.user_agent", d.user_agent, |s| {
+                user_agent(s)
+            }),
+            connect_timeout: self.leaf(
+                &raw.connect_timeout,
+                "upstream.connect_timeout",
+                d.connect_timeout,
+                |s| non_zero(duration(s)?),
+            ),
+            read_timeout: self.leaf(
+                &raw.read_timeout,
+                "upstream.read_timeout",
+                d.read_timeout,
+                |s| non_zero(duration(s)?),
+            ),
+            max_redirects: self.leaf(
+                &raw.max_redirects,
+                "upstream.max_redirects",
+                d.max_redirects,
+                |s| usize_at_least(s, 0),
+            ),
+        }
+    }
+
+    fn providers(&mut self, raw: Vec<RawProvider>) -> Vec<ProviderConfig> {
+        let mut names: HashMap<String, (usize, At)> = HashMap::new();
+        let mut hosts: HashMap<String, (usize, usize)> = HashMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, p) in raw.iter().enumerate() {
+            let base = format!("providers[{i}]");
+            let name_path = format!("{base}.name");
+            let name = self.spanned(&p.name, &name_path, String::new(), |s| {
+                if s.is_empty() {
+                    Err("must not be empty".to_owned())
+                } else {
+                    Ok(s.clone())
+                }
+            });
+            if !name.is_empty() {
+                let at = spanned_at(&p.name);
+                if let Some((first, first_at)) = names.get(&name) {
+                    let msg = format!(
+                        "duplicate provider name {name:?}; providers[{first}]{} already uses it",
+                        line_note(*first_at)
+                    );
+                    self.report(at, &name_path, &msg);
+                } else {
+                    names.insert(name.clone(), (i, at));
+                }
+            }
+
+            let hosts_path = format!("{base}.hosts");
+            if p.hosts.value.is_empty() {
+                self.report(
+                    spanned_at(&p.hosts),
+                    &hosts_path,
+                    "list at least one host name, e.g. [\"example.com\", \"*.example.com\"]",
+                );
+            }
+            let mut list = Vec::with_capacity(p.hosts.value.len());
+            for (j, host) in p.hosts.value.iter().enumerate() {
+                let path = format!("{hosts_path}[{j}]");
+                let Some(pattern) = self.spanned(host, &path, None, |s| host_pattern(s).map(Some))
+                else {
+                    continue;
+                };
+                if let Some(&(pi, pj)) = hosts.get(&pattern) {
+                    let msg = format!(
+                        "host {pattern:?} is already listed at providers[{pi}].hosts[{pj}]; \
+                         each host may belong to one provider only"
+                    );
+                    self.report(spanned_at(host), &path, &msg);
+                } else {
+                    hosts.insert(pattern.clone(), (i, j));
+                }
+                list.push(pattern);
+            }
+
+            out.push(ProviderConfig {
+                name,
+                hosts: list,
+                max_connections: self.optional(
+                    &p.max_connections,
+                    &format!("{base}.max_connections"),
+                    max_connections,
+                ),
+                user_agent: self.optional(&p.user_agent, &format!("{base}.user_agent"), |s| {
+                    user_agent(s)
+                }),
+                headers: self.headers(p.headers.as_ref(), &format!("{base}.headers")),
+            });
+        }
+        out
+    }
+
+    fn streams(&mut self, raw: Vec<RawStream>, providers: &[ProviderConfig]) -> Vec<StreamConfig> {
+        let mut ids: HashMap<String, (usize, At)> = HashMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, s) in raw.iter().enumerate() {
+            let base = format!("streams[{i}]");
+            let url = self.spanned(&s.url, &format!("{base}.url"), None, |u| {
+                http_url(u).map(Some)
+            });
+
+            let (id, id_at, id_path, explicit) = match &s.id {
+                Some(id) => {
+                    let path = format!("{base}.id");
+                    let value = self.spanned(id, &path, String::new(), |s| stream_id(s));
+                    (value, spanned_at(id), path, true)
+                }
+                None => (
+                    default_stream_id(&s.url.value),
+                    spanned_at(&s.url),
+                    format!("{base}.url"),
+                    false,
+                ),
+            };
+            if !id.is_empty() {
+                if let Some((first, first_at)) = ids.get(&id) {
+                    let msg = if explicit {
+                        format!(
+                            "duplicate stream id {id:?}; streams[{first}]{} already uses it",
+                            line_note(*first_at)
+                        )
+                    } else {
+                        format!(
+                            "this stream's default id {id:?} (the md5 of its URL) is already used \
+                             by streams[{first}]{}; give one of them an explicit `id`",
+                            line_note(*first_at)
+                        )
+                    };
+                    self.report(id_at, &id_path, &msg);
+                } else {
+                    ids.insert(id.clone(), (i, id_at));
+                }
+            }
+
+            let failover_urls = s
+                .failover_urls
+                .iter()
+                .flatten()
+                .enumerate()
+                .filter_map(|(j, u)| {
+                    let path = format!("{base}.failover_urls[{j}]");
+                    self.spanned(u, &path, None, |u| http_url(u).map(Some))
+                })
+                .collect();
+
+            let provider = self.optional(&s.provider, &format!("{base}.provider"), |name| {
+                if providers.iter().any(|p| &p.name == name) {
+                    Ok(name.clone())
+                } else if providers.is_empty() {
+                    Err(format!(
+                        "unknown provider {name:?}: no providers are defined under `providers`"
+                    ))
+                } else {
+                    let known: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
+                    Err(format!(
+                        "unknown provider {name:?}; defined providers: {}",
+                        known.join(", ")
+                    ))
+                }
+            });
+
+            out.push(StreamConfig {
+                id,
+                url: url.unwrap_or_else(placeholder_url),
+                failover_urls,
+                failover_resolver_url: self.optional(
+                    &s.failover_resolver_url,
+                    &format!("{base}.failover_resolver_url"),
+                    |u| http_url(u),
+                ),
+                provider,
+                user_agent: self.optional(&s.user_agent, &format!("{base}.user_agent"), |s| {
+                    user_agent(s)
+                }),
+                headers: self.headers(s.headers.as_ref(), &format!("{base}.headers")),
+                metadata: s.metadata.clone().unwrap_or_default(),
+                live: self.leaf(&s.live, &format!("{base}.live"), None, live_mode),
+                sticky: self.leaf(&s.sticky, &format!("{base}.sticky"), false, boolean),
+            });
+        }
+        out
+    }
+
+    fn live(&mut self, raw: RawLive) -> LiveConfig {
+        let d = LiveConfig::default();
+        LiveConfig {
+            ring_seconds: self.leaf(
+                &raw.ring_seconds,
+                "live.ring_seconds",
+                d.ring_seconds,
+                seconds,
+            ),
+            ring_bytes: self.leaf(&raw.ring_bytes, "live.ring_bytes", d.ring_bytes, byte_size),
+            stall_timeout: self.leaf(
+                &raw.stall_timeout,
+                "live.stall_timeout",
+                d.stall_timeout,
+                |s| non_zero(duration(s)?),
+            ),
+            linger: self.leaf(&raw.linger, "live.linger", d.linger, duration),
+            give_up_after: self.leaf(
+                &raw.give_up_after,
+                "live.give_up_after",
+                d.give_up_after,
+                duration,
+            ),
+            retry_backoff: self.leaf(
+                &raw.retry_backoff,
+                "live.retry_backoff",
+                d.retry_backoff,
+                duration,
+            ),
+            primary_cooldown: self.leaf(
+                &raw.primary_cooldown,
+                "live.primary_cooldown",
+                d.primary_cooldown,
+                duration,
+            ),
+            standby: self.leaf(&raw.standby, "live.standby", d.standby, boolean),
+        }
+    }
+
+    fn log(&mut self, raw: RawLog) -> LogConfig {
+        let d = LogConfig::default();
+        LogConfig {
+            level: self.leaf(&raw.level, "log.level", d.level, |s| log_level(s)),
+        }
+    }
+
+    fn headers(&mut self, raw: Option<&RawHeaders>, path: &str) -> Vec<(String, String)> {
+        let Some(raw) = raw else {
+            return Vec::new();
+        };
+        let mut seen: HashMap<String, &str> = HashMap::new();
+        let mut out = Vec::with_capacity(raw.0.len());
+        for (name, value) in &raw.0 {
+            let mut key_path = path.to_owned();
+            push_key(&mut key_path, name);
+            let key_at = self.key_at(value, name);
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                let msg = format!(
+                    "invalid header name {name:?}: use letters, digits and \
+                     !#$%&'*+-.^_`|~ only, no spaces or colons"
+                );
+                self.report(key_at, &key_path, &msg);
+                continue;
+            }
+            let lower = name.to_ascii_lowercase();
+            if let Some(first) = seen.get(&lower) {
+                let msg = format!(
+                    "header {name:?} is already set as {first:?} (header names ignore case)"
+                );
+                self.report(key_at, &key_path, &msg);
+                continue;
+            }
+            seen.insert(lower, name);
+            let checked = self.spanned(value, &key_path, None, |v| {
+                header_value(v, "remove the header instead").map(Some)
+            });
+            if let Some(v) = checked {
+                out.push((name.clone(), v));
+            }
+        }
+        out
+    }
+
+    /// Position of a mapping key, which serde-saphyr only gives for values:
+    /// the key is searched for on the value's line, left of the value.
+    /// Falls back to the value's position (flow or multi-line layouts).
+    fn key_at(&self, value: &Spanned<String>, key: &str) -> At {
+        let at = spanned_at(value)?;
+        Some(key_column(self.text, at, key).unwrap_or(at))
+    }
+}
+
+fn key_column(text: &str, (line, column): (u64, u64), key: &str) -> At {
+    let row = usize::try_from(line).ok()?.checked_sub(1)?;
+    let text = text.lines().nth(row)?;
+    // Columns do not count a byte-order mark.
+    let text = if row == 0 {
+        text.trim_start_matches('\u{feff}')
+    } else {
+        text
+    };
+    let before: String = text
+        .chars()
+        .take(usize::try_from(column).ok()?.saturating_sub(1))
+        .collect();
+    let byte = before.rfind(key)?;
+    let prefix = &before[..byte];
+    let mut col = prefix.chars().count() as u64 + 1;
+    if prefix.ends_with(['"', '\'']) {
+        col -= 1;
+    }
+    Some((line, col))
+}
+
+/// ` (line 7)` when known, for messages pointing at an earlier entry.
+fn line_note(at: At) -> String {
+    at.map(|(line, _)| format!(" (line {line})"))
+        .unwrap_or_default()
+}
+
+/// Stands in for a rejected stream URL; never reaches a returned `Config`.
+fn placeholder_url() -> Url {
+    Url::parse("http://invalid.invalid/").expect("constant URL parses")
+}
+
+pub(super) fn default_stream_id(url_as_written: &str) -> String {
+    hex::encode(Md5::digest(url_as_written.as_bytes()))
+}
+
+fn socket_addr(s: &str) -> Check<SocketAddr> {
+    s.parse().map_err(|_| {
+        format!(
+            "invalid listen address {s:?}: expected IP:PORT such as \"127.0.0.1:8085\", \
+             \"0.0.0.0:8085\" or \"[::]:8085\" (host names are not accepted)"
+        )
+    })
+}
+
+fn root_path(s: &str) -> Check<String> {
+    if s.is_empty() || s == "/" {
+        return Ok(String::new());
+    }
+    if !s.starts_with('/') {
+        return Err(format!("must start with \"/\", e.g. \"/{s}\""));
+    }
+    if s.ends_with('/') {
+        return Err(format!(
+            "must not end with \"/\"; write {:?}",
+            s.trim_end_matches('/')
+        ));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, '?' | '#' | '%' | '\\'))
+    {
+        return Err(format!(
+            "{c:?} is not allowed; use a plain path such as \"/m3u-proxy\" \
+             (no spaces, query, fragment or percent-encoding)"
+        ));
+    }
+    if s[1..]
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err("must not contain empty, \".\" or \"..\" segments".to_owned());
+    }
+    Ok(s.to_owned())
+}
+
+fn http_url(s: &str) -> Check<Url> {
+    let url = Url::parse(s).map_err(|e| format!("invalid URL {s:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "URL {s:?} must use http or https, not {}",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("URL {s:?} has no host"));
+    }
+    Ok(url)
+}
+
+fn public_url(s: &str) -> Check<Url> {
+    let url = http_url(s)?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "URL {s:?} must not have a query (?) or fragment (#)"
+        ));
+    }
+    Ok(url)
+}
+
+fn stream_id(s: &str) -> Check<String> {
+    let ok = (1..=64).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "invalid stream id {s:?}: use 1 to 64 letters, digits, `_` or `-`"
+        ))
+    }
+}
+
+fn host_pattern(s: &str) -> Check<String> {
+    if s.contains("://") || s.contains('/') {
+        return Err(format!(
+            "invalid host {s:?}: write only the host name, without scheme or path, \
+             e.g. \"example.com\""
+        ));
+    }
+    let (wildcard, rest) = match s.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    if rest.contains('*') {
+        return Err(format!(
+            "invalid host {s:?}: `*` may only stand for the first label, as in \"*.example.com\""
+        ));
+    }
+    if !rest.starts_with('[') && rest.contains(':') {
+        return Err(format!(
+            "invalid host {s:?}: write the host without a port; a provider covers every port"
+        ));
+    }
+    match url::Host::parse(rest) {
+        Ok(url::Host::Domain(domain)) if wildcard => Ok(format!("*.{domain}")),
+        Ok(url::Host::Domain(domain)) => Ok(domain),
+        Ok(_) if wildcard => Err(format!(
+            "invalid host {s:?}: `*.` must be followed by a domain name, not an IP address"
+        )),
+        Ok(ip) => Ok(ip.to_string()),
+        Err(e) => Err(format!("invalid host {s:?}: {e}")),
+    }
+}
+
+fn header_value(s: &str, if_empty: &str) -> Check<String> {
+    if s.trim().is_empty() {
+        return Err(format!("must not be empty; {if_empty}"));
+    }
+    http::HeaderValue::from_str(s).map_err(|_| {
+        format!(
+            "invalid header value {s:?}: only visible ASCII characters, spaces and tabs \
+             are allowed"
+        )
+    })?;
+    Ok(s.to_owned())
+}
+
+fn user_agent(s: &str) -> Check<String> {
+    header_value(s, "remove the key to use the default")
+}
+
+fn api_token(s: &str) -> Check<String> {
+    if s.is_empty() {
+        return Err(
+            "empty token; use null or remove the key to leave the API without a token".to_owned(),
+        );
+    }
+    if s.trim() != s {
+        return Err("the token must not start or end with spaces".to_owned());
+    }
+    if s.chars().any(|c| !c.is_ascii_graphic()) {
+        return Err("the token may only contain visible ASCII characters (no spaces)".to_owned());
+    }
+    Ok(s.to_owned())
+}
+
+fn log_level(s: &str) -> Check<String> {
+    let lower = s.to_ascii_lowercase();
+    if ["trace", "debug", "info", "warn", "error", "off"].contains(&lower.as_str()) {
+        return Ok(lower);
+    }
+    if s.contains('=') {
+        return tracing_subscriber::EnvFilter::builder()
+            .parse(s)
+            .map(|_| s.to_owned())
+            .map_err(|e| format!("invalid log filter {s:?}: {e}"));
+    }
+    Err(format!(
+        "invalid log level {s:?}: use trace, debug, info, warn, error or off, \
+         or a filter such as \"info,pingora=warn\""
+    ))
+}
+
+/// An integer in `min..=max`.
+fn whole_number(s: &Scalar, min: i128, max: i128) -> Check<i128> {
+    let expected = "expected a whole number";
+    let n = match s {
+        Scalar::Int(n) => *n,
+        Scalar::Str(text) if text.trim().parse::<i128>().is_ok() => {
+            return Err(format!(
+                "invalid type: {}, {expected} (remove the quotes)",
+                s.describe()
+            ))
+        }
+        other => return Err(format!("invalid type: {}, {expected}", other.describe())),
+    };
+    if n < min {
+        return Err(format!("must be at least {min}, got {n}"));
+    }
+    if n > max {
+        return Err(format!("must be at most {max}, got {n}"));
+    }
+    Ok(n)
+}
+
+fn usize_at_least(s: &Scalar, min: i128) -> Check<usize> {
+    let max = i128::try_from(usize::MAX).unwrap_or(i128::MAX);
+    let n = whole_number(s, min, max)?;
+    usize::try_from(n).map_err(|_| format!("must be at most {max}, got {n}"))
+}
+
+fn max_connections(s: &Scalar) -> Check<u32> {
+    if *s == Scalar::Int(0) {
+        return Err(
+            "0 would block every stream of this provider; remove the key (or use null) \
+             for unlimited connections"
+                .to_owned(),
+        );
+    }
+    let n = whole_number(s, 1, u32::MAX.into())?;
+    u32::try_from(n).map_err(|_| format!("must be at most {}, got {n}", u32::MAX))
+}
+
+const DURATION_EXAMPLES: &str = "e.g. \"250ms\", \"5s\", \"15m\" or \"1h 30m\"";
+
+/// A humantime duration string; a bare `0` is unambiguous, other bare
+/// numbers are not (seconds? milliseconds?) and are refused.
+fn duration(s: &Scalar) -> Check<Duration> {
+    match s {
+        Scalar::Str(text) => humantime::parse_duration(text)
+            .map_err(|e| format!("invalid duration {text:?} ({e}); write {DURATION_EXAMPLES}")),
+        Scalar::Int(0) => Ok(Duration::ZERO),
+        Scalar::Int(n) => Err(format!(
+            "a bare number is ambiguous here; add a unit, e.g. \"{n}s\" or \"{n}ms\""
+        )),
+        Scalar::Float(f) => Err(format!(
+            "a bare number is ambiguous here; add a unit, e.g. \"{f:?}s\""
+        )),
+        other => Err(format!(
+            "invalid type: {}, expected a duration, {DURATION_EXAMPLES}",
+            other.describe()
+        )),
+    }
+}
+
+/// A duration where a bare number means seconds (the key is named so).
+fn seconds(s: &Scalar) -> Check<Duration> {
+    match s {
+        Scalar::Int(n) if *n < 0 => Err(format!("must not be negative, got {n}")),
+        Scalar::Int(n) => u64::try_from(*n)
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{n} seconds is too long")),
+        Scalar::Float(f) if *f < 0.0 => Err(format!("must not be negative, got {f:?}")),
+        Scalar::Float(f) => {
+            Duration::try_from_secs_f64(*f).map_err(|_| format!("{f:?} seconds is too long"))
+        }
+        other => duration(other),
+    }
+}
+
+fn non_zero(d: Duration) -> Check<Duration> {
+    if d.is_zero() {
+        Err("must be greater than zero".to_owned())
+    } else {
+        Ok(d)
+    }
+}
+
+const SIZE_UNITS: [(&str, f64); 7] = [
+    ("b", 1.0),
+    ("kb", 1e3),
+    ("mb", 1e6),
+    ("gb", 1e9),
+    ("kib", 1024.0),
+    ("mib", 1_048_576.0),
+    ("gib", 1_073_741_824.0),
+];
+
+/// Bytes: an integer, or a number with a unit (`512KiB`, `16 MiB`, `8MB`).
+fn byte_size(s: &Scalar) -> Check<usize> {
+    let hint = "write a byte count or a size such as \"512KiB\", \"16MiB\" or \"8MB\"";
+    let bytes = match s {
+        Scalar::Int(n) => *n as f64,
+        Scalar::Str(text) => {
+            let t = text.trim();
+            let split = t
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(t.len());
+            let (number, unit) = t.split_at(split);
+            let number: f64 = number
+                .parse()
+                .map_err(|_| format!("invalid size {text:?}; {hint}"))?;
+            let unit = unit.trim().to_ascii_lowercase();
+            let multiplier = if unit.is_empty() {
+                1.0
+            } else {
+                SIZE_UNITS
+                    .iter()
+                    .find(|(name, _)| *name == unit)
+                    .map(|(_, m)| *m)
+                    .ok_or_else(|| {
+                        format!(
+                            "invalid size {text:?}: unknown unit; use B, KB, MB, GB \
+                             (powers of 1000) or KiB, MiB, GiB (powers of 1024)"
+                        )
+                    })?
+            };
+            number * multiplier
+        }
+        other => return Err(format!("invalid type: {}, {hint}", other.describe())),
+    };
+    if bytes.is_nan() || bytes < 1.0 {
+        return Err(format!("must be at least 1 byte; {hint}"));
+    }
+    if bytes > usize::MAX as f64 {
+        return Err("too large".to_owned());
+    }
+    // Truncation is intended: a fractional byte cannot be buffered.
+    Ok(bytes as usize)
+}
+
+fn boolean(s: &Scalar) -> Check<bool> {
+    match s {
+        Scalar::Bool(b) => Ok(*b),
+        other => Err(format!(
+            "invalid type: {}, expected true or false",
+            other.describe()
+        )),
+    }
+}
+
+fn live_mode(s: &Scalar) -> Check<Option<bool>> {
+    match s {
+        Scalar::Bool(b) => Ok(Some(*b)),
+        Scalar::Null => Ok(None),
+        Scalar::Str(text) if text == "auto" => Ok(None),
+        other => Err(format!(
+            "invalid type: {}, expected true, false or auto",
+            other.describe()
+        )),
+    }
+}

@@ -1,0 +1,105 @@
+//! `m3u-edge -c FILE`: validate the YAML, build the app, hand the services to
+//! Pingora. Our config is checked before Pingora's bootstrap so `-t` and bad
+//! configs never reach Pingora (whose own `-t` exits inside bootstrap).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use pingora::prelude::*;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::services::background::background_service;
+
+use m3u_edge::app::App;
+use m3u_edge::housekeeping::Housekeeper;
+use m3u_edge::proxy::Edge;
+use m3u_edge::{config, logging};
+
+#[derive(Parser, Debug)]
+#[command(name = "m3u-edge", version, about = "IPTV streaming proxy on Pingora")]
+struct Cli {
+    /// The YAML config file.
+    #[arg(short = 'c', long = "conf", default_value = "conf/m3u-edge.yaml")]
+    conf: PathBuf,
+    /// Check the config and exit: 0 when valid, 1 with the errors otherwise.
+    #[arg(short = 't', long = "test")]
+    test: bool,
+    /// Run in the background (Pingora daemon mode).
+    #[arg(short = 'd', long = "daemon")]
+    daemon: bool,
+    /// Take over the listening sockets of a running instance (Pingora upgrade).
+    #[arg(short = 'u', long = "upgrade")]
+    upgrade: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match config::load(&cli.conf) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("m3u-edge: invalid config:");
+            for m in e.messages() {
+                eprintln!("  {m}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    if cli.test {
+        println!("{}: ok", cli.conf.display());
+        return ExitCode::SUCCESS;
+    }
+    logging::init(&config.log.level);
+    match run(cli, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("m3u-edge: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
+    let listen = config.server.listen;
+    let grace = config.server.grace_period.as_secs();
+    let threads = config.server.threads;
+    if config.api.token.is_none() {
+        tracing::warn!("api.token is not set: the management API is OPEN to anyone who can reach {listen}; set api.token in the config");
+    }
+    tracing::info!(config = %cli.conf.display(), %listen, root_path = %config.server.root_path, "starting m3u-edge {}", m3u_edge::app::VERSION);
+
+    let app = App::new(config)?;
+
+    let opt = Opt {
+        upgrade: cli.upgrade,
+        daemon: cli.daemon,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(grace),
+        graceful_shutdown_timeout_seconds: Some(grace.max(1)),
+        // Redirect hops and failover sources each take one attempt.
+        max_retries: 64,
+        pid_file: format!("/tmp/m3u-edge-{}.pid", listen.port()),
+        upgrade_sock: format!("/tmp/m3u-edge-{}-upgrade.sock", listen.port()),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut edge = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Edge::new(app.clone()),
+        "edge",
+    );
+    edge.add_tcp(&listen.to_string());
+    server.add_service(edge);
+    server.add_service(background_service(
+        "housekeeping",
+        Housekeeper { app: app.clone() },
+    ));
+    tracing::info!(%listen, "listening");
+    server.run_forever();
+}
