@@ -1,0 +1,145 @@
+//! The management API, drop-in compatible with m3u-proxy 0.4.x (the contract is
+//! ../shared/API-COMPAT.md). Handlers take an [`ApiRequest`] and return an
+//! [`ApiReply`] (status + JSON); only `proxy` writes them to a client.
+
+pub mod body;
+pub mod json;
+pub mod streams;
+pub mod system;
+
+use bytes::Bytes;
+use http::Method;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+
+use crate::app::App;
+use crate::route::Api;
+
+/// A management request, already read off the wire.
+#[derive(Debug, Default)]
+pub struct ApiRequest {
+    pub method: Method,
+    pub query: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl ApiRequest {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiReply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl ApiReply {
+    pub fn ok(body: Value) -> Self {
+        ApiReply { status: 200, body }
+    }
+
+    /// m3u-proxy's error shape: `{"detail": "..."}`.
+    pub fn detail(status: u16, msg: impl Into<String>) -> Self {
+        ApiReply {
+            status,
+            body: json!({ "detail": msg.into() }),
+        }
+    }
+
+    /// FastAPI-style validation error: `{"detail":[{type,loc,msg,input}]}`.
+    pub fn invalid(loc: &[&str], msg: impl Into<String>, input: Value) -> Self {
+        ApiReply {
+            status: 422,
+            body: json!({ "detail": [{
+                "type": "value_error",
+                "loc": loc,
+                "msg": msg.into(),
+                "input": input,
+            }]}),
+        }
+    }
+
+    fn method_not_allowed() -> Self {
+        Self::detail(405, "Method Not Allowed")
+    }
+}
+
+/// Outcome of the token check.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Auth {
+    Allowed,
+    Missing,
+    Wrong,
+}
+
+/// `X-API-Token` header or `?api_token=`; constant-time compare. No configured
+/// token → open. `/health` answers without a token but checks one that is sent.
+pub fn authorize(app: &App, api: &Api, header: Option<&[u8]>, query: Option<&str>) -> Auth {
+    let Some(expected) = app.config.api.token.as_deref() else {
+        return Auth::Allowed;
+    };
+    let given = header.or(query.map(str::as_bytes));
+    match given {
+        None if *api == Api::Health => Auth::Allowed,
+        None => Auth::Missing,
+        Some(g) if bool::from(g.ct_eq(expected.as_bytes())) => Auth::Allowed,
+        Some(_) => Auth::Wrong,
+    }
+}
+
+pub fn auth_reply(auth: Auth) -> Option<ApiReply> {
+    match auth {
+        Auth::Allowed => None,
+        Auth::Missing => Some(ApiReply::detail(401, "API token required")),
+        Auth::Wrong => Some(ApiReply::detail(403, "Invalid API token")),
+    }
+}
+
+/// Dispatches an authorized request.
+pub async fn handle(app: &App, api: &Api, req: &ApiRequest) -> ApiReply {
+    use Method as M;
+    match (api, &req.method) {
+        (Api::Health, &M::GET) => system::health(app),
+        (Api::Info, &M::GET) => system::info(app),
+        (Api::Stats, &M::GET) => system::stats(app),
+        (Api::Clients, &M::GET) => system::clients(app),
+        (Api::TestConnection, &M::POST) => system::test_connection(app, req).await,
+        (Api::Streams, &M::GET) => streams::list(app),
+        (Api::Streams, &M::POST) => streams::create(app, req),
+        (Api::ByMetadata, &M::GET) => streams::by_metadata(app, req),
+        (Api::ByMetadata, &M::DELETE) => streams::delete_by_metadata(app, req),
+        (Api::CountsByMetadata, &M::GET) => streams::counts_by_metadata(app, req),
+        (Api::OldestByMetadata, &M::DELETE) => streams::delete_oldest(app, req),
+        (Api::Stream(id), &M::GET) => streams::get(app, id),
+        (Api::Stream(id), &M::DELETE) => streams::delete(app, id),
+        (Api::StreamFailover(id), &M::POST) => streams::failover(app, id).await,
+        _ => ApiReply::method_not_allowed(),
+    }
+}
+
+/// m3u-proxy's query booleans: 1/0/true/false/yes/no/on/off, any case.
+pub fn query_bool(req: &ApiRequest, name: &str, default: bool) -> Result<bool, ApiReply> {
+    match req.param(name) {
+        None => Ok(default),
+        Some(v) => match v.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(ApiReply::invalid(
+                &["query", name],
+                "Input should be a valid boolean",
+                Value::String(v.to_string()),
+            )),
+        },
+    }
+}
+
+/// A required query parameter, or the 422 naming it.
+pub fn query_required<'a>(req: &'a ApiRequest, name: &str) -> Result<&'a str, ApiReply> {
+    req.param(name)
+        .ok_or_else(|| ApiReply::invalid(&["query", name], "Field required", Value::Null))
+}

@@ -1,0 +1,609 @@
+//! The stream registry: every stream m3u-edge can serve, its connected clients and
+//! its counters, with the m3u-proxy 0.4.x semantics m3u-editor relies on
+//! (../shared/API-COMPAT.md §3, §5, §8).
+//!
+//! Streams come from the YAML (`Origin::Config`, read-only, never expire) or from
+//! `POST /streams` (`Origin::Api`, persisted by `state`, expire when unwatched).
+//! The registry knows nothing about HTTP or Pingora: the API and the proxy call it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicU8;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use md5::{Digest, Md5};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Lowercase md5 hex of a URL exactly as sent: m3u-proxy's stream id, which
+/// m3u-editor stores and sends back.
+pub fn stream_id_for(url: &str) -> String {
+    hex::encode(Md5::digest(url.as_bytes()))
+}
+
+/// Where a stream was declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// `streams:` in the YAML: read-only, never expires, not persisted.
+    Config,
+    /// `POST /streams`: persisted in the state file, expires when unwatched.
+    Api,
+}
+
+/// What a stream is: everything the client sent or the YAML declared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamSpec {
+    pub url: String,
+    #[serde(default)]
+    pub failover_urls: Vec<String>,
+    #[serde(default)]
+    pub failover_resolver_url: Option<String>,
+    /// The stream's own user agent; `None` falls back to the provider's, then
+    /// `upstream.user_agent`.
+    #[serde(default)]
+    pub user_agent: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// `None`: decided from the first upstream response and the URL.
+    #[serde(default)]
+    pub live: Option<bool>,
+    #[serde(default)]
+    pub sticky: bool,
+    #[serde(default)]
+    pub strict_live_ts: bool,
+    /// The provider named in the YAML; API streams are matched by host.
+    #[serde(default)]
+    pub provider: Option<String>,
+}
+
+/// Failover position of a stream, as `GET /streams` reports it.
+#[derive(Debug, Clone)]
+pub struct FailoverState {
+    /// -1 = primary, else the index into `failover_urls` (m3u-proxy numbering).
+    pub index: i64,
+    pub attempts: u64,
+    pub last_time: Option<DateTime<Utc>>,
+    pub current_url: String,
+}
+
+/// Health of one source, as `GET /streams/{id}` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceHealth {
+    /// m3u-proxy numbering: -1 primary, 0.. failover_urls, then resolver URLs.
+    pub index: i64,
+    /// "ok", "failing" or "untried".
+    pub state: &'static str,
+    pub failing_since: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub failures: u32,
+    #[serde(skip)]
+    pub retry_at: Option<Instant>,
+}
+
+impl SourceHealth {
+    pub fn new(index: i64) -> Self {
+        SourceHealth {
+            index,
+            state: "untried",
+            failing_since: None,
+            last_error: None,
+            failures: 0,
+            retry_at: None,
+        }
+    }
+
+    pub fn available(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|t| t <= now)
+    }
+}
+
+/// A connected client: one player, possibly with several requests in flight.
+#[derive(Debug)]
+pub struct Client {
+    pub id: String,
+    pub stream_id: String,
+    pub user_agent: String,
+    pub ip: String,
+    pub username: Option<String>,
+    pub created_at: DateTime<Utc>,
+    last_access: Mutex<DateTime<Utc>>,
+    pub bytes: AtomicU64,
+    pub segments: AtomicU64,
+    /// Requests of this client in flight; the client is listed while > 0.
+    connections: AtomicU64,
+    /// Cancelled when the API drops this client: every request of it ends.
+    pub cancel: CancellationToken,
+}
+
+impl Client {
+    pub fn last_access(&self) -> DateTime<Utc> {
+        *self.last_access.lock()
+    }
+
+    pub fn touch(&self) {
+        *self.last_access.lock() = Utc::now();
+    }
+
+    pub fn add_bytes(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct Stream {
+    pub id: String,
+    pub origin: Origin,
+    spec: RwLock<Arc<StreamSpec>>,
+    pub created_at: DateTime<Utc>,
+    last_access: Mutex<DateTime<Utc>>,
+    pub bytes: AtomicU64,
+    pub segments: AtomicU64,
+    pub errors: AtomicU64,
+    failover: Mutex<FailoverState>,
+    clients: Mutex<HashMap<String, Arc<Client>>>,
+    /// Cancelled when the stream is deleted: every request of it ends.
+    pub closed: CancellationToken,
+    /// Live or file, once an upstream response told (0 = not known yet).
+    detected: AtomicU8,
+    /// Per-source health of the live hub, for `GET /streams/{id}`.
+    pub health: Mutex<Vec<SourceHealth>>,
+}
+
+impl Stream {
+    fn new(id: String, origin: Origin, spec: StreamSpec, created_at: DateTime<Utc>) -> Self {
+        let current_url = spec.url.clone();
+        Stream {
+            id,
+            origin,
+            spec: RwLock::new(Arc::new(spec)),
+            created_at,
+            last_access: Mutex::new(Utc::now()),
+            bytes: AtomicU64::new(0),
+            segments: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            failover: Mutex::new(FailoverState {
+                index: -1,
+                attempts: 0,
+                last_time: None,
+                current_url,
+            }),
+            clients: Mutex::new(HashMap::new()),
+            closed: CancellationToken::new(),
+            detected: AtomicU8::new(0),
+            health: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Live (`Some(true)`) or file, from the stream's `live` flag, else from
+    /// what an upstream response showed.
+    pub fn is_live(&self) -> Option<bool> {
+        self.spec()
+            .live
+            .or(match self.detected.load(Ordering::Relaxed) {
+                1 => Some(true),
+                2 => Some(false),
+                _ => None,
+            })
+    }
+
+    pub fn set_detected_live(&self, live: bool) {
+        self.detected
+            .store(if live { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    pub fn spec(&self) -> Arc<StreamSpec> {
+        self.spec.read().clone()
+    }
+
+    pub fn last_access(&self) -> DateTime<Utc> {
+        *self.last_access.lock()
+    }
+
+    pub fn touch(&self) {
+        *self.last_access.lock() = Utc::now();
+    }
+
+    pub fn failover(&self) -> FailoverState {
+        self.failover.lock().clone()
+    }
+
+    /// Records a switch to `url` (index -1 = primary).
+    pub fn record_failover(&self, index: i64, url: &str) {
+        let mut f = self.failover.lock();
+        f.index = index;
+        f.attempts += 1;
+        f.last_time = Some(Utc::now());
+        f.current_url = url.to_string();
+    }
+
+    /// Records which source is being served without counting a failover.
+    pub fn set_current(&self, index: i64, url: &str) {
+        let mut f = self.failover.lock();
+        f.index = index;
+        f.current_url = url.to_string();
+    }
+
+    pub fn clients(&self) -> Vec<Arc<Client>> {
+        let mut v: Vec<_> = self.clients.lock().values().cloned().collect();
+        v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.lock().len()
+    }
+
+    pub fn client(&self, id: &str) -> Option<Arc<Client>> {
+        self.clients.lock().get(id).cloned()
+    }
+
+    /// Drops a client from the stream and ends its requests. Returns it if it was there.
+    pub fn disconnect_client(&self, id: &str) -> Option<Arc<Client>> {
+        let c = self.clients.lock().remove(id);
+        if let Some(c) = &c {
+            c.cancel.cancel();
+        }
+        c
+    }
+
+    /// m3u-proxy's S `stream_type` (API-COMPAT.md §3).
+    pub fn display_type(&self) -> &'static str {
+        let spec = self.spec();
+        if spec.metadata.contains_key("transcoding") {
+            return "Transcoding";
+        }
+        let path = url::Url::parse(&spec.url)
+            .map(|u| u.path().to_ascii_lowercase())
+            .unwrap_or_default();
+        if path.ends_with(".m3u8") {
+            "HLS"
+        } else if [".mp4", ".mkv", ".webm", ".avi"]
+            .iter()
+            .any(|e| path.ends_with(e))
+            || ["/timeshift/", "/movie/", "/series/"]
+                .iter()
+                .any(|p| path.contains(p))
+        {
+            "VOD"
+        } else {
+            "Live Continuous"
+        }
+    }
+}
+
+/// Keeps a client listed while one of its requests is in flight; dropping the
+/// last guard of a client removes it from its stream.
+#[derive(Debug)]
+pub struct ClientGuard {
+    pub stream: Arc<Stream>,
+    pub client: Arc<Client>,
+    /// True when this request made the client appear (its first connection).
+    pub first: bool,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        let left = self.client.connections.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.client.touch();
+        self.stream.touch();
+        if left == 0 {
+            let mut clients = self.stream.clients.lock();
+            // Only remove our own entry: the id may have been reused since.
+            if clients
+                .get(&self.client.id)
+                .is_some_and(|c| Arc::ptr_eq(c, &self.client))
+                && self.client.connections.load(Ordering::Acquire) == 0
+            {
+                clients.remove(&self.client.id);
+            }
+        }
+    }
+}
+
+/// Who is asking, as the proxy saw it.
+#[derive(Debug, Clone, Default)]
+pub struct ClientHello {
+    /// `client_id` from the query: wins when present.
+    pub explicit_id: Option<String>,
+    pub ip: String,
+    pub user_agent: String,
+    pub username: Option<String>,
+}
+
+/// Outcome of registering a stream.
+#[derive(Debug)]
+pub struct Registered {
+    pub stream: Arc<Stream>,
+    /// The stored record was replaced by (or created from) the request.
+    pub replaced: bool,
+}
+
+/// A persisted API stream, as written to the state file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PersistedStream {
+    pub id: String,
+    pub spec: StreamSpec,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub total_bytes_served: u64,
+    #[serde(default)]
+    pub total_segments_served: u64,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    streams: RwLock<HashMap<String, Arc<Stream>>>,
+    /// Woken whenever the persisted part changes.
+    pub changed: Notify,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a stream from the YAML. Config streams are read-only for the API.
+    pub fn add_config(&self, id: String, spec: StreamSpec) -> Arc<Stream> {
+        let s = Arc::new(Stream::new(id.clone(), Origin::Config, spec, Utc::now()));
+        self.streams.write().insert(id, s.clone());
+        s
+    }
+
+    /// `POST /streams`, with the re-POST rule of API-COMPAT.md §8: while a stream
+    /// has clients it stays unchanged (only last_access moves); otherwise the
+    /// request replaces it, keeping totals and `created_at`.
+    pub fn register(&self, spec: StreamSpec) -> Registered {
+        let id = stream_id_for(&spec.url);
+        let mut map = self.streams.write();
+        if let Some(old) = map.get(&id).cloned() {
+            old.touch();
+            if old.origin == Origin::Config || old.client_count() > 0 || *old.spec() == spec {
+                return Registered {
+                    stream: old,
+                    replaced: false,
+                };
+            }
+            let fresh = Stream::new(id.clone(), Origin::Api, spec, old.created_at);
+            fresh
+                .bytes
+                .store(old.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+            fresh
+                .segments
+                .store(old.segments.load(Ordering::Relaxed), Ordering::Relaxed);
+            let fresh = Arc::new(fresh);
+            map.insert(id, fresh.clone());
+            drop(map);
+            self.changed.notify_one();
+            return Registered {
+                stream: fresh,
+                replaced: true,
+            };
+        }
+        let s = Arc::new(Stream::new(id.clone(), Origin::Api, spec, Utc::now()));
+        map.insert(id, s.clone());
+        drop(map);
+        self.changed.notify_one();
+        Registered {
+            stream: s,
+            replaced: true,
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Stream>> {
+        self.streams.read().get(id).cloned()
+    }
+
+    /// All streams, oldest first.
+    pub fn list(&self) -> Vec<Arc<Stream>> {
+        let mut v: Vec<_> = self.streams.read().values().cloned().collect();
+        v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    /// Removes a stream and ends every request of it.
+    pub fn remove(&self, id: &str) -> Option<Arc<Stream>> {
+        let s = self.streams.write().remove(id);
+        if let Some(s) = &s {
+            s.closed.cancel();
+            for c in s.clients.lock().drain() {
+                c.1.cancel.cancel();
+            }
+            if s.origin == Origin::Api {
+                self.changed.notify_one();
+            }
+        }
+        s
+    }
+
+    /// API streams with no client whose last access is older than `ttl`.
+    pub fn expired(&self, ttl: Duration) -> Vec<Arc<Stream>> {
+        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        let now = Utc::now();
+        self.streams
+            .read()
+            .values()
+            .filter(|s| s.origin == Origin::Api && s.client_count() == 0)
+            .filter(|s| now.signed_duration_since(s.last_access()) > ttl)
+            .cloned()
+            .collect()
+    }
+
+    /// Attaches a request to a client of `stream`, creating the client when needed.
+    /// The id is the explicit one, else derived as m3u-proxy does (API-COMPAT.md §5),
+    /// with a random suffix when a different live connection already holds it.
+    pub fn attach(&self, stream: &Arc<Stream>, hello: &ClientHello) -> ClientGuard {
+        stream.touch();
+        let mut clients = stream.clients.lock();
+        let id = match &hello.explicit_id {
+            Some(id) => id.clone(),
+            None => {
+                let base = derived_client_id(hello, &stream.id);
+                match clients.get(&base) {
+                    Some(c) if c.ip != hello.ip || c.user_agent != hello.user_agent => {
+                        format!("{base}_{:08x}", rand::random::<u32>())
+                    }
+                    _ => base,
+                }
+            }
+        };
+        if let Some(c) = clients.get(&id) {
+            if !c.cancel.is_cancelled() {
+                c.connections.fetch_add(1, Ordering::AcqRel);
+                c.touch();
+                return ClientGuard {
+                    stream: stream.clone(),
+                    client: c.clone(),
+                    first: false,
+                };
+            }
+        }
+        let now = Utc::now();
+        let c = Arc::new(Client {
+            id: id.clone(),
+            stream_id: stream.id.clone(),
+            user_agent: hello.user_agent.clone(),
+            ip: hello.ip.clone(),
+            username: hello.username.clone(),
+            created_at: now,
+            last_access: Mutex::new(now),
+            bytes: AtomicU64::new(0),
+            segments: AtomicU64::new(0),
+            connections: AtomicU64::new(1),
+            cancel: stream.closed.child_token(),
+        });
+        clients.insert(id, c.clone());
+        ClientGuard {
+            stream: stream.clone(),
+            client: c,
+            first: true,
+        }
+    }
+
+    /// Every connected client of every stream.
+    pub fn all_clients(&self) -> Vec<Arc<Client>> {
+        self.list().iter().flat_map(|s| s.clients()).collect()
+    }
+
+    /// The part of the registry that survives a restart.
+    pub fn persisted(&self) -> Vec<PersistedStream> {
+        self.list()
+            .into_iter()
+            .filter(|s| s.origin == Origin::Api)
+            .map(|s| PersistedStream {
+                id: s.id.clone(),
+                spec: (*s.spec()).clone(),
+                created_at: s.created_at,
+                total_bytes_served: s.bytes.load(Ordering::Relaxed),
+                total_segments_served: s.segments.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Restores streams from the state file; YAML streams with the same id win.
+    pub fn restore(&self, items: Vec<PersistedStream>) -> usize {
+        let mut map = self.streams.write();
+        let mut n = 0;
+        for p in items {
+            if map.contains_key(&p.id) {
+                continue;
+            }
+            let s = Stream::new(p.id.clone(), Origin::Api, p.spec, p.created_at);
+            s.bytes.store(p.total_bytes_served, Ordering::Relaxed);
+            s.segments.store(p.total_segments_served, Ordering::Relaxed);
+            map.insert(p.id, Arc::new(s));
+            n += 1;
+        }
+        n
+    }
+}
+
+/// `client_` + md5(`{ip}-{ua}-{stream_id}-{username}`)[:16], as m3u-proxy derives it.
+fn derived_client_id(hello: &ClientHello, stream_id: &str) -> String {
+    let username = hello.username.as_deref().unwrap_or("None");
+    let raw = format!(
+        "{}-{}-{}-{}",
+        hello.ip, hello.user_agent, stream_id, username
+    );
+    let digest = hex::encode(Md5::digest(raw.as_bytes()));
+    format!("client_{}", &digest[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(url: &str) -> StreamSpec {
+        StreamSpec {
+            url: url.into(),
+            failover_urls: vec![],
+            failover_resolver_url: None,
+            user_agent: None,
+            headers: vec![],
+            metadata: BTreeMap::new(),
+            live: None,
+            sticky: false,
+            strict_live_ts: false,
+            provider: None,
+        }
+    }
+
+    #[test]
+    fn id_is_md5_of_url() {
+        // printf %s abc | md5sum
+        assert_eq!(stream_id_for("abc"), "900150983cd24fb0d6963f7d28e17f72");
+    }
+
+    #[test]
+    fn repost_with_clients_keeps_record() {
+        let r = Registry::new();
+        let a = r.register(spec("http://h/a.ts"));
+        let g = r.attach(&a.stream, &ClientHello::default());
+        let mut changed = spec("http://h/a.ts");
+        changed.user_agent = Some("x".into());
+        let b = r.register(changed.clone());
+        assert!(!b.replaced);
+        assert!(b.stream.spec().user_agent.is_none());
+        drop(g);
+        let c = r.register(changed);
+        assert!(c.replaced);
+        assert_eq!(c.stream.spec().user_agent.as_deref(), Some("x"));
+        assert_eq!(c.stream.created_at, a.stream.created_at);
+    }
+
+    #[test]
+    fn clients_leave_with_last_guard() {
+        let r = Registry::new();
+        let s = r.register(spec("http://h/a.ts")).stream;
+        let hello = ClientHello {
+            explicit_id: Some("c1".into()),
+            ..Default::default()
+        };
+        let g1 = r.attach(&s, &hello);
+        let g2 = r.attach(&s, &hello);
+        assert!(g1.first && !g2.first);
+        assert_eq!(s.client_count(), 1);
+        drop(g1);
+        assert_eq!(s.client_count(), 1);
+        drop(g2);
+        assert_eq!(s.client_count(), 0);
+    }
+
+    #[test]
+    fn derived_ids_match_python_shape() {
+        let hello = ClientHello {
+            explicit_id: None,
+            ip: "1.2.3.4".into(),
+            user_agent: "VLC".into(),
+            username: None,
+        };
+        let id = derived_client_id(&hello, "abc");
+        assert!(id.starts_with("client_") && id.len() == 7 + 16);
+    }
+}

@@ -1,0 +1,117 @@
+//! Request path → [`Route`]. Pure: no I/O, no Pingora. Every route answers both
+//! at `/x` and at `{root_path}/x` (API-COMPAT.md §1), because players reach the
+//! proxy both through m3u-editor's nginx (prefix stripped) and directly.
+
+/// Management API endpoints (token-protected except `Health`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Api {
+    /// `/health`
+    Health,
+    /// `/info`
+    Info,
+    /// `/streams`
+    Streams,
+    /// `/streams/by-metadata`
+    ByMetadata,
+    /// `/streams/counts-by-metadata`
+    CountsByMetadata,
+    /// `/streams/oldest-by-metadata`
+    OldestByMetadata,
+    /// `/streams/{id}`
+    Stream(String),
+    /// `/streams/{id}/failover`
+    StreamFailover(String),
+    /// `/clients`, `/stats/clients`
+    Clients,
+    /// `/stats`
+    Stats,
+    /// `/test-connection`
+    TestConnection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Api(Api),
+    /// `/stream/{id}`: relays any registered stream.
+    Play(String),
+    NotFound,
+}
+
+/// Decodes a request path. `root_path` is "" or "/prefix" without a trailing slash.
+pub fn decode(path: &str, root_path: &str) -> Route {
+    let path = strip_root(path, root_path);
+    let path = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["health"] => Route::Api(Api::Health),
+        ["info"] => Route::Api(Api::Info),
+        ["streams"] => Route::Api(Api::Streams),
+        ["streams", "by-metadata"] => Route::Api(Api::ByMetadata),
+        ["streams", "counts-by-metadata"] => Route::Api(Api::CountsByMetadata),
+        ["streams", "oldest-by-metadata"] => Route::Api(Api::OldestByMetadata),
+        ["streams", id] if valid_id(id) => Route::Api(Api::Stream(id.to_string())),
+        ["streams", id, "failover"] if valid_id(id) => {
+            Route::Api(Api::StreamFailover(id.to_string()))
+        }
+        ["clients"] | ["stats", "clients"] => Route::Api(Api::Clients),
+        ["stats"] => Route::Api(Api::Stats),
+        ["test-connection"] => Route::Api(Api::TestConnection),
+        ["stream", id] if valid_id(id) => Route::Play(id.to_string()),
+        _ => Route::NotFound,
+    }
+}
+
+fn strip_root<'a>(path: &'a str, root: &str) -> &'a str {
+    if root.is_empty() {
+        return path;
+    }
+    match path.strip_prefix(root) {
+        Some("") => "/",
+        Some(rest) if rest.starts_with('/') => rest,
+        _ => path,
+    }
+}
+
+/// Stream ids are md5 hex or YAML ids (`[A-Za-z0-9_-]`); anything else cannot
+/// name a stream, so it is not routed.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        let root = "/m3u-proxy";
+        let cases = [
+            ("/health", Route::Api(Api::Health)),
+            ("/m3u-proxy/health", Route::Api(Api::Health)),
+            ("/m3u-proxy/streams/", Route::Api(Api::Streams)),
+            ("/streams/abc", Route::Api(Api::Stream("abc".into()))),
+            ("/streams/by-metadata", Route::Api(Api::ByMetadata)),
+            (
+                "/m3u-proxy/streams/ab/failover",
+                Route::Api(Api::StreamFailover("ab".into())),
+            ),
+            ("/stats/clients", Route::Api(Api::Clients)),
+            ("/m3u-proxy/stream/abc123", Route::Play("abc123".into())),
+            ("/stream/abc123", Route::Play("abc123".into())),
+            ("/stream/../etc", Route::NotFound),
+            ("/m3u-proxyhealth", Route::NotFound),
+            ("/", Route::NotFound),
+        ];
+        for (path, want) in cases {
+            assert_eq!(decode(path, root), want, "{path}");
+        }
+        assert_eq!(decode("/health", ""), Route::Api(Api::Health));
+    }
+}
