@@ -1,0 +1,131 @@
+//! `Edge`: the Pingora `ProxyHttp` every client and API request enters. Phases
+//! are listed in call order and stay a few lines each; the work lives in
+//! `request` (routing, API, client identity), `upstream` (source choice,
+//! redirects, failover before the first byte) and `response` (header hygiene,
+//! byte accounting). Only this module touches a Pingora `Session`.
+
+mod ctx;
+mod live;
+mod request;
+pub mod respond;
+mod response;
+mod upstream;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::app::App;
+pub use ctx::RequestCtx;
+
+pub struct Edge {
+    pub app: Arc<App>,
+}
+
+impl Edge {
+    pub fn new(app: Arc<App>) -> Self {
+        Edge { app }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Edge {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    /// Routes the request: API and errors are answered here (`Ok(true)`);
+    /// `/stream/{id}` continues into the proxy phases with its sources chosen.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        request::route(&self.app, session, ctx).await
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        upstream::peer(&self.app, ctx).await
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream::build_request(&self.app, session, upstream_request, ctx)
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        upstream::connect_failed(&self.app, ctx, e)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream::response_header(&self.app, upstream_response, ctx)
+    }
+
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        upstream::error_while_proxy(&self.app, session, ctx, e)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        response::body(ctx, body)?;
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        response::fail(session, e, ctx).await
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        response::log(session, e, ctx);
+        // The client stops being listed, and the provider slot is free, the
+        // moment the request is over.
+        ctx.guard.take();
+        ctx.lease.take();
+    }
+
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let path = session.req_header().uri.path();
+        match &ctx.stream_id {
+            Some(id) => format!("{} {path} stream_id={id}", session.req_header().method),
+            None => format!("{} {path}", session.req_header().method),
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! `request_filter`: routing, the management API, and who the client is.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::{header, Method};
+use pingora::prelude::*;
+use pingora::proxy::Session;
+
+use super::ctx::{RequestCtx, Selection};
+use super::live::{self, Mode};
+use super::respond;
+use crate::api::{self, ApiRequest};
+use crate::app::App;
+use crate::registry::ClientHello;
+use crate::route::{self, Route};
+use crate::upstream::sources;
+
+/// API bodies are small JSON documents; anything bigger is refused.
+const MAX_API_BODY: usize = 1024 * 1024;
+
+pub async fn route(app: &Arc<App>, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    let path = session.req_header().uri.path().to_string();
+    let r = route::decode(&path, &app.config.server.root_path);
+    ctx.route = Some(r.clone());
+    match r {
+        Route::NotFound => {
+            ctx.local_status = Some(404);
+            respond::error(session, 404, "Not Found").await?;
+            Ok(true)
+        }
+        Route::Api(a) => {
+            serve_api(app, session, ctx, &a).await?;
+            Ok(true)
+        }
+        Route::Play(id) => play(app, session, ctx, id).await,
+    }
+}
+
+fn query_pairs(session: &Session) -> Vec<(String, String)> {
+    session
+        .req_header()
+        .uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn read_body(session: &mut Session) -> Result<Option<Bytes>> {
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if buf.len() + chunk.len() > MAX_API_BODY {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Some(buf.freeze()))
+}
+
+async fn serve_api(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    a: &route::Api,
+) -> Result<()> {
+    let method = session.req_header().method.clone();
+    if method == Method::OPTIONS {
+        ctx.local_status = Some(200);
+        return respond::preflight(session).await;
+    }
+    let query = query_pairs(session);
+    let header_token = session
+        .req_header()
+        .headers
+        .get("x-api-token")
+        .map(|v| v.as_bytes().to_vec());
+    let query_token = query
+        .iter()
+        .find(|(k, _)| k == "api_token")
+        .map(|(_, v)| v.clone());
+    let auth = api::authorize(app, a, header_token.as_deref(), query_token.as_deref());
+    if let Some(reply) = api::auth_reply(auth) {
+        ctx.local_status = Some(reply.status);
+        return respond::json(session, reply.status, &reply.body).await;
+    }
+    let Some(body) = read_body(session).await? else {
+        ctx.local_status = Some(413);
+        return respond::error(session, 413, "Request body too large").await;
+    };
+    // HEAD on an API route answers like GET, without the body.
+    let method = if method == Method::HEAD {
+        Method::GET
+    } else {
+        method
+    };
+    let req = ApiRequest {
+        method,
+        query,
+        body,
+    };
+    let reply = api::handle(app, a, &req).await;
+    ctx.local_status = Some(reply.status);
+    respond::json(session, reply.status, &reply.body).await
+}
+
+/// The client's address as m3u-proxy records it: first X-Forwarded-For, else the peer.
+fn client_ip(session: &Session) -> String {
+    let forwarded = session
+        .req_header()
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    forwarded.unwrap_or_else(|| {
+        session
+            .client_addr()
+            .and_then(|a| a.as_inet().map(|i| i.ip().to_string()))
+            .unwrap_or_else(|| "unknown".into())
+    })
+}
+
+pub fn hello(session: &Session) -> ClientHello {
+    let query = query_pairs(session);
+    let q = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty())
+    };
+    let headers = &session.req_header().headers;
+    let username = headers
+        .get("x-username")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .filter(|v| !v.is_empty())
+        .or_else(|| q("username"))
+        .or_else(|| q("user"))
+        .or_else(|| q("u"));
+    ClientHello {
+        explicit_id: q("client_id").map(|c| c.chars().take(128).collect()),
+        ip: client_ip(session),
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+        username,
+    }
+}
+
+/// `/stream/{id}`: per-client proxying with failover before the first byte.
+async fn play(
+    app: &Arc<App>,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    id: String,
+) -> Result<bool> {
+    ctx.stream_id = Some(id.clone());
+    let method = session.req_header().method.clone();
+    if method != Method::GET && method != Method::HEAD {
+        ctx.local_status = Some(405);
+        respond::error(session, 405, "Method Not Allowed").await?;
+        return Ok(true);
+    }
+    let Some(stream) = app.registry.get(&id) else {
+        ctx.local_status = Some(404);
+        respond::error(session, 404, "Stream not found").await?;
+        return Ok(true);
+    };
+    if live::mode(&stream) == Mode::Hub && live::serve(app, session, ctx, &stream).await? {
+        return Ok(true);
+    }
+    // Per-client proxying: drop a hub client guard, this request attaches anew.
+    ctx.guard = None;
+    let spec = stream.spec();
+    // Start at the source the stream is on (a failover may have moved it),
+    // then every other source in order.
+    let mut candidates = Vec::new();
+    if let Ok(cur) = url::Url::parse(&stream.failover().current_url) {
+        candidates.push(cur);
+    }
+    for u in sources::static_sources(&spec) {
+        if !candidates.contains(&u) {
+            candidates.push(u);
+        }
+    }
+    ctx.sel = Selection::new(candidates);
+    ctx.spec = Some(spec);
+    let guard = app.registry.attach(&stream, &hello(session));
+    tracing::debug!(stream_id = %id, client = %guard.client.id, "client attached");
+    ctx.guard = Some(guard);
+    Ok(false)
+}

@@ -1,0 +1,128 @@
+//! What reaches the client after the upstream answered: byte accounting, the
+//! end of a request whose client the API dropped, the JSON error when every
+//! source failed, and the access log line.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, Session};
+
+use super::ctx::RequestCtx;
+use super::respond;
+
+pub fn body(ctx: &mut RequestCtx, body: &Option<Bytes>) -> Result<()> {
+    if let Some(g) = &ctx.guard {
+        // The API dropped this client or deleted its stream: end the response.
+        if g.client.cancel.is_cancelled() {
+            return Error::e_explain(
+                ErrorType::ConnectionClosed,
+                "client disconnected through the API",
+            );
+        }
+        if let Some(b) = body {
+            let n = b.len() as u64;
+            ctx.bytes_out += n;
+            g.client.add_bytes(n);
+            g.stream.bytes.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+pub async fn fail(session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    // Mid-body failures cannot be reported to the client any more.
+    if session.response_written().is_some() {
+        return FailToProxy {
+            error_code: 0,
+            can_reuse_downstream: false,
+        };
+    }
+    if let Some(full) = ctx.full.clone() {
+        ctx.local_status = Some(503);
+        let body = serde_json::json!({
+            "detail": format!("Provider {} is at its connection limit ({})", full.provider, full.max_connections),
+            "provider": full.provider,
+            "max_connections": full.max_connections,
+        });
+        if let Err(err) = respond::json(session, 503, &body).await {
+            tracing::debug!(error = %err, "could not send the error response");
+        }
+        return FailToProxy {
+            error_code: 503,
+            can_reuse_downstream: false,
+        };
+    }
+    let (code, msg) = match e.etype() {
+        ErrorType::HTTPStatus(_) | ErrorType::ConnectTimedout | ErrorType::ConnectRefused
+            if ctx.stream_id.is_some() =>
+        {
+            let code = ctx.sel.final_status();
+            let msg = if code == 404 {
+                "Stream source not found"
+            } else {
+                "Every source of the stream failed"
+            };
+            (code, msg)
+        }
+        _ if ctx.stream_id.is_some() && !ctx.committed => {
+            (ctx.sel.final_status(), "Every source of the stream failed")
+        }
+        _ => match e.esource() {
+            ErrorSource::Downstream => (0, ""),
+            ErrorSource::Upstream => (502, "Upstream error"),
+            _ => (500, "Internal error"),
+        },
+    };
+    if code > 0 {
+        let detail = match &ctx.stream_id {
+            Some(id) => format!("{msg} (stream {id})"),
+            None => msg.to_string(),
+        };
+        if let Err(err) = respond::error(session, code, &detail).await {
+            tracing::debug!(error = %err, "could not send the error response");
+        }
+        ctx.local_status = Some(code);
+    }
+    FailToProxy {
+        error_code: code,
+        can_reuse_downstream: false,
+    }
+}
+
+/// One access-log line per request: stream, client, route, status, bytes, time.
+pub fn log(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
+    let status = session
+        .response_written()
+        .map(|r| r.status.as_u16())
+        .or(ctx.local_status)
+        .unwrap_or(0);
+    let client = ctx
+        .guard
+        .as_ref()
+        .map(|g| g.client.id.as_str())
+        .unwrap_or("-");
+    let addr = session
+        .client_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let ms = ctx.started.elapsed().as_millis() as u64;
+    let bytes = if ctx.bytes_out > 0 {
+        ctx.bytes_out
+    } else {
+        session.body_bytes_sent() as u64
+    };
+    tracing::info!(
+        target: "access",
+        method = %session.req_header().method,
+        path = session.req_header().uri.path(),
+        stream_id = ctx.stream_id.as_deref().unwrap_or("-"),
+        client,
+        addr,
+        status,
+        bytes,
+        ms,
+        error = e.map(|e| format!("{:?}", e.etype())),
+        "request"
+    );
+}
