@@ -1,0 +1,31 @@
+//! Test support shared by every integration test module (and `benches/` via `#[path]`).
+//!
+//! Owns the loopback world the proxy is tested in: a real IPTV provider
+//! (`provider`), the real `m3u-edge` binary on a free port (`edge`), a reqwest client
+//! that never follows redirects (`client`), bounded polling (`eventually`) and MPEG-TS
+//! stream checks (`ts_check`).
+//! It owns no assertions about the proxy itself; those live in the area modules
+//! (`live`, `hls`, `vod`, `api`, ...) declared by `tests/tests.rs`.
+#![allow(dead_code)]
+
+pub mod client;
+pub mod edge;
+pub mod eventually;
+pub mod provider;
+pub mod ts_check;
+
+use std::path::PathBuf;
+
+/// Media fixtures shared by all engineers (`/work/shared/fixtures/README.md`).
+pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
+
+/// Absolute path of a fixture file, e.g. `fixture_path("hls_ts/v0/index.m3u8")`.
+pub fn fixture_path(name: &str) -> PathBuf {
+    PathBuf::from(FIXTURES).join(name)
+}
+
+/// The bytes of a fixture file; panics with the path when it is missing.
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = fixture_path(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
+}

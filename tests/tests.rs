@@ -1,0 +1,11 @@
+//! One integration test binary (Pingora links once): the real `m3u-edge`
+//! binary against a real loopback provider. See `support/` for the harness.
+
+mod support;
+mod support_selftest;
+
+mod api;
+mod common;
+mod config;
+mod live;
+mod vod;
