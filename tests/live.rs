@@ -278,3 +278,58 @@ async fn head_on_a_live_stream_opens_nothing() {
     assert_eq!(resp.headers()["content-type"], "video/mp2t");
     assert_eq!(p.hits("/live/"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_standby_takes_over_without_a_reconnect() {
+    let p = Provider::start().await;
+    let e = Edge::start(&live_config("  standby: true\n")).await;
+    let id = register(
+        &e,
+        json!({
+            "url": p.url("live/main.ts?kbps=4000&drop_after=2500000"),
+            "failover_urls": [p.url("live/backup.ts?kbps=4000")],
+        }),
+    )
+    .await;
+    let mut v = watch(&e, &id, "v").await;
+    v.read_n(188 * 500, T).await;
+    // The standby is connected while the primary still serves.
+    assert!(
+        p.wait_until(T, |p| p.open_streams("/live/backup.ts") == 1 && p.open_streams("/live/main.ts") == 1)
+            .await,
+        "no standby connection beside the primary"
+    );
+    let mut got = Vec::new();
+    while got.len() < 4_000_000 {
+        got.extend_from_slice(&v.read_n(188 * 1000, T).await);
+    }
+    is_valid_ts(&got).unwrap();
+    // The standby's connection was handed over, not reopened.
+    assert_eq!(p.hits("/live/backup.ts"), 1);
+    let (_, s) = api(&e, Method::GET, &format!("/streams/{id}"), None).await;
+    assert_eq!(s["stream"]["current_failover_index"], 0);
+    assert_eq!(s["client_count"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channel_returns_to_the_primary_after_the_cooldown() {
+    let p = Provider::start().await;
+    let e = Edge::start(&live_config("  primary_cooldown: \"1s\"\n")).await;
+    let id = register(
+        &e,
+        json!({
+            "url": p.url("live/main.ts?kbps=4000&drop_after=400000"),
+            "failover_urls": [p.url("live/backup.ts?kbps=4000")],
+        }),
+    )
+    .await;
+    let mut v = watch(&e, &id, "v").await;
+    let mut got = Vec::new();
+    while p.hits("/live/main.ts") < 2 {
+        got.extend_from_slice(&v.read_n(188 * 500, T).await);
+        assert!(got.len() < 40_000_000, "never went back to the primary");
+    }
+    assert!(p.hits("/live/backup.ts") >= 1);
+    got.extend_from_slice(&v.read_n(188 * 2000, T).await);
+    is_valid_ts(&got).unwrap();
+}

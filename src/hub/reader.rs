@@ -5,28 +5,38 @@
 //! viewers stay attached. After a switch the first chunk re-sends PAT/PMT and
 //! carries the discontinuity indicator so players resync (ISO/IEC 13818-1
 //! §2.4.3.5).
+//!
+//! Two optional helpers run beside the pump: a warm standby (`live.standby`)
+//! that keeps the next source connected and buffered from its latest keyframe,
+//! so a failover is a handover instead of a reconnect; and the return to the
+//! primary after `live.primary_cooldown`.
 
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use url::Url;
 
 use super::sources::Picker;
 use super::{Channel, Phase};
 use crate::app::App;
+use crate::provider::Lease;
 use crate::registry::StreamSpec;
-use crate::ts::{Aligner, DiscontinuityMarker, Scanner};
+use crate::ts::{Aligner, DiscontinuityMarker, Scanner, PACKET_LEN};
 use crate::upstream::sources as static_sources;
 
 /// Ring chunks aim at this size: viewers then write ~64 KiB per send(), the
 /// batch size DESIGN.md measured as cheapest for fan-out.
 const CHUNK_TARGET: usize = 64 * 1024;
-/// ...but never hold bytes back longer than this, so low-bitrate channels and
-/// cold starts are not delayed.
-const FLUSH_AFTER: Duration = Duration::from_millis(30);
+/// ...but never hold bytes back longer than this (64 KiB of an 8 Mbit/s
+/// channel take ~65 ms), so low-bitrate channels are not delayed. The first
+/// bytes of a connection go out at once: a cold start waits for nothing.
+const FLUSH_AFTER: Duration = Duration::from_millis(100);
 /// How long a channel waits for a provider lease held by a closing channel.
 const LEASE_WAIT: Duration = Duration::from_secs(2);
 /// A provider that says "too many connections" right after we closed one has
@@ -36,10 +46,57 @@ const BUSY_RETRY_EVERY: Duration = Duration::from_millis(150);
 const BUSY_RETRY_FOR: Duration = Duration::from_secs(3);
 /// Pause between rounds when every source is backing off.
 const IDLE_ROUND: Duration = Duration::from_millis(500);
+/// A standby keeps at most this much (from its latest keyframe): a GOP of a
+/// 20 Mbit/s channel fits.
+const STANDBY_CAP: usize = 8 * 1024 * 1024;
+/// How long a handover may take before the standby counts as gone.
+const HANDOVER_WAIT: Duration = Duration::from_secs(1);
+
+type Body = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
+
+/// An open provider connection, ready to pump.
+struct Upstream {
+    body: Body,
+    lease: Lease,
+    /// Bytes a standby already read (PAT/PMT + data from its last keyframe).
+    backlog: Option<Bytes>,
+}
+
+struct Prepared {
+    pos: usize,
+    url: Url,
+    up: Upstream,
+}
 
 enum Outcome {
     Cancelled,
-    Failed { reason: String, got_bytes: bool },
+    /// The source failed; `handover` is the standby ready to take over.
+    Failed {
+        reason: String,
+        got_bytes: bool,
+        handover: Option<Prepared>,
+    },
+    /// A planned switch to a connection opened beside the current one.
+    Handover(Prepared),
+    /// A planned switch without a spare connection (return to a primary of the
+    /// same one-connection provider): the current source is not blamed.
+    Switch(usize),
+}
+
+/// How to go back to the primary.
+enum Return {
+    /// A probe connection is being opened beside the current one.
+    Probe(JoinHandle<Result<Prepared, String>>),
+    /// No spare lease on a shared provider: drop the current source and connect.
+    Switch,
+    /// Not now (primary backing off, or its provider full).
+    Later,
+}
+
+/// What the run loop does next.
+enum Target {
+    Connect(usize, Url),
+    Use(Prepared),
 }
 
 pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
@@ -57,6 +114,7 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
         psi: None,
         marker: None,
         switched_at: None,
+        left_primary: None,
     };
     let outcome = reader.run(&mut picker).await;
     *ch.stream.health.lock() = picker.health.clone();
@@ -65,6 +123,153 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
         ch.set_phase(Phase::Ended(end));
     }
     ch.lease.lock().take();
+}
+
+/// Connects once; `Err((status, reason))`.
+async fn connect_once(
+    app: &App,
+    spec: &StreamSpec,
+    url: &Url,
+) -> Result<reqwest::Response, (Option<u16>, String)> {
+    let ua = app.user_agent_for(spec, url);
+    let mut req = app
+        .http
+        .get(url.clone())
+        .header(http::header::USER_AGENT, ua)
+        .header(http::header::ACCEPT_ENCODING, "identity");
+    for (k, v) in app.headers_for(spec, url) {
+        req = req.header(k, v);
+    }
+    let timeout = app.config.upstream.connect_timeout + app.config.upstream.read_timeout;
+    let resp = tokio::time::timeout(timeout, req.send())
+        .await
+        .map_err(|_| (None, "timed out waiting for the response header".to_string()))?
+        .map_err(|e| {
+            let reason = if e.is_connect() {
+                "connect error".to_string()
+            } else if e.is_redirect() {
+                "too many redirects".to_string()
+            } else {
+                format!("request error: {}", e.without_url())
+            };
+            (None, reason)
+        })?;
+    if !resp.status().is_success() {
+        let code = resp.status().as_u16();
+        return Err((Some(code), format!("HTTP {code}")));
+    }
+    Ok(resp)
+}
+
+/// Connects, asking again while the provider answers "busy" (429, or 509 as
+/// IPTV panels send for "max connections") for a short while.
+async fn connect(app: &App, spec: &StreamSpec, url: &Url) -> Result<reqwest::Response, String> {
+    let deadline = Instant::now() + BUSY_RETRY_FOR;
+    loop {
+        match connect_once(app, spec, url).await {
+            Err((Some(429 | 509), _)) if Instant::now() < deadline => {
+                tokio::time::sleep(BUSY_RETRY_EVERY).await;
+            }
+            Err((_, reason)) => return Err(reason),
+            Ok(r) => return Ok(r),
+        }
+    }
+}
+
+/// A second source kept connected and buffered while the current one serves.
+struct Standby {
+    pos: usize,
+    url: Url,
+    ask: mpsc::Sender<oneshot::Sender<Upstream>>,
+    task: JoinHandle<String>,
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Standby {
+    /// Takes the standby's connection over, with what it buffered.
+    async fn hand_over(self) -> Option<Prepared> {
+        let (tx, rx) = oneshot::channel();
+        self.ask.send(tx).await.ok()?;
+        let up = tokio::time::timeout(HANDOVER_WAIT, rx).await.ok()?.ok()?;
+        Some(Prepared {
+            pos: self.pos,
+            url: self.url.clone(),
+            up,
+        })
+    }
+}
+
+/// Reads the standby source, keeping only data from its latest keyframe (with
+/// its PAT/PMT), until asked to hand over or until it fails (returns why).
+async fn standby_task(
+    app: Arc<App>,
+    spec: Arc<StreamSpec>,
+    url: Url,
+    lease: Lease,
+    mut ask: mpsc::Receiver<oneshot::Sender<Upstream>>,
+) -> String {
+    let resp = match connect(&app, &spec, &url).await {
+        Ok(r) if r.content_length().is_some() => return "not a live stream".into(),
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let stall = app.config.live.stall_timeout;
+    let mut body: Body = Box::pin(resp.bytes_stream());
+    let mut aligner = Aligner::new();
+    let mut scanner = Scanner::new();
+    let mut kept = BytesMut::new();
+    loop {
+        tokio::select! {
+            Some(reply) = ask.recv() => {
+                let mut backlog = BytesMut::new();
+                if let Some(psi) = scanner.psi_prefix() {
+                    backlog.extend_from_slice(&psi);
+                }
+                backlog.extend_from_slice(&kept);
+                let _ = reply.send(Upstream { body, lease, backlog: Some(backlog.freeze()) });
+                return "handed over".into();
+            }
+            r = tokio::time::timeout(stall, body.next()) => match r {
+                Err(_) => return format!("no bytes for {stall:?}"),
+                Ok(None) => return "provider closed the stream".into(),
+                Ok(Some(Err(e))) => return format!("read error: {}", e.without_url()),
+                Ok(Some(Ok(b))) => {
+                    let aligned = aligner.push_bytes(b);
+                    let scan = scanner.scan(&aligned);
+                    match scan.random_access.last() {
+                        Some(i) => {
+                            kept.clear();
+                            kept.extend_from_slice(&aligned[i * PACKET_LEN..]);
+                        }
+                        None => kept.extend_from_slice(&aligned),
+                    }
+                    if kept.len() > STANDBY_CAP {
+                        kept.clear();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Polls an optional task; pending forever when there is none.
+async fn wait_task<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
 
 struct Reader {
@@ -79,6 +284,8 @@ struct Reader {
     marker: Option<DiscontinuityMarker>,
     /// When the last source was lost, for the failover gap.
     switched_at: Option<Instant>,
+    /// When the channel left its primary, for `live.primary_cooldown`.
+    left_primary: Option<Instant>,
 }
 
 impl Reader {
@@ -89,22 +296,22 @@ impl Reader {
         let mut outage: Option<Instant> = None;
         let mut last_error = String::from("no source");
         let mut resolver_calls = 0usize;
-        // Failures before the channel ever went live: (all were "not found").
+        // Failures before the channel ever went live, and whether all were "not found".
         let mut cold_failures = 0usize;
         let mut cold_all_not_found = true;
-        let mut target = picker.current().map(|(p, u)| (p, u.clone()));
+        let mut target = picker.current().map(|(p, u)| Target::Connect(p, u.clone()));
         loop {
             if self.ch.is_closed() {
                 return None;
             }
-            let Some((pos, url)) = target.take() else {
+            let Some(t) = target.take() else {
                 if outage.is_some_and(|t| t.elapsed() >= give_up) {
                     return Some(format!("every source failed: {last_error}"));
                 }
                 if let Some(u) = self.ask_resolver(picker, &last_error, resolver_calls).await {
                     resolver_calls += 1;
                     let p = picker.push(u.clone());
-                    target = Some((p, u));
+                    target = Some(Target::Connect(p, u));
                     continue;
                 }
                 let wait = picker
@@ -114,24 +321,42 @@ impl Reader {
                     _ = self.ch.cancel.cancelled() => return None,
                     _ = tokio::time::sleep(wait) => {}
                 }
-                target = picker.advance();
+                target = picker.advance().map(|(p, u)| Target::Connect(p, u));
                 continue;
             };
-            match self.serve_source(picker, pos, &url).await {
+            let pos = match &t {
+                Target::Connect(p, _) => *p,
+                Target::Use(prep) => prep.pos,
+            };
+            let outcome = match t {
+                Target::Connect(p, u) => self.serve_source(picker, p, &u).await,
+                Target::Use(prep) => self.serve(picker, prep).await,
+            };
+            match outcome {
                 Outcome::Cancelled => return None,
-                Outcome::Failed { reason, got_bytes } => {
-                    if self.ch.is_closed() {
-                        return None;
-                    }
-                    if matches!(self.ch.phase(), Phase::File | Phase::Full(_)) {
+                Outcome::Handover(prep) => {
+                    tracing::info!(stream_id = %self.ch.stream.id, from = picker.index_of(pos), to = picker.index_of(prep.pos), "switching source by handover");
+                    self.switched_at = Some(Instant::now());
+                    picker.jump(prep.pos);
+                    target = Some(Target::Use(prep));
+                }
+                Outcome::Switch(p) => {
+                    self.switched_at = Some(Instant::now());
+                    picker.jump(p);
+                    target = picker.url(p).cloned().map(|u| Target::Connect(p, u));
+                }
+                Outcome::Failed {
+                    reason,
+                    got_bytes,
+                    handover,
+                } => {
+                    if self.ch.is_closed() || matches!(self.ch.phase(), Phase::File | Phase::Full(_))
+                    {
                         return None;
                     }
                     tracing::warn!(stream_id = %self.ch.stream.id, source = picker.index_of(pos), %reason, "live source failed");
                     picker.fail(pos, &reason);
                     *self.ch.stream.health.lock() = picker.health.clone();
-                    if got_bytes || outage.is_none() {
-                        outage = Some(Instant::now());
-                    }
                     if self.ch.phase() == Phase::Connecting {
                         // Nobody got a byte yet: fail as fast as per-client
                         // proxying does once every source said no.
@@ -145,13 +370,28 @@ impl Reader {
                             return None;
                         }
                     }
+                    if got_bytes || outage.is_none() {
+                        outage = Some(Instant::now());
+                    }
                     last_error = reason;
                     self.switched_at.get_or_insert_with(Instant::now);
-                    target = self.forced_target(picker).or_else(|| picker.advance());
-                    if let Some((p, _)) = &target {
-                        if *p != pos {
-                            self.ch.failovers.fetch_add(1, Ordering::Relaxed);
-                        }
+                    target = match self.forced_target(picker) {
+                        Some((p, u)) => Some(Target::Connect(p, u)),
+                        None => match handover {
+                            Some(prep) => {
+                                picker.jump(prep.pos);
+                                Some(Target::Use(prep))
+                            }
+                            None => picker.advance().map(|(p, u)| Target::Connect(p, u)),
+                        },
+                    };
+                    let next = match &target {
+                        Some(Target::Connect(p, _)) => Some(*p),
+                        Some(Target::Use(prep)) => Some(prep.pos),
+                        None => None,
+                    };
+                    if next.is_some_and(|p| p != pos) {
+                        self.ch.failovers.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -171,7 +411,7 @@ impl Reader {
     }
 
     async fn ask_resolver(&self, picker: &Picker, reason: &str, calls: usize) -> Option<Url> {
-        // One resolver round per static round: bounded, so a resolver naming
+        // A few resolver rounds per static round: bounded, so a resolver naming
         // dead URLs cannot spin.
         if calls >= picker.len().max(1) * 4 {
             return None;
@@ -190,35 +430,34 @@ impl Reader {
         .await
     }
 
-    /// Connects to one source and pumps it until it fails or the channel closes.
-    async fn serve_source(&mut self, picker: &mut Picker, pos: usize, url: &Url) -> Outcome {
-        let index = picker.index_of(pos);
-        let provider = self
-            .app
+    fn provider_of(&self, url: &Url) -> Option<String> {
+        self.app
             .providers
             .for_stream(&self.spec, url)
-            .map(|p| p.name.clone());
+            .map(|p| p.name.clone())
+    }
+
+    /// Connects to one source and serves it until it fails or the channel closes.
+    async fn serve_source(&mut self, picker: &mut Picker, pos: usize, url: &Url) -> Outcome {
+        let failed = |reason: &str| Outcome::Failed {
+            reason: reason.to_string(),
+            got_bytes: false,
+            handover: None,
+        };
+        let provider = self.provider_of(url);
         let lease = match self.app.leases.try_acquire(provider.as_deref()) {
             Ok(l) => l,
             Err(_) => {
                 if let Some(p) = &provider {
                     self.app.hub.free_idle(p, &self.ch.stream.id);
                 }
-                match self
-                    .app
-                    .leases
-                    .acquire(provider.as_deref(), LEASE_WAIT)
-                    .await
-                {
+                match self.app.leases.acquire(provider.as_deref(), LEASE_WAIT).await {
                     Ok(l) => l,
                     Err(full) => {
                         if self.ch.phase() == Phase::Connecting {
                             self.ch.set_phase(Phase::Full(full));
                         }
-                        return Outcome::Failed {
-                            reason: "provider at its connection limit".into(),
-                            got_bytes: false,
-                        };
+                        return failed("provider at its connection limit");
                     }
                 }
             }
@@ -226,19 +465,13 @@ impl Reader {
         if self.ch.is_closed() {
             return Outcome::Cancelled;
         }
-        *self.ch.provider.lock() = provider;
         let resp = tokio::select! {
             _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
-            r = self.connect(url) => r,
+            r = connect(&self.app, &self.spec, url) => r,
         };
         let resp = match resp {
             Ok(r) => r,
-            Err(reason) => {
-                return Outcome::Failed {
-                    reason,
-                    got_bytes: false,
-                }
-            }
+            Err(reason) => return failed(&reason),
         };
         if self.ch.phase() == Phase::Connecting
             && self.spec.live.is_none()
@@ -247,18 +480,37 @@ impl Reader {
             // A response with a length is a file, not a live channel. Per-client
             // proxying starts on the source that answered.
             if self.ch.stream.failover().current_url != url.as_str() {
-                self.ch.stream.record_failover(index, url.as_str());
+                self.ch
+                    .stream
+                    .record_failover(picker.index_of(pos), url.as_str());
             }
             self.ch.stream.set_detected_live(false);
             self.ch.set_phase(Phase::File);
-            return Outcome::Failed {
-                reason: "file".into(),
-                got_bytes: false,
-            };
+            return failed("file");
         }
-        *self.ch.lease.lock() = Some(lease);
-        let prev = self.ch.stream.failover();
-        if prev.current_url != url.as_str() {
+        let up = Upstream {
+            body: Box::pin(resp.bytes_stream()),
+            lease,
+            backlog: None,
+        };
+        self.serve(
+            picker,
+            Prepared {
+                pos,
+                url: url.clone(),
+                up,
+            },
+        )
+        .await
+    }
+
+    /// Serves an open connection: the channel's source from now on.
+    async fn serve(&mut self, picker: &mut Picker, prep: Prepared) -> Outcome {
+        let Prepared { pos, url, up } = prep;
+        *self.ch.lease.lock() = Some(up.lease);
+        *self.ch.provider.lock() = self.provider_of(&url);
+        let index = picker.index_of(pos);
+        if self.ch.stream.failover().current_url != url.as_str() {
             self.ch.stream.record_failover(index, url.as_str());
         }
         if self.switched_at.is_some() {
@@ -270,64 +522,21 @@ impl Reader {
         }
         picker.ok(pos);
         *self.ch.stream.health.lock() = picker.health.clone();
+        if pos == 0 {
+            self.left_primary = None;
+        } else {
+            self.left_primary.get_or_insert_with(Instant::now);
+        }
         tracing::info!(stream_id = %self.ch.stream.id, source = index, "live source connected");
-        let outcome = self.pump(resp).await;
+        let mut pending = BytesMut::with_capacity(CHUNK_TARGET * 2);
+        if let Some(b) = up.backlog {
+            pending.extend_from_slice(&b);
+            self.flush(&mut pending);
+        }
+        let outcome = self.pump(picker, pos, up.body, pending).await;
         // The connection is closed here: free the provider slot at once.
         self.ch.lease.lock().take();
         outcome
-    }
-
-    /// Connects, asking again while the provider answers "busy" (429, or 509
-    /// as IPTV panels send for "max connections") for a short while.
-    async fn connect(&self, url: &Url) -> Result<reqwest::Response, String> {
-        let deadline = Instant::now() + BUSY_RETRY_FOR;
-        loop {
-            match self.connect_once(url).await {
-                Err((Some(429 | 509), _)) if Instant::now() < deadline => {
-                    tokio::time::sleep(BUSY_RETRY_EVERY).await;
-                }
-                Err((_, reason)) => return Err(reason),
-                Ok(r) => return Ok(r),
-            }
-        }
-    }
-
-    async fn connect_once(&self, url: &Url) -> Result<reqwest::Response, (Option<u16>, String)> {
-        let ua = self.app.user_agent_for(&self.spec, url);
-        let mut req = self
-            .app
-            .http
-            .get(url.clone())
-            .header(http::header::USER_AGENT, ua)
-            .header(http::header::ACCEPT_ENCODING, "identity");
-        for (k, v) in self.app.headers_for(&self.spec, url) {
-            req = req.header(k, v);
-        }
-        let timeout =
-            self.app.config.upstream.connect_timeout + self.app.config.upstream.read_timeout;
-        let resp = tokio::time::timeout(timeout, req.send())
-            .await
-            .map_err(|_| {
-                (
-                    None,
-                    "timed out waiting for the response header".to_string(),
-                )
-            })?
-            .map_err(|e| {
-                let reason = if e.is_connect() {
-                    "connect error".to_string()
-                } else if e.is_redirect() {
-                    "too many redirects".to_string()
-                } else {
-                    format!("request error: {}", e.without_url())
-                };
-                (None, reason)
-            })?;
-        if !resp.status().is_success() {
-            let code = resp.status().as_u16();
-            return Err((Some(code), format!("HTTP {code}")));
-        }
-        Ok(resp)
     }
 
     fn begin_switch(&mut self) {
@@ -337,54 +546,175 @@ impl Reader {
         self.marker = Some(DiscontinuityMarker::new(&[], None));
     }
 
-    async fn pump(&mut self, resp: reqwest::Response) -> Outcome {
-        let stall = self.app.config.live.stall_timeout;
-        let mut body = resp.bytes_stream();
-        let mut pending = BytesMut::with_capacity(CHUNK_TARGET * 2);
+    /// Opens a standby on the next source, if configured and its provider has a
+    /// free lease (most accounts allow one connection: then there is none).
+    fn start_standby(&self, picker: &Picker, pos: usize) -> Option<Standby> {
+        if !self.app.config.live.standby {
+            return None;
+        }
+        let (spos, url) = picker.peek_next(pos)?;
+        let lease = self
+            .app
+            .leases
+            .try_acquire(self.provider_of(&url).as_deref())
+            .ok()?;
+        let (ask_tx, ask_rx) = mpsc::channel(1);
+        let task = tokio::spawn(standby_task(
+            self.app.clone(),
+            self.spec.clone(),
+            url.clone(),
+            lease,
+            ask_rx,
+        ));
+        tracing::debug!(stream_id = %self.ch.stream.id, source = picker.index_of(spos), "standby opened");
+        Some(Standby {
+            pos: spos,
+            url,
+            ask: ask_tx,
+            task,
+        })
+    }
+
+    /// Starts the return to the primary: a probe connection when its provider
+    /// has a free lease, else (same provider, no spare slot) a plain switch.
+    fn start_return(&self, picker: &Picker, pos: usize) -> Return {
+        let Some(primary) = picker.url(0).cloned() else {
+            return Return::Later;
+        };
+        if !picker.is_available(0) {
+            return Return::Later;
+        }
+        let provider = self.provider_of(&primary);
+        match self.app.leases.try_acquire(provider.as_deref()) {
+            Ok(lease) => {
+                let (app, spec) = (self.app.clone(), self.spec.clone());
+                Return::Probe(tokio::spawn(async move {
+                    let resp = connect(&app, &spec, &primary).await?;
+                    Ok(Prepared {
+                        pos: 0,
+                        url: primary,
+                        up: Upstream {
+                            body: Box::pin(resp.bytes_stream()),
+                            lease,
+                            backlog: None,
+                        },
+                    })
+                }))
+            }
+            Err(_) if picker.url(pos).is_some_and(|u| self.provider_of(u) == provider) => {
+                Return::Switch
+            }
+            Err(_) => Return::Later,
+        }
+    }
+
+    async fn pump(
+        &mut self,
+        picker: &mut Picker,
+        pos: usize,
+        mut body: Body,
+        mut pending: BytesMut,
+    ) -> Outcome {
+        let live = self.app.config.live.clone();
         let mut flush_at: Option<tokio::time::Instant> = None;
         let mut got_bytes = false;
+        let mut standby: Option<Standby> = None;
+        let mut standby_retry = tokio::time::Instant::now();
+        let mut probe: Option<JoinHandle<Result<Prepared, String>>> = None;
+        let mut return_at = self
+            .left_primary
+            .filter(|_| pos != 0)
+            .map(|t| tokio::time::Instant::from_std(t + live.primary_cooldown));
         loop {
-            let flush_timer = async {
-                match flush_at {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            };
+            if standby.is_none() && live.standby && tokio::time::Instant::now() >= standby_retry {
+                standby = self.start_standby(picker, pos);
+                standby_retry = tokio::time::Instant::now() + live.retry_backoff;
+            }
             tokio::select! {
                 biased;
                 _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
                 _ = self.ch.force_switch.notified() => {
                     self.flush(&mut pending);
-                    return Outcome::Failed { reason: "forced failover".into(), got_bytes };
+                    return Outcome::Failed { reason: "forced failover".into(), got_bytes, handover: None };
                 }
-                _ = flush_timer => {
+                why = async {
+                    match standby.as_mut() {
+                        Some(s) => (&mut s.task).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(sb) = standby.take() {
+                        let why = why.unwrap_or_else(|e| e.to_string());
+                        tracing::warn!(stream_id = %self.ch.stream.id, source = picker.index_of(sb.pos), reason = %why, "standby source failed");
+                        picker.fail(sb.pos, &format!("standby: {why}"));
+                        *self.ch.stream.health.lock() = picker.health.clone();
+                    }
+                }
+                _ = wait_until(return_at) => {
+                    return_at = None;
+                    // A standby on the primary is the cheapest way back.
+                    if let Some(sb) = standby.take_if(|s| s.pos == 0) {
+                        self.flush(&mut pending);
+                        if let Some(prep) = sb.hand_over().await {
+                            return Outcome::Handover(prep);
+                        }
+                    }
+                    match self.start_return(picker, pos) {
+                        Return::Probe(p) => probe = Some(p),
+                        Return::Switch => {
+                            self.flush(&mut pending);
+                            return Outcome::Switch(0);
+                        }
+                        Return::Later => {}
+                    }
+                    if probe.is_none() {
+                        return_at = Some(tokio::time::Instant::now() + live.primary_cooldown);
+                    }
+                }
+                r = wait_task(&mut probe) => {
+                    probe = None;
+                    match r {
+                        Ok(Ok(prep)) => {
+                            self.flush(&mut pending);
+                            return Outcome::Handover(prep);
+                        }
+                        Ok(Err(why)) => {
+                            picker.fail(0, &why);
+                            *self.ch.stream.health.lock() = picker.health.clone();
+                        }
+                        Err(_) => {}
+                    }
+                    return_at = Some(tokio::time::Instant::now() + live.primary_cooldown);
+                }
+                _ = wait_until(flush_at) => {
                     self.flush(&mut pending);
                     flush_at = None;
                 }
-                r = tokio::time::timeout(stall, body.next()) => match r {
-                    Err(_) => {
-                        self.flush(&mut pending);
-                        return Outcome::Failed { reason: format!("no bytes for {stall:?}"), got_bytes };
-                    }
-                    Ok(None) => {
-                        self.flush(&mut pending);
-                        return Outcome::Failed { reason: "provider closed the stream".into(), got_bytes };
-                    }
-                    Ok(Some(Err(e))) => {
-                        self.flush(&mut pending);
-                        return Outcome::Failed { reason: format!("read error: {}", e.without_url()), got_bytes };
-                    }
-                    Ok(Some(Ok(b))) => {
-                        got_bytes = true;
-                        let aligned = self.aligner.push_bytes(b);
-                        pending.extend_from_slice(&aligned);
-                        if pending.len() >= CHUNK_TARGET {
-                            self.flush(&mut pending);
-                            flush_at = None;
-                        } else if flush_at.is_none() && !pending.is_empty() {
-                            flush_at = Some(tokio::time::Instant::now() + FLUSH_AFTER);
+                r = tokio::time::timeout(live.stall_timeout, body.next()) => {
+                    let reason = match r {
+                        Err(_) => format!("no bytes for {:?}", live.stall_timeout),
+                        Ok(None) => "provider closed the stream".into(),
+                        Ok(Some(Err(e))) => format!("read error: {}", e.without_url()),
+                        Ok(Some(Ok(b))) => {
+                            let first = !got_bytes;
+                            got_bytes = true;
+                            let aligned = self.aligner.push_bytes(b);
+                            pending.extend_from_slice(&aligned);
+                            if pending.len() >= CHUNK_TARGET || first {
+                                self.flush(&mut pending);
+                                flush_at = None;
+                            } else if flush_at.is_none() && !pending.is_empty() {
+                                flush_at = Some(tokio::time::Instant::now() + FLUSH_AFTER);
+                            }
+                            continue;
                         }
-                    }
+                    };
+                    self.flush(&mut pending);
+                    let handover = match standby.take() {
+                        Some(sb) => sb.hand_over().await,
+                        None => None,
+                    };
+                    return Outcome::Failed { reason, got_bytes, handover };
                 }
             }
         }
@@ -407,7 +737,7 @@ impl Reader {
         if scan.psi_changed || self.psi.is_none() {
             self.psi = self.scanner.psi_prefix().map(Bytes::from);
         }
-        let mut rap = scan.random_access.last().map(|i| i * crate::ts::PACKET_LEN);
+        let mut rap = scan.random_access.last().map(|i| i * PACKET_LEN);
         if let Some(t) = self.switched_at.take().filter(|_| after_switch) {
             // First bytes of the new source: lead with its PAT/PMT.
             if let Some(psi) = &self.psi {
@@ -419,7 +749,7 @@ impl Reader {
             }
             let gap = t.elapsed().as_millis() as u64;
             self.ch.last_gap_ms.store(gap, Ordering::Relaxed);
-            tracing::info!(stream_id = %self.ch.stream.id, gap_ms = gap, "failover complete, viewers kept");
+            tracing::info!(stream_id = %self.ch.stream.id, gap_ms = gap, "source switched, viewers kept");
         }
         self.ch.publish(data, rap, self.psi.clone());
     }

@@ -90,6 +90,26 @@ impl Picker {
         None
     }
 
+    /// The next available source after `from` (wrapping), without moving.
+    pub fn peek_next(&self, from: usize) -> Option<(usize, Url)> {
+        let n = self.urls.len();
+        let now = Instant::now();
+        (1..n)
+            .map(|step| (from + step) % n)
+            .find(|&p| self.health[p].available(now))
+            .map(|p| (p, self.urls[p].clone()))
+    }
+
+    pub fn url(&self, pos: usize) -> Option<&Url> {
+        self.urls.get(pos)
+    }
+
+    pub fn is_available(&self, pos: usize) -> bool {
+        self.health
+            .get(pos)
+            .is_some_and(|h| h.available(Instant::now()))
+    }
+
     /// Makes `pos` current (a forced switch named it).
     pub fn jump(&mut self, pos: usize) {
         if pos < self.urls.len() {
