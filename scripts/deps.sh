@@ -2,6 +2,8 @@
 # Makes sure what the build needs is on this machine: the Rust toolchain (not
 # installed here: it comes from rustup) and cmake (Pingora's zlib-ng build).
 # Installs cmake with apt-get when it can, else says exactly what is missing.
+# Optional: promtool (Debian package `prometheus`), which the metrics unit
+# test uses to lint the /metrics output; without it that check is skipped.
 set -euo pipefail
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -23,3 +25,42 @@ if ! command -v cmake >/dev/null 2>&1; then
         exit 1
     fi
 fi
+
+# Installs promtool if missing. Optional: never fails the script, and says
+# what happened, because without it the metrics lint test only prints
+# "SKIPPED: promtool not installed".
+install_promtool() {
+    command -v promtool >/dev/null 2>&1 && return 0
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
+            sudo="sudo"
+        else
+            echo "note: promtool not installed (optional; apt-get install prometheus as root" \
+                 "enables the /metrics lint test)" >&2
+            return 0
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "note: promtool not installed (optional; install Prometheus's promtool to" \
+             "enable the /metrics lint test)" >&2
+        return 0
+    fi
+    echo "installing promtool (Debian package prometheus; optional, for the /metrics lint test)..." >&2
+    # --no-install-recommends: only what promtool needs, no suggested extras.
+    if $sudo apt-get update -qq >/dev/null 2>&1 &&
+        $sudo env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 &&
+        command -v promtool >/dev/null 2>&1; then
+        echo "promtool installed" >&2
+        if [ -d /run/systemd/system ]; then
+            echo "note: the prometheus package also ships prometheus.service; if you do not" \
+                 "want a Prometheus server here: $sudo systemctl disable --now prometheus" >&2
+        fi
+    else
+        echo "note: could not install promtool (optional); the /metrics lint test will be skipped" >&2
+    fi
+    return 0
+}
+
+install_promtool || true

@@ -64,6 +64,8 @@ pub struct Config {
     pub streams: Vec<StreamConfig>,
     pub live: LiveConfig,
     pub log: LogConfig,
+    pub events: EventsConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,4 +204,52 @@ impl Default for LogConfig {
             level: "info".to_owned(),
         }
     }
+}
+
+/// The `events:` section: the event queue and the webhooks from the file
+/// (more can be registered through the API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventsConfig {
+    /// Capacity of the event queue, 1..=1048576; events beyond it are
+    /// dropped and counted, never waited for. Default 4096.
+    pub queue_size: usize,
+    /// Default none.
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            queue_size: crate::events::DEFAULT_QUEUE_SIZE,
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+/// One entry of `events.webhooks`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// http or https with a host, normalized like API-registered webhooks
+    /// (`crate::events::normalize_url`); unique within the list.
+    pub url: url::Url,
+    /// Non-empty, no duplicates; default all six event types.
+    pub events: Vec<crate::events::EventType>,
+    /// In file order; names are valid HTTP header names (as written),
+    /// values valid, non-empty header values. Default none.
+    pub headers: Vec<(String, String)>,
+    /// Per-try timeout, at least 1s. Default 10s.
+    pub timeout: Duration,
+    /// Retries after the first try, 0..=20. Default 3.
+    pub retry_attempts: u32,
+    /// HMAC-SHA256 key signing every delivery; non-empty. Default none.
+    pub secret: Option<String>,
+}
+
+/// The `metrics:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetricsConfig {
+    /// An extra listener serving only `/metrics` (no token), e.g.
+    /// `127.0.0.1:9100`; never equal to `server.listen`. The main listener
+    /// serves `/metrics` too. Default none.
+    pub listen: Option<SocketAddr>,
 }

@@ -34,10 +34,12 @@ pub(super) struct RawConfig {
     pub streams: Option<Vec<RawStream>>,
     pub live: Option<RawLive>,
     pub log: Option<RawLog>,
+    pub events: Option<RawEvents>,
+    pub metrics: Option<RawMetrics>,
 }
 
 /// Top-level keys, for the message about a document that is not a mapping.
-const SECTIONS: &str = "server, api, upstream, providers, streams, live, log";
+const SECTIONS: &str = "server, api, upstream, providers, streams, live, log, events, metrics";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -111,6 +113,30 @@ pub(super) struct RawLive {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLog {
     pub level: Leaf<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEvents {
+    pub queue_size: Leaf<Scalar>,
+    pub webhooks: Option<Vec<RawWebhook>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWebhook {
+    pub url: Spanned<String>,
+    pub events: Option<Spanned<Vec<Spanned<String>>>>,
+    pub headers: Option<RawHeaders>,
+    pub timeout: Leaf<Scalar>,
+    pub retry_attempts: Leaf<Scalar>,
+    pub secret: Leaf<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    pub listen: Leaf<String>,
 }
 
 /// A YAML scalar with the type YAML resolved for it, for keys that take a

@@ -124,6 +124,13 @@ fn example_config_documents_every_key() {
         "primary_cooldown:",
         "standby:",
         "level:",
+        "events:",
+        "queue_size:",
+        "webhooks:",
+        "timeout:",
+        "retry_attempts:",
+        "secret:",
+        "metrics:",
     ];
     for key in keys {
         assert!(text.contains(key), "{key} is not documented");
@@ -295,7 +302,8 @@ fn unknown_key_at_top_level() {
     assert_eq!(
         error("servr:\n  listen: 127.0.0.1:1\n"),
         "conf/test.yaml:1:1: servr: unknown field `servr`, expected one of: \
-         server, api, upstream, providers, streams, live, log (did you mean `server`?)"
+         server, api, upstream, providers, streams, live, log, events, metrics \
+         (did you mean `server`?)"
     );
 }
 
@@ -397,7 +405,7 @@ fn wrong_types() {
 #[test]
 fn top_level_must_be_a_mapping() {
     let expected = "conf/test.yaml:1:1: the file must be a mapping of sections \
-                    (server, api, upstream, providers, streams, live, log)";
+                    (server, api, upstream, providers, streams, live, log, events, metrics)";
     assert_eq!(error("- server\n"), expected);
     assert_eq!(error("hello\n"), expected);
 }
@@ -949,4 +957,150 @@ fn messages_are_single_lines() {
     assert!(!e.contains('\n'));
     let e = error("streams:\n  - url: http://a.example/\n    metadata: {\"a\\nb\": [1]}\n");
     assert!(!e.contains('\n'), "{e}");
+}
+
+#[test]
+fn events_and_metrics_defaults() {
+    let c = Config::default();
+    assert_eq!(c.events.queue_size, 4096);
+    assert!(c.events.webhooks.is_empty());
+    assert_eq!(c.metrics.listen, None);
+    assert_eq!(
+        ok("events:\n  webhooks:\nmetrics:\n  listen: null\n"),
+        Config::default()
+    );
+}
+
+#[test]
+fn webhooks_parse_with_defaults_and_normalized_urls() {
+    use crate::events::EventType;
+    let c = ok(r#"
+events:
+  queue_size: 16
+  webhooks:
+    - url: "HTTP://Receiver.EXAMPLE:80"
+    - url: https://hooks.example/in?token=a#frag
+      events: [stream_stopped, client_connected]
+      headers: {Authorization: "Bearer x", X-Num: 5}
+      timeout: 2500ms
+      retry_attempts: 0
+      secret: s3cret
+metrics:
+  listen: "127.0.0.1:9100"
+"#);
+    assert_eq!(c.events.queue_size, 16);
+    let [a, b] = &c.events.webhooks[..] else {
+        panic!("{:?}", c.events.webhooks)
+    };
+    assert_eq!(a.url, url("http://receiver.example/"));
+    assert_eq!(a.events, EventType::ALL);
+    assert!(a.headers.is_empty());
+    assert_eq!(a.timeout, Duration::from_secs(10));
+    assert_eq!(a.retry_attempts, 3);
+    assert_eq!(a.secret, None);
+    assert_eq!(b.url.as_str(), "https://hooks.example/in?token=a");
+    assert_eq!(
+        b.events,
+        [EventType::StreamStopped, EventType::ClientConnected]
+    );
+    assert_eq!(
+        b.headers,
+        [
+            ("Authorization".to_owned(), "Bearer x".to_owned()),
+            ("X-Num".to_owned(), "5".to_owned())
+        ]
+    );
+    assert_eq!(b.timeout, Duration::from_millis(2500));
+    assert_eq!(b.retry_attempts, 0);
+    assert_eq!(b.secret.as_deref(), Some("s3cret"));
+    assert_eq!(c.metrics.listen, Some("127.0.0.1:9100".parse().unwrap()));
+}
+
+#[test]
+fn webhook_value_errors() {
+    let hook =
+        |fields: &str| format!("events:\n  webhooks:\n    - url: http://r.example/\n{fields}");
+    assert_eq!(
+        error(&hook("      events: [stream_started, stream_exploded]\n")),
+        "conf/test.yaml:4:32: events.webhooks[0].events[1]: unknown event \"stream_exploded\"; \
+         use one of: stream_started, stream_stopped, stream_failed, client_connected, \
+         client_disconnected, failover_triggered"
+    );
+    assert!(error(&hook("      events: []\n"))
+        .contains("events.webhooks[0].events: list at least one event"));
+    assert!(
+        error(&hook("      events: [stream_stopped, stream_stopped]\n"))
+            .contains("events.webhooks[0].events[1]: event \"stream_stopped\" is listed twice")
+    );
+    assert_eq!(
+        error(&hook("      timeout: 500ms\n")),
+        "conf/test.yaml:4:16: events.webhooks[0].timeout: must be at least 1s, got 500ms"
+    );
+    assert!(error(&hook("      timeout: 5\n")).contains("a bare number is ambiguous"));
+    assert!(error(&hook("      retry_attempts: -1\n")).contains("must be at least 0, got -1"));
+    assert!(error(&hook("      retry_attempts: 21\n")).contains("must be at most 20, got 21"));
+    assert!(
+        error(&hook("      secret: \"\"\n")).contains("events.webhooks[0].secret: empty secret")
+    );
+    assert!(error(&hook("      headers: {\"Bad Name\": x}\n")).contains("invalid header name"));
+    assert!(error(&hook("      header: {A: b}\n")).contains("unknown field `header`"));
+
+    assert_eq!(
+        error("events:\n  webhooks:\n    - url: ftp://r.example/\n"),
+        "conf/test.yaml:3:12: events.webhooks[0].url: URL \"ftp://r.example/\" must use http or https, not ftp"
+    );
+    assert!(
+        error("events:\n  webhooks:\n    - events: [stream_started]\n")
+            .contains("events.webhooks[0]: missing required key `url`")
+    );
+    // Duplicates are found after normalization, as the API dedupes.
+    assert_eq!(
+        error(
+            "events:\n  webhooks:\n    - url: http://r.example/\n    - url: HTTP://R.example:80\n"
+        ),
+        "conf/test.yaml:4:12: events.webhooks[1].url: webhook \"http://r.example/\" is already \
+         listed at events.webhooks[0] (line 3)"
+    );
+    assert!(error("events:\n  queue_size: 0\n")
+        .contains("events.queue_size: must be at least 1, got 0"));
+    assert!(error("events:\n  queue_size: 2000000\n").contains("must be at most 1048576"));
+    assert!(error("events:\n  queue: 5\n").contains("unknown field `queue`"));
+}
+
+#[test]
+fn metrics_listen_errors() {
+    assert!(error("metrics:\n  listen: localhost:9100\n")
+        .contains("metrics.listen: invalid listen address"));
+    assert!(
+        error("server:\n  listen: 127.0.0.1:9000\nmetrics:\n  listen: 127.0.0.1:9000\n")
+            .contains("metrics.listen: 127.0.0.1:9000 is already server.listen")
+    );
+    assert!(error("metrics:\n  path: /m\n").contains("metrics.path: unknown field `path`"));
+}
+
+#[test]
+fn commented_webhook_example_parses() {
+    // The `events.webhooks` example, uncommented, must be a valid file.
+    let text = include_str!("../../conf/m3u-edge.yaml");
+    let uncommented: String = text
+        .lines()
+        .map(|line| match line.strip_prefix("    # ") {
+            Some(rest) if rest.starts_with("- ") || rest.starts_with("  ") => {
+                let code = rest.split("  #").next().unwrap_or(rest);
+                format!("    {}\n", code.trim_end())
+            }
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    let c = ok(&uncommented);
+    assert_eq!(c.events.webhooks.len(), 1, "{uncommented}");
+    let w = &c.events.webhooks[0];
+    assert_eq!(
+        w.url.as_str(),
+        "http://editor.example.com/api/m3u-proxy/webhooks"
+    );
+    assert_eq!(w.events.len(), 4);
+    assert_eq!(w.timeout, Duration::from_secs(5));
+    assert_eq!(w.retry_attempts, 2);
+    assert!(w.secret.is_some());
 }

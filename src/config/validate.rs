@@ -15,13 +15,14 @@ use serde_saphyr::Spanned;
 use url::Url;
 
 use super::raw::{
-    push_key, spanned_at, Leaf, RawConfig, RawHeaders, RawLive, RawLog, RawProvider, RawServer,
-    RawStream, RawUpstream, Scalar,
+    push_key, spanned_at, Leaf, RawConfig, RawEvents, RawHeaders, RawLive, RawLog, RawMetrics,
+    RawProvider, RawServer, RawStream, RawUpstream, RawWebhook, Scalar,
 };
 use super::{
-    ApiConfig, Config, LiveConfig, LogConfig, Problem, ProviderConfig, ServerConfig, StreamConfig,
-    UpstreamConfig,
+    ApiConfig, Config, EventsConfig, LiveConfig, LogConfig, MetricsConfig, Problem, ProviderConfig,
+    ServerConfig, StreamConfig, UpstreamConfig, WebhookConfig,
 };
+use crate::events::EventType;
 
 type Check<T> = Result<T, String>;
 type At = Option<(u64, u64)>;
@@ -106,6 +107,8 @@ impl Validator<'_> {
         let streams = self.streams(raw.streams.unwrap_or_default(), &providers);
         let live = self.live(raw.live.unwrap_or_default());
         let log = self.log(raw.log.unwrap_or_default());
+        let events = self.events(raw.events.unwrap_or_default());
+        let metrics = self.metrics(raw.metrics.unwrap_or_default(), &server);
         Config {
             server,
             api,
@@ -114,6 +117,8 @@ impl Validator<'_> {
             streams,
             live,
             log,
+            events,
+            metrics,
         }
     }
 
@@ -385,6 +390,127 @@ impl Validator<'_> {
         }
     }
 
+    fn events(&mut self, raw: RawEvents) -> EventsConfig {
+        let d = EventsConfig::default();
+        let queue_size = self.leaf(&raw.queue_size, "events.queue_size", d.queue_size, |s| {
+            let n = whole_number(s, 1, MAX_EVENT_QUEUE as i128)?;
+            usize::try_from(n).map_err(|_| format!("must be at most {MAX_EVENT_QUEUE}, got {n}"))
+        });
+        let mut urls: HashMap<String, (usize, At)> = HashMap::new();
+        let mut webhooks = Vec::new();
+        for (i, w) in raw.webhooks.iter().flatten().enumerate() {
+            let base = format!("events.webhooks[{i}]");
+            let url_path = format!("{base}.url");
+            let url = self.spanned(&w.url, &url_path, None, |u| webhook_url(u).map(Some));
+            if let Some(url) = &url {
+                let at = spanned_at(&w.url);
+                if let Some((first, first_at)) = urls.get(url.as_str()) {
+                    let msg = format!(
+                        "webhook {:?} is already listed at events.webhooks[{first}]{}",
+                        url.as_str(),
+                        line_note(*first_at)
+                    );
+                    self.report(at, &url_path, &msg);
+                } else {
+                    urls.insert(url.to_string(), (i, at));
+                }
+            }
+            let hook = self.webhook(w, &base);
+            if let Some(url) = url {
+                webhooks.push(WebhookConfig { url, ..hook });
+            }
+        }
+        EventsConfig {
+            queue_size,
+            webhooks,
+        }
+    }
+
+    /// Every field of one webhook but its URL (a placeholder here).
+    fn webhook(&mut self, w: &RawWebhook, base: &str) -> WebhookConfig {
+        let events = match &w.events {
+            None => EventType::ALL.to_vec(),
+            Some(list) => {
+                let path = format!("{base}.events");
+                if list.value.is_empty() {
+                    self.report(
+                        spanned_at(list),
+                        &path,
+                        "list at least one event, or remove the key to send all of them",
+                    );
+                }
+                let mut out: Vec<EventType> = Vec::new();
+                for (j, name) in list.value.iter().enumerate() {
+                    let item = format!("{path}[{j}]");
+                    let Some(t) = self.spanned(name, &item, None, |s| event_type(s).map(Some))
+                    else {
+                        continue;
+                    };
+                    if out.contains(&t) {
+                        let msg = format!("event {:?} is listed twice", t.as_str());
+                        self.report(spanned_at(name), &item, &msg);
+                    } else {
+                        out.push(t);
+                    }
+                }
+                out
+            }
+        };
+        WebhookConfig {
+            url: placeholder_url(),
+            events,
+            headers: self.headers(w.headers.as_ref(), &format!("{base}.headers")),
+            timeout: self.leaf(
+                &w.timeout,
+                &format!("{base}.timeout"),
+                Duration::from_secs(10),
+                |s| {
+                    let d = duration(s)?;
+                    if d < Duration::from_secs(1) {
+                        Err(format!(
+                            "must be at least 1s, got {}",
+                            humantime::format_duration(d)
+                        ))
+                    } else {
+                        Ok(d)
+                    }
+                },
+            ),
+            retry_attempts: self.leaf(
+                &w.retry_attempts,
+                &format!("{base}.retry_attempts"),
+                crate::events::DEFAULT_RETRY_ATTEMPTS,
+                |s| {
+                    let n = whole_number(s, 0, MAX_RETRY_ATTEMPTS.into())?;
+                    u32::try_from(n).map_err(|_| format!("must be at most {MAX_RETRY_ATTEMPTS}"))
+                },
+            ),
+            secret: self.optional(&w.secret, &format!("{base}.secret"), |s| {
+                if s.is_empty() {
+                    Err("empty secret; remove the key to send unsigned webhooks".to_owned())
+                } else {
+                    Ok(s.clone())
+                }
+            }),
+        }
+    }
+
+    fn metrics(&mut self, raw: RawMetrics, server: &ServerConfig) -> MetricsConfig {
+        MetricsConfig {
+            listen: self.optional(&raw.listen, "metrics.listen", |s| {
+                let addr = socket_addr(s)?;
+                if addr == server.listen {
+                    Err(format!(
+                        "{addr} is already server.listen, which serves /metrics too; \
+                         use another port or remove the key"
+                    ))
+                } else {
+                    Ok(addr)
+                }
+            }),
+        }
+    }
+
     fn headers(&mut self, raw: Option<&RawHeaders>, path: &str) -> Vec<(String, String)> {
         let Some(raw) = raw else {
             return Vec::new();
@@ -520,6 +646,29 @@ fn http_url(s: &str) -> Check<Url> {
         return Err(format!("URL {s:?} has no host"));
     }
     Ok(url)
+}
+
+/// Largest `events.queue_size`: an event is a few hundred bytes, so this
+/// bounds the queue to some hundreds of MiB even when full.
+const MAX_EVENT_QUEUE: usize = 1 << 20;
+
+/// Largest `retry_attempts`: with the 30 s backoff cap, 20 retries already
+/// keep one event alive for about 10 minutes.
+const MAX_RETRY_ATTEMPTS: u32 = 20;
+
+/// A webhook URL in the form the API stores it (`normalize_url`), so a
+/// YAML webhook and an API registration of the same URL are one webhook.
+fn webhook_url(s: &str) -> Check<Url> {
+    http_url(s)?;
+    let normalized = crate::events::normalize_url(s)?;
+    Url::parse(&normalized).map_err(|e| format!("invalid URL {s:?}: {e}"))
+}
+
+fn event_type(s: &str) -> Check<EventType> {
+    EventType::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
+        format!("unknown event {s:?}; use one of: {}", names.join(", "))
+    })
 }
 
 fn public_url(s: &str) -> Check<Url> {

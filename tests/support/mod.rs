@@ -13,6 +13,7 @@ pub mod edge;
 pub mod eventually;
 pub mod provider;
 pub mod ts_check;
+pub mod webhook;
 
 use std::path::PathBuf;
 
