@@ -8,13 +8,22 @@ use std::time::Instant;
 use url::Url;
 
 use crate::config::Config;
+use crate::events::Events;
+use crate::hls::fetch::HlsFetcher;
+use crate::hls::token::Signer;
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::provider::{Leases, Providers};
 use crate::registry::{Registry, StreamSpec};
-use crate::state::{Loaded, StateFile};
+use crate::state::{Loaded, StateData, StateFile};
 use crate::upstream::peer::Timeouts;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// In-memory budget for shared HLS segments (the live edge of many channels).
+const HLS_SEGMENT_CACHE: usize = 64 * 1024 * 1024;
+/// Playlists above this are refused (502) rather than buffered.
+const HLS_PLAYLIST_MAX: usize = 4 * 1024 * 1024;
 
 pub struct App {
     pub config: Arc<Config>,
@@ -23,6 +32,12 @@ pub struct App {
     pub providers: Providers,
     pub leases: Leases,
     pub hub: Arc<Hub>,
+    pub hls: HlsFetcher,
+    pub events: Arc<Events>,
+    pub metrics: Arc<Metrics>,
+    /// Signs the references minted into HLS playlists.
+    pub signer: Signer,
+    hls_key: String,
     pub started: Instant,
     /// For calls that are not relayed bytes: failover resolver, test-connection.
     pub http: reqwest::Client,
@@ -39,12 +54,25 @@ impl App {
             ))
             .user_agent(config.upstream.user_agent.clone())
             .build()?;
-        let app = App {
-            registry: Registry::new(),
+        let metrics = Metrics::new();
+        metrics.init_providers(
+            config
+                .providers
+                .iter()
+                .map(|p| (p.name.as_str(), p.max_connections)),
+        );
+        let events = Events::from_config(&config.events, metrics.clone());
+        let mut app = App {
+            registry: Registry::with_events(events.clone()),
+            events,
             state: StateFile::new(config.server.state_file.clone()),
             providers: Providers::new(&config.providers),
             leases: Leases::new(&config.providers),
             hub: Arc::new(Hub::new()),
+            hls: HlsFetcher::new(HLS_SEGMENT_CACHE, HLS_PLAYLIST_MAX, metrics.clone()),
+            signer: Signer::new(&[]),
+            metrics,
+            hls_key: String::new(),
             started: Instant::now(),
             http,
             config: Arc::new(config),
@@ -66,6 +94,7 @@ impl App {
                 },
             );
         }
+        let mut hls_key = None;
         match app.state.load() {
             Loaded::Missing => tracing::info!(
                 path = %app.state.path().display(),
@@ -73,6 +102,10 @@ impl App {
             ),
             Loaded::Ok(data) => {
                 let n = app.registry.restore(data.streams);
+                app.events.restore(data.webhooks);
+                hls_key = data
+                    .hls_key
+                    .filter(|k| hex::decode(k).is_ok_and(|b| b.len() >= 16));
                 tracing::info!(path = %app.state.path().display(), streams = n, "state restored");
             }
             Loaded::Corrupt { moved_to, error } => tracing::error!(
@@ -82,23 +115,82 @@ impl App {
                 "state file unreadable: moved aside, starting without its streams"
             ),
         }
+        // The HLS signing key: kept in the state file so references in
+        // playlists players already hold stay valid across a restart.
+        let fresh = hls_key.is_none();
+        app.hls_key = hls_key.unwrap_or_else(|| hex::encode(Signer::generate_key()));
+        app.signer = Signer::new(&hex::decode(&app.hls_key).unwrap_or_default());
+        if fresh {
+            app.persist();
+        }
         Ok(Arc::new(app))
     }
 
     /// Removes a stream: its viewers are disconnected and its live channel
     /// (and provider connection) closed at once.
     pub fn remove_stream(&self, id: &str, reason: &str) -> bool {
-        let removed = self.registry.remove(id).is_some();
+        let viewers = self.registry.get(id).map_or(0, |s| s.client_count());
+        let removed = self.registry.remove(id, reason).is_some();
+        for _ in 0..viewers {
+            self.metrics
+                .client_drop(crate::metrics::DropReason::StreamDeleted);
+        }
         self.hub.close(id);
+        self.hls.forget(id);
         if removed {
             tracing::info!(stream_id = %id, reason, "stream removed");
         }
         removed
     }
 
+    /// Sets the gauges that are a view of current state, just before a scrape.
+    pub fn refresh_gauges(&self) {
+        use crate::metrics::ClientKind;
+        let m = &self.metrics;
+        let streams = self.registry.list();
+        m.streams_registered.set(streams.len() as i64);
+        let (mut live, mut file, mut hls, mut active) = (0i64, 0i64, 0i64, 0i64);
+        for s in &streams {
+            let clients = s.clients();
+            if !clients.is_empty() {
+                active += 1;
+            }
+            let on_hub = self.hub.channel(&s.id).is_some();
+            for c in clients {
+                match (c.idle_timeout.is_some(), on_hub) {
+                    (true, _) => hls += 1,
+                    (false, true) => live += 1,
+                    (false, false) => file += 1,
+                }
+            }
+        }
+        m.streams_active.set(active);
+        m.clients(ClientKind::Live).set(live);
+        m.clients(ClientKind::File).set(file);
+        m.clients(ClientKind::Hls).set(hls);
+        let channels = self.hub.channels();
+        m.live_channels.set(channels.len() as i64);
+        for (name, in_use, _) in self.leases.usage() {
+            m.upstream(Some(&name)).set(in_use as i64);
+        }
+        let unmanaged = channels
+            .iter()
+            .filter(|c| c.provider_name().is_none())
+            .count();
+        m.upstream(None).set(unmanaged as i64);
+        m.webhooks_registered
+            .set(self.events.webhooks().len() as i64);
+    }
+
     /// Writes the persisted registry; failures are logged, the API keeps working.
     pub fn persist(&self) {
-        if let Err(e) = self.state.save(self.registry.persisted()) {
+        let data = StateData {
+            version: 0,
+            streams: self.registry.persisted(),
+            hls_key: Some(self.hls_key.clone()),
+            webhooks: self.events.api_webhooks(),
+        };
+        if let Err(e) = self.state.save(data) {
             tracing::error!(error = %e, "state not saved");
         }
     }

@@ -24,8 +24,11 @@ impl Housekeeper {
             .clamp(Duration::from_secs(1), Duration::from_secs(30))
     }
 
-    /// Removes expired streams; returns how many.
+    /// Drops idle HLS viewers, then removes expired streams; returns how many streams.
     pub fn sweep(&self) -> usize {
+        for (s, c) in self.app.registry.expire_idle_clients() {
+            tracing::info!(stream_id = %s.id, client = %c.id, "HLS viewer idle: left");
+        }
         let expired = self
             .app
             .registry

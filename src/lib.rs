@@ -24,9 +24,12 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod events;
+pub mod hls;
 pub mod housekeeping;
 pub mod hub;
 pub mod logging;
+pub mod metrics;
 pub mod provider;
 pub mod proxy;
 pub mod registry;

@@ -100,6 +100,11 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
         "housekeeping",
         Housekeeper { app: app.clone() },
     ));
+    server.add_service(background_service("events", app.events.service()));
+    if let Some(addr) = app.config.metrics.listen {
+        server.add_service(m3u_edge::metrics::service(app.metrics.clone(), addr));
+        tracing::info!(%addr, "metrics listener");
+    }
     tracing::info!(%listen, "listening");
     server.run_forever();
 }

@@ -16,8 +16,11 @@ use chrono::{DateTime, Utc};
 use md5::{Digest, Md5};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::events::{EventType, Events};
 
 /// Lowercase md5 hex of a URL exactly as sent: m3u-proxy's stream id, which
 /// m3u-editor stores and sends back.
@@ -120,6 +123,9 @@ pub struct Client {
     connections: AtomicU64,
     /// Cancelled when the API drops this client: every request of it ends.
     pub cancel: CancellationToken,
+    /// HLS viewers have no connection to watch: they stay listed until they
+    /// have asked for nothing for this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Client {
@@ -154,10 +160,40 @@ pub struct Stream {
     detected: AtomicU8,
     /// Per-source health of the live hub, for `GET /streams/{id}`.
     pub health: Mutex<Vec<SourceHealth>>,
+    events: EventSink,
+    session: Mutex<Session>,
+}
+
+/// Where a stream's events go (none in unit tests).
+struct EventSink(Option<Arc<Events>>);
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "EventSink"
+        } else {
+            "NoEvents"
+        })
+    }
+}
+
+/// Event bookkeeping of a stream: `stream_started` once per provider session,
+/// `stream_stopped` exactly once after it (m3u-editor frees its provider slot
+/// on that event, so it must always come).
+#[derive(Debug, Default)]
+struct Session {
+    started: Option<Instant>,
+    stop_sent: bool,
 }
 
 impl Stream {
-    fn new(id: String, origin: Origin, spec: StreamSpec, created_at: DateTime<Utc>) -> Self {
+    fn new(
+        id: String,
+        origin: Origin,
+        spec: StreamSpec,
+        created_at: DateTime<Utc>,
+        events: Option<Arc<Events>>,
+    ) -> Self {
         let current_url = spec.url.clone();
         Stream {
             id,
@@ -178,7 +214,72 @@ impl Stream {
             closed: CancellationToken::new(),
             detected: AtomicU8::new(0),
             health: Mutex::new(Vec::new()),
+            events: EventSink(events),
+            session: Mutex::new(Session::default()),
         }
+    }
+
+    /// Emits an event of this stream; `data` gets the stream's metadata, which
+    /// m3u-editor reads on every event.
+    pub fn emit(&self, event_type: EventType, mut data: Value) {
+        let Some(events) = &self.events.0 else {
+            return;
+        };
+        if !events.wants(event_type) {
+            return;
+        }
+        if let Value::Object(m) = &mut data {
+            m.insert("metadata".into(), json!(self.spec().metadata));
+        }
+        events.emit(event_type, &self.id, data);
+    }
+
+    /// A provider connection of this stream opened: `stream_started`, once per
+    /// session (not per request, retry or POST).
+    pub fn started(&self, data: Value) {
+        {
+            let mut s = self.session.lock();
+            if s.started.is_some() {
+                return;
+            }
+            s.started = Some(Instant::now());
+            s.stop_sent = false;
+        }
+        self.emit(EventType::StreamStarted, data);
+    }
+
+    /// `stream_stopped` with `reason`, unless one was already sent for this session.
+    pub fn stopped(&self, reason: &str) {
+        let duration = {
+            let mut s = self.session.lock();
+            if s.stop_sent {
+                return;
+            }
+            s.stop_sent = true;
+            s.started.take().map(|t| t.elapsed().as_secs_f64())
+        };
+        self.emit(
+            EventType::StreamStopped,
+            json!({
+                "reason": reason,
+                "duration_seconds": duration,
+                "bytes_served": self.bytes.load(Ordering::Relaxed),
+            }),
+        );
+    }
+
+    fn client_left(&self, c: &Client, reason: &str) {
+        self.emit(
+            EventType::ClientDisconnected,
+            json!({
+                "client_id": c.id,
+                "username": c.username,
+                "bytes_served": c.bytes.load(Ordering::Relaxed),
+                "segments_served": c.segments.load(Ordering::Relaxed),
+                "duration_seconds": (Utc::now() - c.created_at).num_milliseconds() as f64 / 1000.0,
+                "reason": reason,
+            }),
+        );
     }
 
     /// Live (`Some(true)`) or file, from the stream's `live` flag, else from
@@ -191,6 +292,15 @@ impl Stream {
                 2 => Some(false),
                 _ => None,
             })
+    }
+
+    /// An upstream response showed an HLS playlist.
+    pub fn is_detected_hls(&self) -> bool {
+        self.detected.load(Ordering::Relaxed) == 3
+    }
+
+    pub fn set_detected_hls(&self) {
+        self.detected.store(3, Ordering::Relaxed);
     }
 
     pub fn set_detected_live(&self, live: bool) {
@@ -215,12 +325,29 @@ impl Stream {
     }
 
     /// Records a switch to `url` (index -1 = primary).
-    pub fn record_failover(&self, index: i64, url: &str) {
-        let mut f = self.failover.lock();
-        f.index = index;
-        f.attempts += 1;
-        f.last_time = Some(Utc::now());
-        f.current_url = url.to_string();
+    pub fn record_failover(&self, index: i64, url: &str, reason: &str) {
+        let (from, old_url, attempts) = {
+            let mut f = self.failover.lock();
+            let from = f.index;
+            let old = std::mem::replace(&mut f.current_url, url.to_string());
+            f.index = index;
+            f.attempts += 1;
+            f.last_time = Some(Utc::now());
+            (from, old, f.attempts)
+        };
+        self.emit(
+            EventType::FailoverTriggered,
+            json!({
+                "from_index": from,
+                "to_index": index,
+                "failover_index": index,
+                "old_url": old_url,
+                "new_url": url,
+                "attempt_number": attempts,
+                "reason": reason,
+                "client_count": self.client_count(),
+            }),
+        );
     }
 
     /// Records which source is being served without counting a failover.
@@ -249,6 +376,7 @@ impl Stream {
         let c = self.clients.lock().remove(id);
         if let Some(c) = &c {
             c.cancel.cancel();
+            self.client_left(c, "api");
         }
         c
     }
@@ -293,15 +421,25 @@ impl Drop for ClientGuard {
         let left = self.client.connections.fetch_sub(1, Ordering::AcqRel) - 1;
         self.client.touch();
         self.stream.touch();
-        if left == 0 {
-            let mut clients = self.stream.clients.lock();
-            // Only remove our own entry: the id may have been reused since.
-            if clients
-                .get(&self.client.id)
-                .is_some_and(|c| Arc::ptr_eq(c, &self.client))
-                && self.client.connections.load(Ordering::Acquire) == 0
-            {
-                clients.remove(&self.client.id);
+        // HLS clients leave by going idle (see `Registry::expire_idle_clients`).
+        if left == 0 && self.client.idle_timeout.is_none() {
+            let (removed, empty) = {
+                let mut clients = self.stream.clients.lock();
+                // Only remove our own entry: the id may have been reused since.
+                let ours = clients
+                    .get(&self.client.id)
+                    .is_some_and(|c| Arc::ptr_eq(c, &self.client))
+                    && self.client.connections.load(Ordering::Acquire) == 0;
+                if ours {
+                    clients.remove(&self.client.id);
+                }
+                (ours, clients.is_empty())
+            };
+            if removed {
+                self.stream.client_left(&self.client, "disconnected");
+                if empty {
+                    self.stream.stopped("last_client_disconnected");
+                }
             }
         }
     }
@@ -340,6 +478,7 @@ pub struct PersistedStream {
 #[derive(Default)]
 pub struct Registry {
     streams: RwLock<HashMap<String, Arc<Stream>>>,
+    events: Option<Arc<Events>>,
     /// Woken whenever the persisted part changes.
     pub changed: Notify,
 }
@@ -349,9 +488,23 @@ impl Registry {
         Self::default()
     }
 
+    /// A registry whose streams and clients report to `events`.
+    pub fn with_events(events: Arc<Events>) -> Self {
+        Registry {
+            events: Some(events),
+            ..Self::default()
+        }
+    }
+
     /// Adds a stream from the YAML. Config streams are read-only for the API.
     pub fn add_config(&self, id: String, spec: StreamSpec) -> Arc<Stream> {
-        let s = Arc::new(Stream::new(id.clone(), Origin::Config, spec, Utc::now()));
+        let s = Arc::new(Stream::new(
+            id.clone(),
+            Origin::Config,
+            spec,
+            Utc::now(),
+            self.events.clone(),
+        ));
         self.streams.write().insert(id, s.clone());
         s
     }
@@ -370,7 +523,13 @@ impl Registry {
                     replaced: false,
                 };
             }
-            let fresh = Stream::new(id.clone(), Origin::Api, spec, old.created_at);
+            let fresh = Stream::new(
+                id.clone(),
+                Origin::Api,
+                spec,
+                old.created_at,
+                self.events.clone(),
+            );
             fresh
                 .bytes
                 .store(old.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -386,7 +545,13 @@ impl Registry {
                 replaced: true,
             };
         }
-        let s = Arc::new(Stream::new(id.clone(), Origin::Api, spec, Utc::now()));
+        let s = Arc::new(Stream::new(
+            id.clone(),
+            Origin::Api,
+            spec,
+            Utc::now(),
+            self.events.clone(),
+        ));
         map.insert(id, s.clone());
         drop(map);
         self.changed.notify_one();
@@ -407,14 +572,18 @@ impl Registry {
         v
     }
 
-    /// Removes a stream and ends every request of it.
-    pub fn remove(&self, id: &str) -> Option<Arc<Stream>> {
+    /// Removes a stream and ends every request of it; `reason` goes into
+    /// `stream_stopped` (m3u-proxy's reasons: manual_deletion, …).
+    pub fn remove(&self, id: &str, reason: &str) -> Option<Arc<Stream>> {
         let s = self.streams.write().remove(id);
         if let Some(s) = &s {
             s.closed.cancel();
-            for c in s.clients.lock().drain() {
-                c.1.cancel.cancel();
+            let clients: Vec<_> = s.clients.lock().drain().map(|(_, c)| c).collect();
+            for c in &clients {
+                c.cancel.cancel();
+                s.client_left(c, "stream_deleted");
             }
+            s.stopped(reason);
             if s.origin == Origin::Api {
                 self.changed.notify_one();
             }
@@ -439,6 +608,26 @@ impl Registry {
     /// The id is the explicit one, else derived as m3u-proxy does (API-COMPAT.md §5),
     /// with a random suffix when a different live connection already holds it.
     pub fn attach(&self, stream: &Arc<Stream>, hello: &ClientHello) -> ClientGuard {
+        self.attach_with(stream, hello, None)
+    }
+
+    /// Like [`Registry::attach`] for an HLS request: the client stays listed
+    /// between requests until it has been idle for `idle`.
+    pub fn attach_hls(
+        &self,
+        stream: &Arc<Stream>,
+        hello: &ClientHello,
+        idle: Duration,
+    ) -> ClientGuard {
+        self.attach_with(stream, hello, Some(idle))
+    }
+
+    fn attach_with(
+        &self,
+        stream: &Arc<Stream>,
+        hello: &ClientHello,
+        idle_timeout: Option<Duration>,
+    ) -> ClientGuard {
         stream.touch();
         let mut clients = stream.clients.lock();
         let id = match &hello.explicit_id {
@@ -464,6 +653,10 @@ impl Registry {
                 };
             }
         }
+        if clients.is_empty() {
+            // A new viewing session: its stop must be reported again.
+            stream.session.lock().stop_sent = false;
+        }
         let now = Utc::now();
         let c = Arc::new(Client {
             id: id.clone(),
@@ -477,13 +670,57 @@ impl Registry {
             segments: AtomicU64::new(0),
             connections: AtomicU64::new(1),
             cancel: stream.closed.child_token(),
+            idle_timeout,
         });
         clients.insert(id, c.clone());
+        let count = clients.len();
+        drop(clients);
+        stream.emit(
+            EventType::ClientConnected,
+            json!({
+                "client_id": c.id,
+                "user_agent": c.user_agent,
+                "username": c.username,
+                "stream_client_count": count,
+            }),
+        );
         ClientGuard {
             stream: stream.clone(),
             client: c,
             first: true,
         }
+    }
+
+    /// Removes HLS clients idle past their timeout; returns them with their stream.
+    pub fn expire_idle_clients(&self) -> Vec<(Arc<Stream>, Arc<Client>)> {
+        let now = Utc::now();
+        let mut gone = Vec::new();
+        for s in self.list() {
+            let mut clients = s.clients.lock();
+            clients.retain(|_, c| {
+                let idle = match c.idle_timeout {
+                    Some(t) if c.connections.load(Ordering::Acquire) == 0 => t,
+                    _ => return true,
+                };
+                let limit = chrono::Duration::from_std(idle).unwrap_or(chrono::Duration::MAX);
+                let keep = now.signed_duration_since(c.last_access()) <= limit;
+                if !keep {
+                    gone.push((s.clone(), c.clone()));
+                }
+                keep
+            });
+            let empty = clients.is_empty();
+            drop(clients);
+            let mut any = false;
+            for (gs, c) in gone.iter().filter(|(gs, _)| Arc::ptr_eq(gs, &s)) {
+                gs.client_left(c, "idle");
+                any = true;
+            }
+            if any && empty {
+                s.stopped("last_client_disconnected");
+            }
+        }
+        gone
     }
 
     /// Every connected client of every stream.
@@ -514,7 +751,13 @@ impl Registry {
             if map.contains_key(&p.id) {
                 continue;
             }
-            let s = Stream::new(p.id.clone(), Origin::Api, p.spec, p.created_at);
+            let s = Stream::new(
+                p.id.clone(),
+                Origin::Api,
+                p.spec,
+                p.created_at,
+                self.events.clone(),
+            );
             s.bytes.store(p.total_bytes_served, Ordering::Relaxed);
             s.segments.store(p.total_segments_served, Ordering::Relaxed);
             map.insert(p.id, Arc::new(s));

@@ -27,13 +27,23 @@ pub enum Api {
     Stats,
     /// `/test-connection`
     TestConnection,
+    /// `/webhooks`
+    Webhooks,
+    /// `/webhooks/test`
+    WebhooksTest,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     Api(Api),
+    /// `/metrics`: Prometheus text format (no token: no sensitive labels).
+    Metrics,
     /// `/stream/{id}`: relays any registered stream.
     Play(String),
+    /// `/hls/{id}/playlist.m3u8[?t=]`: the stream's playlist, or a variant by token.
+    HlsPlaylist(String),
+    /// `/hls/{id}/segment.ts?t=` (also `/segment`): a segment, key or init map.
+    HlsSegment(String),
     NotFound,
 }
 
@@ -59,7 +69,12 @@ pub fn decode(path: &str, root_path: &str) -> Route {
         ["clients"] | ["stats", "clients"] => Route::Api(Api::Clients),
         ["stats"] => Route::Api(Api::Stats),
         ["test-connection"] => Route::Api(Api::TestConnection),
+        ["webhooks"] => Route::Api(Api::Webhooks),
+        ["webhooks", "test"] => Route::Api(Api::WebhooksTest),
+        ["metrics"] => Route::Metrics,
         ["stream", id] if valid_id(id) => Route::Play(id.to_string()),
+        ["hls", id, "playlist.m3u8"] if valid_id(id) => Route::HlsPlaylist(id.to_string()),
+        ["hls", id, "segment.ts" | "segment"] if valid_id(id) => Route::HlsSegment(id.to_string()),
         _ => Route::NotFound,
     }
 }
@@ -105,6 +120,13 @@ mod tests {
             ("/stats/clients", Route::Api(Api::Clients)),
             ("/m3u-proxy/stream/abc123", Route::Play("abc123".into())),
             ("/stream/abc123", Route::Play("abc123".into())),
+            (
+                "/m3u-proxy/hls/ab/playlist.m3u8",
+                Route::HlsPlaylist("ab".into()),
+            ),
+            ("/hls/ab/segment.ts", Route::HlsSegment("ab".into())),
+            ("/hls/ab/segment", Route::HlsSegment("ab".into())),
+            ("/hls/ab/key.bin", Route::NotFound),
             ("/stream/../etc", Route::NotFound),
             ("/m3u-proxyhealth", Route::NotFound),
             ("/", Route::NotFound),

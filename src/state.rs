@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::events::Webhook;
 use crate::registry::PersistedStream;
 
 /// Bumped when the format changes incompatibly.
@@ -21,6 +22,12 @@ pub struct StateData {
     pub version: u32,
     #[serde(default)]
     pub streams: Vec<PersistedStream>,
+    /// Hex HMAC key of the HLS references, kept so minted URIs survive a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hls_key: Option<String>,
+    /// Webhooks registered through the API (YAML ones come from the config).
+    #[serde(default)]
+    pub webhooks: Vec<Webhook>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,11 +105,8 @@ impl StateFile {
     }
 
     /// Writes the whole state atomically.
-    pub fn save(&self, streams: Vec<PersistedStream>) -> Result<(), StateError> {
-        let data = StateData {
-            version: STATE_VERSION,
-            streams,
-        };
+    pub fn save(&self, mut data: StateData) -> Result<(), StateError> {
+        data.version = STATE_VERSION;
         let body = serde_json::to_vec_pretty(&data).map_err(|source| StateError::Encode {
             path: self.path.clone(),
             source,
@@ -150,7 +154,7 @@ mod tests {
     fn save_then_load_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateFile::new(dir.path().join("sub/state.json"));
-        s.save(vec![]).unwrap();
+        s.save(StateData::default()).unwrap();
         assert!(matches!(s.load(), Loaded::Ok(d) if d.streams.is_empty()));
     }
 }

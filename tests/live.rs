@@ -295,7 +295,8 @@ async fn a_warm_standby_takes_over_without_a_reconnect() {
     v.read_n(188 * 500, T).await;
     // The standby is connected while the primary still serves.
     assert!(
-        p.wait_until(T, |p| p.open_streams("/live/backup.ts") == 1 && p.open_streams("/live/main.ts") == 1)
+        p.wait_until(T, |p| p.open_streams("/live/backup.ts") == 1
+            && p.open_streams("/live/main.ts") == 1)
             .await,
         "no standby connection beside the primary"
     );

@@ -7,5 +7,7 @@ mod support_selftest;
 mod api;
 mod common;
 mod config;
+mod events;
+mod hls;
 mod live;
 mod vod;

@@ -6,6 +6,7 @@ pub mod body;
 pub mod json;
 pub mod streams;
 pub mod system;
+pub mod webhooks;
 
 use bytes::Bytes;
 use http::Method;
@@ -118,6 +119,10 @@ pub async fn handle(app: &App, api: &Api, req: &ApiRequest) -> ApiReply {
         (Api::Stream(id), &M::GET) => streams::get(app, id),
         (Api::Stream(id), &M::DELETE) => streams::delete(app, id),
         (Api::StreamFailover(id), &M::POST) => streams::failover(app, id).await,
+        (Api::Webhooks, &M::GET) => webhooks::list(app),
+        (Api::Webhooks, &M::POST) => webhooks::add(app, req),
+        (Api::Webhooks, &M::DELETE) => webhooks::remove(app, req),
+        (Api::WebhooksTest, &M::POST) => webhooks::test(app, req).await,
         _ => ApiReply::method_not_allowed(),
     }
 }

@@ -233,7 +233,9 @@ pub fn delete_by_metadata(app: &App, req: &ApiRequest) -> ApiReply {
             // The leaving player's connection is closed now, not left dangling
             // as m3u-proxy 0.4.5 does.
             if let Some(cid) = client_id {
-                s.disconnect_client(cid);
+                if s.disconnect_client(cid).is_some() {
+                    app.metrics.client_drop(crate::metrics::DropReason::Api);
+                }
             }
             let remaining = s.client_count();
             if remaining > 0 {
@@ -332,7 +334,7 @@ pub async fn failover(app: &App, id: &str) -> ApiReply {
     let Some((index, url)) = next else {
         return ApiReply::detail(500, "No failover URL left to switch to");
     };
-    s.record_failover(index, &url);
+    s.record_failover(index, &url, "forced");
     let live = app.hub.force_failover(id);
     tracing::warn!(stream_id = %id, index, live, "failover forced through the API");
     ApiReply::ok(json!({

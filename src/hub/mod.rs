@@ -35,6 +35,8 @@ pub enum Phase {
     Live,
     /// The first response was a file (it has a length): not for the hub.
     File,
+    /// The first response was an HLS playlist: served by the HLS path.
+    Hls,
     /// The stream's provider is at its connection limit.
     Full(Full),
     /// Every source failed for `live.give_up_after`, or the stream was deleted.
@@ -48,6 +50,7 @@ pub enum Phase {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JoinError {
     File,
+    Hls,
     Full(Full),
     Failed(String),
     /// No source could be opened; the status to answer.
@@ -126,6 +129,11 @@ impl Channel {
     pub fn is_closed(&self) -> bool {
         self.cancel.is_cancelled()
     }
+
+    /// The provider of the current source, if it has one.
+    pub fn provider_name(&self) -> Option<String> {
+        self.provider.lock().clone()
+    }
 }
 
 #[derive(Default)]
@@ -190,6 +198,7 @@ impl Hub {
                     }
                 }
                 Phase::File => return Err(JoinError::File),
+                Phase::Hls => return Err(JoinError::Hls),
                 Phase::Full(f) => return Err(JoinError::Full(f)),
                 Phase::Ended(why) => return Err(JoinError::Failed(why)),
                 Phase::Unavailable(code) => return Err(JoinError::Unavailable(code)),

@@ -25,6 +25,8 @@ use url::Url;
 use super::sources::Picker;
 use super::{Channel, Phase};
 use crate::app::App;
+use crate::events::EventType;
+use crate::metrics::{FailoverReason, UpstreamErrorKind};
 use crate::provider::Lease;
 use crate::registry::StreamSpec;
 use crate::ts::{Aligner, DiscontinuityMarker, Scanner, PACKET_LEN};
@@ -115,12 +117,24 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
         marker: None,
         switched_at: None,
         left_primary: None,
+        switch_reason: None,
     };
     let outcome = reader.run(&mut picker).await;
     *ch.stream.health.lock() = picker.health.clone();
-    if let Some(end) = outcome {
+    if let Some(end) = &outcome {
         tracing::warn!(stream_id = %ch.stream.id, reason = %end, "live channel ended");
-        ch.set_phase(Phase::Ended(end));
+        ch.set_phase(Phase::Ended(end.clone()));
+    }
+    if let Some(error) = outcome.or_else(|| match ch.phase() {
+        Phase::Unavailable(code) => Some(format!(
+            "no source could be opened (HTTP {code} to the client)"
+        )),
+        _ => None,
+    }) {
+        ch.stream.emit(
+            EventType::StreamFailed,
+            serde_json::json!({ "error": error, "error_type": "all_sources_failed", "mode": "live_hub" }),
+        );
     }
     ch.lease.lock().take();
 }
@@ -143,7 +157,12 @@ async fn connect_once(
     let timeout = app.config.upstream.connect_timeout + app.config.upstream.read_timeout;
     let resp = tokio::time::timeout(timeout, req.send())
         .await
-        .map_err(|_| (None, "timed out waiting for the response header".to_string()))?
+        .map_err(|_| {
+            (
+                None,
+                "timed out waiting for the response header".to_string(),
+            )
+        })?
         .map_err(|e| {
             let reason = if e.is_connect() {
                 "connect error".to_string()
@@ -159,6 +178,27 @@ async fn connect_once(
         return Err((Some(code), format!("HTTP {code}")));
     }
     Ok(resp)
+}
+
+/// The metric labels of a failure reason.
+fn classify(reason: &str) -> (FailoverReason, UpstreamErrorKind) {
+    if reason.starts_with("no bytes") {
+        (FailoverReason::Stall, UpstreamErrorKind::Timeout)
+    } else if reason.starts_with("provider closed") {
+        (FailoverReason::Eof, UpstreamErrorKind::Read)
+    } else if reason.starts_with("HTTP") {
+        (FailoverReason::Status, UpstreamErrorKind::Status)
+    } else if reason.starts_with("connect") {
+        (FailoverReason::Connect, UpstreamErrorKind::Connect)
+    } else if reason.starts_with("timed out") {
+        (FailoverReason::Connect, UpstreamErrorKind::Timeout)
+    } else if reason.starts_with("too many redirects") {
+        (FailoverReason::Error, UpstreamErrorKind::Redirect)
+    } else if reason.starts_with("forced") {
+        (FailoverReason::Forced, UpstreamErrorKind::Read)
+    } else {
+        (FailoverReason::Error, UpstreamErrorKind::Read)
+    }
 }
 
 /// Connects, asking again while the provider answers "busy" (429, or 509 as
@@ -286,6 +326,8 @@ struct Reader {
     switched_at: Option<Instant>,
     /// When the channel left its primary, for `live.primary_cooldown`.
     left_primary: Option<Instant>,
+    /// Why the next source is being connected, for `failover_triggered`.
+    switch_reason: Option<String>,
 }
 
 impl Reader {
@@ -335,12 +377,18 @@ impl Reader {
             match outcome {
                 Outcome::Cancelled => return None,
                 Outcome::Handover(prep) => {
+                    self.switch_reason = Some(if prep.pos == 0 {
+                        "returning to the primary".into()
+                    } else {
+                        "handover".into()
+                    });
                     tracing::info!(stream_id = %self.ch.stream.id, from = picker.index_of(pos), to = picker.index_of(prep.pos), "switching source by handover");
                     self.switched_at = Some(Instant::now());
                     picker.jump(prep.pos);
                     target = Some(Target::Use(prep));
                 }
                 Outcome::Switch(p) => {
+                    self.switch_reason = Some("returning to the primary".into());
                     self.switched_at = Some(Instant::now());
                     picker.jump(p);
                     target = picker.url(p).cloned().map(|u| Target::Connect(p, u));
@@ -350,11 +398,19 @@ impl Reader {
                     got_bytes,
                     handover,
                 } => {
-                    if self.ch.is_closed() || matches!(self.ch.phase(), Phase::File | Phase::Full(_))
+                    if self.ch.is_closed()
+                        || matches!(self.ch.phase(), Phase::File | Phase::Hls | Phase::Full(_))
                     {
                         return None;
                     }
                     tracing::warn!(stream_id = %self.ch.stream.id, source = picker.index_of(pos), %reason, "live source failed");
+                    let (why, kind) = classify(&reason);
+                    if why != FailoverReason::Forced {
+                        self.app.metrics.upstream_error(kind);
+                    }
+                    if self.ch.phase() != Phase::Connecting {
+                        self.app.metrics.failover(why);
+                    }
                     picker.fail(pos, &reason);
                     *self.ch.stream.health.lock() = picker.health.clone();
                     if self.ch.phase() == Phase::Connecting {
@@ -373,6 +429,7 @@ impl Reader {
                     if got_bytes || outage.is_none() {
                         outage = Some(Instant::now());
                     }
+                    self.switch_reason = Some(reason.clone());
                     last_error = reason;
                     self.switched_at.get_or_insert_with(Instant::now);
                     target = match self.forced_target(picker) {
@@ -451,7 +508,12 @@ impl Reader {
                 if let Some(p) = &provider {
                     self.app.hub.free_idle(p, &self.ch.stream.id);
                 }
-                match self.app.leases.acquire(provider.as_deref(), LEASE_WAIT).await {
+                match self
+                    .app
+                    .leases
+                    .acquire(provider.as_deref(), LEASE_WAIT)
+                    .await
+                {
                     Ok(l) => l,
                     Err(full) => {
                         if self.ch.phase() == Phase::Connecting {
@@ -465,14 +527,30 @@ impl Reader {
         if self.ch.is_closed() {
             return Outcome::Cancelled;
         }
+        let t0 = Instant::now();
         let resp = tokio::select! {
             _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
             r = connect(&self.app, &self.spec, url) => r,
         };
+        self.app
+            .metrics
+            .upstream_connect_seconds
+            .observe(t0.elapsed().as_secs_f64());
         let resp = match resp {
             Ok(r) => r,
             Err(reason) => return failed(&reason),
         };
+        let is_playlist = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.to_ascii_lowercase().contains("mpegurl"));
+        if self.ch.phase() == Phase::Connecting && is_playlist {
+            // An HLS playlist behind a URL that did not say so.
+            self.ch.stream.set_detected_hls();
+            self.ch.set_phase(Phase::Hls);
+            return failed("hls");
+        }
         if self.ch.phase() == Phase::Connecting
             && self.spec.live.is_none()
             && resp.content_length().is_some()
@@ -482,7 +560,7 @@ impl Reader {
             if self.ch.stream.failover().current_url != url.as_str() {
                 self.ch
                     .stream
-                    .record_failover(picker.index_of(pos), url.as_str());
+                    .set_current(picker.index_of(pos), url.as_str());
             }
             self.ch.stream.set_detected_live(false);
             self.ch.set_phase(Phase::File);
@@ -511,7 +589,11 @@ impl Reader {
         *self.ch.provider.lock() = self.provider_of(&url);
         let index = picker.index_of(pos);
         if self.ch.stream.failover().current_url != url.as_str() {
-            self.ch.stream.record_failover(index, url.as_str());
+            let reason = self
+                .switch_reason
+                .take()
+                .unwrap_or_else(|| "source failed".into());
+            self.ch.stream.record_failover(index, url.as_str(), &reason);
         }
         if self.switched_at.is_some() {
             self.begin_switch();
@@ -520,6 +602,11 @@ impl Reader {
         if self.ch.phase() == Phase::Connecting {
             self.ch.set_phase(Phase::Live);
         }
+        self.ch.stream.started(serde_json::json!({
+            "mode": "live_hub",
+            "source_index": index,
+            "url": url.as_str(),
+        }));
         picker.ok(pos);
         *self.ch.stream.health.lock() = picker.health.clone();
         if pos == 0 {
@@ -601,7 +688,11 @@ impl Reader {
                     })
                 }))
             }
-            Err(_) if picker.url(pos).is_some_and(|u| self.provider_of(u) == provider) => {
+            Err(_)
+                if picker
+                    .url(pos)
+                    .is_some_and(|u| self.provider_of(u) == provider) =>
+            {
                 Return::Switch
             }
             Err(_) => Return::Later,
@@ -696,6 +787,7 @@ impl Reader {
                         Ok(None) => "provider closed the stream".into(),
                         Ok(Some(Err(e))) => format!("read error: {}", e.without_url()),
                         Ok(Some(Ok(b))) => {
+                            self.app.metrics.bytes_in.inc_by(b.len() as u64);
                             let first = !got_bytes;
                             got_bytes = true;
                             let aligned = self.aligner.push_bytes(b);
@@ -749,6 +841,10 @@ impl Reader {
             }
             let gap = t.elapsed().as_millis() as u64;
             self.ch.last_gap_ms.store(gap, Ordering::Relaxed);
+            self.app
+                .metrics
+                .failover_gap_seconds
+                .observe(t.elapsed().as_secs_f64());
             tracing::info!(stream_id = %self.ch.stream.id, gap_ms = gap, "source switched, viewers kept");
         }
         self.ch.publish(data, rap, self.psi.clone());

@@ -120,6 +120,8 @@ pub struct RequestCtx {
     pub committed: bool,
     // response_body_filter
     pub bytes_out: u64,
+    /// The first body byte went out (join time recorded).
+    pub first_byte: bool,
 }
 
 impl RequestCtx {
@@ -136,6 +138,7 @@ impl RequestCtx {
             full: None,
             committed: false,
             bytes_out: 0,
+            first_byte: false,
         }
     }
 }

@@ -17,6 +17,7 @@ use super::ctx::RequestCtx;
 use super::{request, respond};
 use crate::app::App;
 use crate::hub::{JoinError, Next};
+use crate::metrics::DropReason;
 use crate::registry::Stream;
 
 /// Bytes handed to one viewer per write: large writes keep the send() count,
@@ -28,8 +29,10 @@ const BATCH: usize = 64 * 1024;
 pub enum Mode {
     /// Shared live hub.
     Hub,
-    /// Per-client proxying (files, HLS sources relayed as they are).
+    /// Per-client proxying (files).
     Proxy,
+    /// HLS: rewritten playlists and shared segments.
+    Hls,
 }
 
 /// The live-or-file rule: the stream's `live` flag wins; else what an earlier
@@ -37,18 +40,23 @@ pub enum Mode {
 /// paths are files, `.m3u8` is relayed, and anything else goes to the hub,
 /// whose first response decides (a response with a Content-Length is a file).
 pub fn mode(stream: &Stream) -> Mode {
-    match stream.is_live() {
-        Some(true) => return Mode::Hub,
-        Some(false) => return Mode::Proxy,
-        None => {}
+    if stream.is_detected_hls() {
+        return Mode::Hls;
     }
     let spec = stream.spec();
     let path = url::Url::parse(&spec.url)
         .map(|u| u.path().to_ascii_lowercase())
         .unwrap_or_default();
+    if path.ends_with(".m3u8") || path.ends_with(".m3u") {
+        return Mode::Hls;
+    }
+    match stream.is_live() {
+        Some(true) => return Mode::Hub,
+        Some(false) => return Mode::Proxy,
+        None => {}
+    }
     let file_ext = [
-        ".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".m3u8", ".m3u",
-        ".mp3", ".aac",
+        ".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".mp3", ".aac",
     ];
     let vod_path = ["/movie/", "/series/", "/timeshift/"];
     if file_ext.iter().any(|e| path.ends_with(e)) || vod_path.iter().any(|p| path.contains(p)) {
@@ -90,8 +98,16 @@ pub async fn serve(
     let mut viewer = match app.hub.join(app, stream).await {
         Ok(v) => v,
         Err(JoinError::File) => return Ok(false),
+        Err(JoinError::Hls) => {
+            ctx.guard = None;
+            return super::hls::serve(app, session, ctx, stream, super::hls::Asked::Playlist).await;
+        }
         Err(JoinError::Full(full)) => {
             ctx.local_status = Some(503);
+            app.metrics
+                .provider_rejections
+                .with_label_values(&[full.provider.as_str()])
+                .inc();
             let body = json!({
                 "detail": format!(
                     "Provider {} is at its connection limit ({})",
@@ -138,7 +154,10 @@ pub async fn serve(
     loop {
         let next = tokio::select! {
             biased;
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled() => {
+                app.metrics.client_drop(DropReason::Api);
+                break;
+            }
             // Any read outcome (FIN, error, stray bytes) means the player is done.
             _ = session.as_downstream_mut().read_body_or_idle(true) => break,
             n = viewer.next(BATCH) => n,
@@ -150,19 +169,31 @@ pub async fn serve(
                     if matches!(e.etype(), ErrorType::WriteTimedout) {
                         // The socket took nothing for the whole window: a stuck player.
                         viewer.count_slow_drop();
+                        app.metrics.client_drop(DropReason::Slow);
                         tracing::warn!(stream_id = %stream.id, client = %client.id, "viewer too slow: write timed out, dropped");
                     }
                     break;
                 }
+                if !ctx.first_byte {
+                    ctx.first_byte = true;
+                    app.metrics
+                        .join_seconds
+                        .observe(ctx.started.elapsed().as_secs_f64());
+                }
                 ctx.bytes_out += n;
+                app.metrics.bytes_out.inc_by(n);
                 client.add_bytes(n);
                 stream.bytes.fetch_add(n, Ordering::Relaxed);
             }
             Next::Lagged => {
+                app.metrics.client_drop(DropReason::Slow);
                 tracing::warn!(stream_id = %stream.id, client = %client.id, "viewer too slow: fell behind the ring, dropped");
                 break;
             }
-            Next::Ended => break,
+            Next::Ended => {
+                app.metrics.client_drop(DropReason::Ended);
+                break;
+            }
         }
     }
     Ok(true)

@@ -5,6 +5,7 @@
 //! byte accounting). Only this module touches a Pingora `Session`.
 
 mod ctx;
+mod hls;
 mod live;
 mod request;
 pub mod respond;
@@ -100,7 +101,7 @@ impl ProxyHttp for Edge {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<std::time::Duration>> {
-        response::body(ctx, body)?;
+        response::body(&self.app, ctx, body)?;
         Ok(None)
     }
 
@@ -110,11 +111,11 @@ impl ProxyHttp for Edge {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        response::fail(session, e, ctx).await
+        response::fail(&self.app, session, e, ctx).await
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        response::log(session, e, ctx);
+        response::log(&self.app, session, e, ctx);
         // The client stops being listed, and the provider slot is free, the
         // moment the request is over.
         ctx.guard.take();

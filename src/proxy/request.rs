@@ -8,6 +8,7 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 
 use super::ctx::{RequestCtx, Selection};
+use super::hls;
 use super::live::{self, Mode};
 use super::respond;
 use crate::api::{self, ApiRequest};
@@ -33,7 +34,13 @@ pub async fn route(app: &Arc<App>, session: &mut Session, ctx: &mut RequestCtx) 
             serve_api(app, session, ctx, &a).await?;
             Ok(true)
         }
+        Route::Metrics => {
+            metrics(app, session, ctx).await?;
+            Ok(true)
+        }
         Route::Play(id) => play(app, session, ctx, id).await,
+        Route::HlsPlaylist(id) => hls_route(app, session, ctx, id, hls::Asked::Playlist).await,
+        Route::HlsSegment(id) => hls_route(app, session, ctx, id, hls::Asked::Segment).await,
     }
 }
 
@@ -155,6 +162,47 @@ pub fn hello(session: &Session) -> ClientHello {
     }
 }
 
+/// `/metrics`: gauges are read at scrape time, counters were kept as things happened.
+async fn metrics(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    app.refresh_gauges();
+    let (content_type, body) = app.metrics.render();
+    let mut resp = pingora::http::ResponseHeader::build(200, Some(4))?;
+    resp.insert_header(http::header::CONTENT_TYPE, content_type)?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    let head = session.req_header().method == Method::HEAD;
+    ctx.local_status = Some(200);
+    session.write_response_header(Box::new(resp), head).await?;
+    if !head {
+        session
+            .write_response_body(Some(Bytes::from(body)), true)
+            .await?;
+    }
+    Ok(())
+}
+
+/// `/hls/{id}/...`: HLS playlists and segments of a registered stream.
+async fn hls_route(
+    app: &Arc<App>,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    id: String,
+    asked: hls::Asked,
+) -> Result<bool> {
+    ctx.stream_id = Some(id.clone());
+    let method = session.req_header().method.clone();
+    if method != Method::GET && method != Method::HEAD {
+        ctx.local_status = Some(405);
+        respond::error(session, 405, "Method Not Allowed").await?;
+        return Ok(true);
+    }
+    let Some(stream) = app.registry.get(&id) else {
+        ctx.local_status = Some(404);
+        respond::error(session, 404, "Stream not found").await?;
+        return Ok(true);
+    };
+    hls::serve(app, session, ctx, &stream, asked).await
+}
+
 /// `/stream/{id}`: per-client proxying with failover before the first byte.
 async fn play(
     app: &Arc<App>,
@@ -174,8 +222,14 @@ async fn play(
         respond::error(session, 404, "Stream not found").await?;
         return Ok(true);
     };
-    if live::mode(&stream) == Mode::Hub && live::serve(app, session, ctx, &stream).await? {
-        return Ok(true);
+    match live::mode(&stream) {
+        Mode::Hls => return hls::serve(app, session, ctx, &stream, hls::Asked::Playlist).await,
+        Mode::Hub => {
+            if live::serve(app, session, ctx, &stream).await? {
+                return Ok(true);
+            }
+        }
+        Mode::Proxy => {}
     }
     // Per-client proxying: drop a hub client guard, this request attaches anew.
     ctx.guard = None;

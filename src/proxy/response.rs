@@ -10,8 +10,12 @@ use pingora::proxy::{FailToProxy, Session};
 
 use super::ctx::RequestCtx;
 use super::respond;
+use crate::app::App;
+use crate::events::EventType;
+use crate::metrics::RouteLabel;
+use crate::route::Route;
 
-pub fn body(ctx: &mut RequestCtx, body: &Option<Bytes>) -> Result<()> {
+pub fn body(app: &App, ctx: &mut RequestCtx, body: &Option<Bytes>) -> Result<()> {
     if let Some(g) = &ctx.guard {
         // The API dropped this client or deleted its stream: end the response.
         if g.client.cancel.is_cancelled() {
@@ -22,6 +26,15 @@ pub fn body(ctx: &mut RequestCtx, body: &Option<Bytes>) -> Result<()> {
         }
         if let Some(b) = body {
             let n = b.len() as u64;
+            if !ctx.first_byte && n > 0 {
+                ctx.first_byte = true;
+                app.metrics
+                    .join_seconds
+                    .observe(ctx.started.elapsed().as_secs_f64());
+            }
+            // Per-client proxying relays what it reads.
+            app.metrics.bytes_in.inc_by(n);
+            app.metrics.bytes_out.inc_by(n);
             ctx.bytes_out += n;
             g.client.add_bytes(n);
             g.stream.bytes.fetch_add(n, Ordering::Relaxed);
@@ -30,7 +43,12 @@ pub fn body(ctx: &mut RequestCtx, body: &Option<Bytes>) -> Result<()> {
     Ok(())
 }
 
-pub async fn fail(session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+pub async fn fail(
+    app: &App,
+    session: &mut Session,
+    e: &Error,
+    ctx: &mut RequestCtx,
+) -> FailToProxy {
     // Mid-body failures cannot be reported to the client any more.
     if session.response_written().is_some() {
         return FailToProxy {
@@ -40,6 +58,10 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> Fai
     }
     if let Some(full) = ctx.full.clone() {
         ctx.local_status = Some(503);
+        app.metrics
+            .provider_rejections
+            .with_label_values(&[full.provider.as_str()])
+            .inc();
         let body = serde_json::json!({
             "detail": format!("Provider {} is at its connection limit ({})", full.provider, full.max_connections),
             "provider": full.provider,
@@ -74,6 +96,22 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> Fai
             _ => (500, "Internal error"),
         },
     };
+    if code >= 404 && !ctx.committed {
+        if let Some(g) = &ctx.guard {
+            let reasons: Vec<&str> = ctx.sel.failures.iter().map(|f| f.2.as_str()).collect();
+            g.stream.emit(
+                EventType::StreamFailed,
+                serde_json::json!({
+                    "client_id": g.client.id,
+                    "error": msg,
+                    "error_type": "all_sources_failed",
+                    "reason": reasons.join("; "),
+                    "retry_count": ctx.sel.failures.len(),
+                    "mode": "direct_proxy",
+                }),
+            );
+        }
+    }
     if code > 0 {
         let detail = match &ctx.stream_id {
             Some(id) => format!("{msg} (stream {id})"),
@@ -91,12 +129,22 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> Fai
 }
 
 /// One access-log line per request: stream, client, route, status, bytes, time.
-pub fn log(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
+pub fn log(app: &App, session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
     let status = session
         .response_written()
         .map(|r| r.status.as_u16())
         .or(ctx.local_status)
         .unwrap_or(0);
+    let route = match &ctx.route {
+        Some(Route::Api(_)) => RouteLabel::Api,
+        Some(Route::Play(_)) => RouteLabel::Stream,
+        Some(Route::HlsPlaylist(_) | Route::HlsSegment(_)) => RouteLabel::Hls,
+        Some(Route::Metrics) => RouteLabel::Metrics,
+        _ => RouteLabel::Other,
+    };
+    if status > 0 {
+        app.metrics.request(route, status);
+    }
     let client = ctx
         .guard
         .as_ref()

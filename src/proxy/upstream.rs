@@ -11,6 +11,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use super::ctx::{RequestCtx, SourceFailure};
 use crate::app::App;
+use crate::metrics::{FailoverReason, UpstreamErrorKind};
 use crate::upstream::{headers, peer, sources};
 
 /// Resolver rounds per request: enough to skip a dead URL or two, bounded so a
@@ -58,6 +59,7 @@ pub async fn peer(app: &App, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
                 return Ok(Box::new(p));
             }
             Err(e) => {
+                app.metrics.upstream_error(UpstreamErrorKind::Dns);
                 tracing::warn!(stream_id = ?ctx.stream_id, source = ctx.sel.pos, error = %e, "source unusable");
                 ctx.sel.fail(SourceFailure::Failed, e.to_string());
             }
@@ -154,7 +156,11 @@ pub fn build_request(
     Ok(())
 }
 
-pub fn connect_failed(_app: &App, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+pub fn connect_failed(app: &App, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+    app.metrics.upstream_error(match e.etype() {
+        ErrorType::ConnectTimedout => UpstreamErrorKind::Timeout,
+        _ => UpstreamErrorKind::Connect,
+    });
     tracing::warn!(stream_id = ?ctx.stream_id, source = ctx.sel.pos, error = ?e.etype(), "cannot connect to source");
     ctx.sel
         .fail(SourceFailure::Failed, format!("connect: {:?}", e.etype()));
@@ -186,6 +192,7 @@ pub fn response_header(app: &App, resp: &mut ResponseHeader, ctx: &mut RequestCt
             None => Err("redirect without a usable Location"),
         };
         if let Err(why) = followed {
+            app.metrics.upstream_error(UpstreamErrorKind::Redirect);
             tracing::warn!(stream_id = ?ctx.stream_id, source = ctx.sel.pos, why, "redirect not followed");
             ctx.sel.fail(SourceFailure::Failed, why);
         }
@@ -198,6 +205,7 @@ pub fn response_header(app: &App, resp: &mut ResponseHeader, ctx: &mut RequestCt
             SourceFailure::Failed
         };
         tracing::warn!(stream_id = ?ctx.stream_id, source = ctx.sel.pos, status, "source answered an error");
+        app.metrics.upstream_error(UpstreamErrorKind::Status);
         ctx.sel.wants_retry = true;
         ctx.sel.fail(kind, format!("HTTP {status}"));
         if let Some(g) = &ctx.guard {
@@ -208,29 +216,38 @@ pub fn response_header(app: &App, resp: &mut ResponseHeader, ctx: &mut RequestCt
         return Err(retry_error(status, "source failed"));
     }
     ctx.committed = true;
+    if let Some(g) = &ctx.guard {
+        g.stream.started(serde_json::json!({
+            "mode": "direct_proxy",
+            "client_id": g.client.id,
+            "source_index": sources::failover_index(ctx.sel.pos),
+        }));
+    }
     headers::scrub_response(resp);
     if !resp.headers.contains_key(header::CONTENT_TYPE) {
         if let Some(t) = &ctx.sel.target {
             resp.insert_header(header::CONTENT_TYPE, headers::content_type_for(t))?;
         }
     }
-    record_source(ctx);
+    if record_source(ctx) {
+        app.metrics.failover(FailoverReason::Status);
+    }
     Ok(())
 }
 
 /// A request that had to fail over moves the stream's current source, so the
 /// next request starts on the one that works.
-fn record_source(ctx: &RequestCtx) {
+fn record_source(ctx: &RequestCtx) -> bool {
     let (Some(g), Some(spec)) = (&ctx.guard, &ctx.spec) else {
-        return;
+        return false;
     };
     let Some(source) = ctx.sel.candidates.get(ctx.sel.pos) else {
-        return;
+        return false;
     };
     let url = source.as_str();
     let current = g.stream.failover();
     if current.current_url == url {
-        return;
+        return false;
     }
     let index = if url == spec.url {
         -1
@@ -241,11 +258,18 @@ fn record_source(ctx: &RequestCtx) {
             .map_or(current.index + 1, |i| i as i64)
     };
     tracing::warn!(stream_id = %g.stream.id, index, "stream failed over");
-    g.stream.record_failover(index, url);
+    let reason = ctx
+        .sel
+        .failures
+        .last()
+        .map(|f| f.2.clone())
+        .unwrap_or_default();
+    g.stream.record_failover(index, url, &reason);
+    true
 }
 
 pub fn error_while_proxy(
-    _app: &App,
+    app: &App,
     session: &Session,
     ctx: &mut RequestCtx,
     mut e: Box<Error>,
@@ -256,6 +280,10 @@ pub fn error_while_proxy(
     }
     if !std::mem::take(&mut ctx.sel.wants_retry) {
         // Reset, timeout or garbage before a usable header: this source failed.
+        app.metrics.upstream_error(match e.etype() {
+            ErrorType::ReadTimedout => UpstreamErrorKind::Timeout,
+            _ => UpstreamErrorKind::Read,
+        });
         tracing::warn!(stream_id = ?ctx.stream_id, source = ctx.sel.pos, error = ?e.etype(), "source failed before the first byte");
         ctx.sel
             .fail(SourceFailure::Failed, format!("{:?}", e.etype()));

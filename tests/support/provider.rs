@@ -21,6 +21,7 @@
 //! | `/live/{name}.ts` | endless chunked MPEG-TS (loops `sample.ts`), query knobs `kbps`, `drop_after`, `stall_after`, `delay_ms` (see [`LiveOpts`]) |
 //! | `/hls-live/{dir}/index.m3u8` | live sliding window over the VOD playlist `{FIXTURES}/{dir}/index.m3u8` (e.g. `hls_ts/v0`, `hls_fmp4`, `hls_aes`), see [`live_playlist`]; knobs `seg_ms` (default 2000), `window` (default 3) |
 //! | `/hls-live/{dir}/{file}` | the fixture `{dir}/{file}` (segments, keys, init maps), like `/files/` |
+//! | `/hls-lagging/{dir}/index.m3u8` | 302 to `/hls-live/{dir}/index.m3u8`, every other time with `lag=3`: backends whose live windows lag (query knobs passed on) |
 //! | `/slow/{ms}/{rest}` | sleeps `ms`, then answers `/{rest}` |
 //! | `/echo-headers` | 200 JSON object of the request headers |
 //! | anything else | 404 `PROVIDER-BODY-SECRET 404` |
@@ -160,6 +161,8 @@ impl LiveOpts {
 
 struct State {
     addr: SocketAddr,
+    /// Alternates `/hls-lagging/` redirects between an up-to-date and a lagging backend.
+    lag_flip: AtomicU64,
     /// Clock of `/hls-live/` windows.
     started: tokio::time::Instant,
     requests: Mutex<Vec<RecordedRequest>>,
@@ -193,6 +196,7 @@ impl Provider {
         let addr = listener.local_addr().expect("provider: local_addr");
         let state = Arc::new(State {
             addr,
+            lag_flip: AtomicU64::new(0),
             started: tokio::time::Instant::now(),
             requests: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(1),
@@ -520,6 +524,16 @@ async fn handle(
     } else if path.starts_with("/live/") && path.len() > "/live/.ts".len() && path.ends_with(".ts")
     {
         live(st.clone(), &path, LiveOpts::parse(query), unflushed, head).await
+    } else if let Some(dir) = path
+        .strip_prefix("/hls-lagging/")
+        .and_then(|p| p.strip_suffix("/index.m3u8"))
+    {
+        // A load balancer in front of backends whose live windows lag: every
+        // other request lands on a backend 3 segments behind.
+        let n = st.lag_flip.fetch_add(1, Ordering::SeqCst);
+        let lag = if n % 2 == 0 { 0 } else { 3 };
+        let q = query.map(|q| format!("&{q}")).unwrap_or_default();
+        redirect(&format!("/hls-live/{dir}/index.m3u8?lag={lag}{q}"), head)
     } else if let Some(name) = path.strip_prefix("/hls-live/") {
         match name.strip_suffix("/index.m3u8") {
             Some(dir) => hls_live(&st, dir, query, head).await,
@@ -840,14 +854,16 @@ async fn hls_live(st: &State, dir: &str, query: Option<&str>, head: bool) -> Res
     };
     let mut seg_ms = DEFAULT_HLS_SEG_MS;
     let mut window = DEFAULT_HLS_WINDOW;
+    let mut lag = 0;
     for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match (&*k, v.parse::<u64>()) {
             ("seg_ms", Ok(n)) => seg_ms = n.max(1),
             ("window", Ok(n)) => window = n.max(1),
+            ("lag", Ok(n)) => lag = n,
             _ => {}
         }
     }
-    let seq = st.started.elapsed().as_millis() as u64 / seg_ms;
+    let seq = (st.started.elapsed().as_millis() as u64 / seg_ms).saturating_sub(lag);
     let body = live_playlist(&String::from_utf8_lossy(&vod), seq, window);
     let b = with_provider_headers(Response::builder())
         .status(StatusCode::OK)

@@ -1,0 +1,358 @@
+//! Live fan-out load harness (not Criterion: it measures a running system).
+//!
+//! One 8 Mbit/s channel from the loopback test provider (`tests/support`) to
+//! N viewers through the real release `m3u-edge` binary, for `FANOUT_SECS`
+//! (default 30) per step. Viewers are raw TCP readers with large buffers so
+//! the client side costs as little CPU as possible on this shared 2-core box.
+//! Prints a table: proxy CPU (cores, from /proc utime+stime), RSS growth per
+//! viewer, delivered rate per viewer, viewers that ever waited > 1 s; then
+//! join time (warm channel, request → first body byte), teardown time and the
+//! failover gap seen by a viewer, with and without `live.standby`.
+//!
+//! Run: `cargo bench --bench fanout` (env: FANOUT_SECS, FANOUT_STEPS="10,100,500,1000").
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::edge::Edge;
+use support::provider::Provider;
+
+const KBPS: u64 = 8000;
+const READ_BUF: usize = 256 * 1024;
+
+fn config(extra: &str) -> String {
+    format!(
+        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n  threads: 2\nlog:\n  level: warn\n{extra}"
+    )
+}
+
+/// (utime + stime) ticks and RSS in KiB of a process.
+fn proc_usage(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name in parentheses.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (ticks, rss)
+}
+
+fn clock_ticks() -> f64 {
+    // sysconf(_SC_CLK_TCK) is 100 on every Linux this runs on.
+    100.0
+}
+
+struct ViewerStats {
+    bytes: AtomicU64,
+    max_gap_us: AtomicU64,
+    first_byte_us: AtomicU64,
+}
+
+/// Opens `/stream/{id}` with a raw request; returns the stream positioned at
+/// the body and the time to the first body byte.
+async fn open(addr: &str, id: &str) -> Option<(TcpStream, Duration, usize)> {
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET /stream/{id} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: fanout\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut head = Vec::with_capacity(4096);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            let body = head.len() - (end + 4);
+            if !head.starts_with(b"HTTP/1.1 200") {
+                return None;
+            }
+            if body > 0 {
+                return Some((s, t0.elapsed(), body));
+            }
+            // Wait for the first body byte.
+            let n = s.read(&mut buf).await.ok()?;
+            return (n > 0).then(|| (s, t0.elapsed(), n));
+        }
+    }
+}
+
+async fn viewer(addr: String, id: String, stats: Arc<ViewerStats>, until: Instant) {
+    let Some((mut s, first, n)) = open(&addr, &id).await else {
+        return;
+    };
+    stats
+        .first_byte_us
+        .store(first.as_micros() as u64, Ordering::Relaxed);
+    stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+    let mut buf = vec![0u8; READ_BUF];
+    let mut last = Instant::now();
+    while Instant::now() < until {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                // Dropped: count the rest of the window as a wait.
+                stats.max_gap_us.fetch_max(
+                    until.duration_since(last).as_micros() as u64,
+                    Ordering::Relaxed,
+                );
+                return;
+            }
+            Ok(Ok(n)) => {
+                let now = Instant::now();
+                stats.max_gap_us.fetch_max(
+                    now.duration_since(last).as_micros() as u64,
+                    Ordering::Relaxed,
+                );
+                last = now;
+                stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+async fn register(e: &Edge, url: &str, extra: &str) -> String {
+    let body = format!("{{\"url\": \"{url}\"{extra}}}");
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(e.url("/streams"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = resp.json().await.unwrap();
+    v["stream_id"].as_str().unwrap().to_string()
+}
+
+async fn fanout_step(p: &Provider, n: usize, secs: u64) -> String {
+    let e = Edge::start(&config("")).await;
+    let pid = e.pid().expect("pid");
+    let id = register(&e, &p.url(&format!("live/bench{n}.ts?kbps={KBPS}")), "").await;
+    let addr = format!("127.0.0.1:{}", e.port());
+    // Warm the channel with one viewer so the baseline includes it.
+    let warm = open(&addr, &id).await.expect("warm viewer");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, rss0) = proc_usage(pid);
+    let setup = Duration::from_secs(5 + n as u64 / 100);
+    let until = Instant::now() + setup + Duration::from_secs(secs);
+    let stats: Vec<Arc<ViewerStats>> = (0..n)
+        .map(|_| {
+            Arc::new(ViewerStats {
+                bytes: AtomicU64::new(0),
+                max_gap_us: AtomicU64::new(0),
+                first_byte_us: AtomicU64::new(0),
+            })
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for s in &stats {
+        tasks.push(tokio::spawn(viewer(
+            addr.clone(),
+            id.clone(),
+            s.clone(),
+            until,
+        )));
+    }
+    // Measure only the steady window, after every viewer joined.
+    tokio::time::sleep(setup).await;
+    let b0: Vec<u64> = stats
+        .iter()
+        .map(|s| s.bytes.load(Ordering::Relaxed))
+        .collect();
+    for s in &stats {
+        s.max_gap_us.store(0, Ordering::Relaxed);
+    }
+    let (t0, _) = proc_usage(pid);
+    let w0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (t1, rss1) = proc_usage(pid);
+    let wall = w0.elapsed().as_secs_f64();
+    let b1: Vec<u64> = stats
+        .iter()
+        .map(|s| s.bytes.load(Ordering::Relaxed))
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    drop(warm);
+    let cores = (t1 - t0) as f64 / clock_ticks() / wall;
+    let mut rates: Vec<f64> = b0
+        .iter()
+        .zip(&b1)
+        .map(|(a, b)| (b - a) as f64 * 8.0 / wall / 1e6)
+        .collect();
+    let waited = stats
+        .iter()
+        .filter(|s| s.max_gap_us.load(Ordering::Relaxed) > 1_000_000)
+        .count();
+    let per_viewer_kib = (rss1 as f64 - rss0 as f64) / n as f64;
+    let min = rates.iter().cloned().fold(f64::INFINITY, f64::min);
+    let med = percentile(&mut rates, 0.5);
+    format!(
+        "| {n:>5} | {cores:>5.2} | {:>7.1} | {per_viewer_kib:>6.1} | {min:>5.2} / {med:>5.2} | {waited:>4} |",
+        rss1 as f64 / 1024.0
+    )
+}
+
+async fn join_times(p: &Provider) -> (f64, f64) {
+    let e = Edge::start(&config("")).await;
+    let id = register(&e, &p.url(&format!("live/join.ts?kbps={KBPS}")), "").await;
+    let addr = format!("127.0.0.1:{}", e.port());
+    let _warm = open(&addr, &id).await.expect("warm");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut v = Vec::new();
+    for _ in 0..100 {
+        if let Some((_s, t, _)) = open(&addr, &id).await {
+            v.push(t.as_secs_f64() * 1000.0);
+        }
+    }
+    let p50 = percentile(&mut v, 0.5);
+    let p99 = percentile(&mut v, 0.99);
+    (p50, p99)
+}
+
+/// Last viewer closes → the provider sees its connection end. The provider
+/// notices on its next paced write (every 10 ms), so this is an upper bound.
+async fn teardown(p: &Provider) -> (f64, f64) {
+    let e = Edge::start(&config("")).await;
+    let addr = format!("127.0.0.1:{}", e.port());
+    let mut v = Vec::new();
+    for i in 0..20 {
+        let id = register(&e, &p.url(&format!("live/td{i}.ts?kbps={KBPS}")), "").await;
+        let (s, _, _) = open(&addr, &id).await.expect("viewer");
+        while p.open_streams(&format!("/live/td{i}.ts")) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t0 = Instant::now();
+        drop(s);
+        while p.open_streams(&format!("/live/td{i}.ts")) > 0
+            && t0.elapsed() < Duration::from_secs(5)
+        {
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        v.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    (percentile(&mut v, 0.5), percentile(&mut v, 1.0))
+}
+
+/// Largest pause a viewer sees around a source switch (primary dropped).
+async fn failover_gap(p: &Provider, standby: bool) -> (f64, u64) {
+    let live = if standby {
+        "live:\n  standby: true\n"
+    } else {
+        "live:\n  standby: false\n"
+    };
+    let e = Edge::start(&config(live)).await;
+    let tag = if standby { "sb" } else { "nosb" };
+    let extra = format!(
+        ", \"failover_urls\": [\"{}\"]",
+        p.url(&format!("live/{tag}-backup.ts?kbps={KBPS}"))
+    );
+    let id = register(
+        &e,
+        &p.url(&format!(
+            "live/{tag}-main.ts?kbps={KBPS}&drop_after=3000000"
+        )),
+        &extra,
+    )
+    .await;
+    let addr = format!("127.0.0.1:{}", e.port());
+    let stats = Arc::new(ViewerStats {
+        bytes: AtomicU64::new(0),
+        max_gap_us: AtomicU64::new(0),
+        first_byte_us: AtomicU64::new(0),
+    });
+    // Reset the gap after the join so only steady-state pauses count.
+    let s2 = stats.clone();
+    let until = Instant::now() + Duration::from_secs(8);
+    let task = tokio::spawn(viewer(addr.clone(), id.clone(), s2, until));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stats.max_gap_us.store(0, Ordering::Relaxed);
+    let _ = task.await;
+    let v: serde_json::Value = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(e.url("/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap_or_default();
+    let reported = v["live_channels"][0]["last_failover_gap_ms"]
+        .as_u64()
+        .unwrap_or(0);
+    (
+        stats.max_gap_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        reported,
+    )
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing to parse.
+    let secs: u64 = std::env::var("FANOUT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let steps: Vec<usize> = std::env::var("FANOUT_STEPS")
+        .unwrap_or_else(|_| "10,100,500,1000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let p = Provider::start().await;
+        println!("live fan-out: one {} Mbit/s channel, {secs} s per step, release build", KBPS / 1000);
+        println!("| viewers | proxy CPU (cores) | proxy RSS (MiB) | RSS per viewer (KiB) | rate min / median (Mbit/s) | waited > 1 s |");
+        println!("|---:|---:|---:|---:|---:|---:|");
+        for n in steps {
+            let row = fanout_step(&p, n, secs).await;
+            println!("{row}");
+        }
+        let (p50, p99) = join_times(&p).await;
+        println!("\njoin time, warm channel (request → first body byte, 100 joins): p50 {p50:.2} ms, p99 {p99:.2} ms");
+        let (t50, tmax) = teardown(&p).await;
+        println!("teardown (last viewer closes → provider connection gone, 20 runs): p50 {t50:.1} ms, max {tmax:.1} ms");
+        for standby in [false, true] {
+            let (gap, reported) = failover_gap(&p, standby).await;
+            println!(
+                "failover gap (primary dropped, standby {}): largest pause at the viewer {gap:.0} ms (proxy-reported switch {reported} ms)",
+                if standby { "on" } else { "off" }
+            );
+        }
+    });
+}

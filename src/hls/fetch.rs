@@ -1,0 +1,383 @@
+//! One provider fetch shared by every viewer (R2). Playlists are single-flight
+//! with a short cache: a live media playlist is asked for at most once per half
+//! target duration per stream, however many viewers poll. Segments, keys and
+//! init maps are single-flight with a bounded in-memory cache, so N viewers at
+//! the live edge cost one provider fetch per segment.
+//!
+//! Also here, because they are about which bytes a playlist request gets:
+//! sticky backends (keep refetching from where a redirect led) and monotonic
+//! playlists (never serve a live playlist whose media sequence is lower than
+//! one already served: lagging backends make players loop).
+//!
+//! Requests to the provider carry the stream's user agent and headers and
+//! nothing of the client's (R7); redirects are followed here.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use url::Url;
+
+use super::rewrite::{self, PlaylistInfo};
+use crate::app::App;
+use crate::metrics::{CacheResult, Metrics};
+use crate::registry::StreamSpec;
+
+/// Master and VOD (ENDLIST) playlists do not change: keep them this long.
+const STATIC_PLAYLIST_TTL: Duration = Duration::from_secs(10);
+/// Bounds of a live playlist's cache life (half its target duration).
+const MIN_LIVE_TTL: Duration = Duration::from_millis(500);
+const MAX_LIVE_TTL: Duration = Duration::from_secs(5);
+/// Segments larger than this are relayed but not cached (a VOD file behind a
+/// playlist would evict the whole live edge).
+const MAX_CACHED_SEGMENT_FRACTION: usize = 4;
+/// Upper bound of one segment body held in memory.
+const MAX_SEGMENT_BYTES: usize = 256 * 1024 * 1024;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot connect to the source")]
+    Connect,
+    #[error("the source timed out")]
+    Timeout,
+    #[error("the source answered HTTP {0}")]
+    Status(u16),
+    #[error("the source's response is too large (over {0} bytes)")]
+    TooLarge(usize),
+    #[error("the source's playlist is not valid HLS: {0}")]
+    Malformed(String),
+    #[error("reading from the source failed")]
+    Read,
+}
+
+impl FetchError {
+    /// Status for the client when this is the final answer.
+    pub fn client_status(&self) -> u16 {
+        match self {
+            FetchError::Status(404 | 410) => 404,
+            _ => 502,
+        }
+    }
+}
+
+/// A raw provider response.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub status: u16,
+    pub body: Bytes,
+    pub content_type: Option<String>,
+    pub content_range: Option<String>,
+    /// The URL after redirects: the base for relative URIs.
+    pub final_url: Url,
+}
+
+/// A cached upstream playlist (raw bytes: rewriting is per viewer).
+#[derive(Debug, Clone)]
+pub struct Playlist {
+    pub body: Bytes,
+    pub base: Url,
+    pub info: PlaylistInfo,
+    pub content_type: Option<String>,
+    fetched: Instant,
+    ttl: Duration,
+}
+
+#[derive(Default)]
+struct PlaylistSlot {
+    /// Held while fetching: concurrent viewers wait here instead of fetching.
+    entry: tokio::sync::Mutex<Option<Playlist>>,
+    /// The backend a redirect led to, for sticky streams.
+    sticky: Mutex<Option<Url>>,
+}
+
+#[derive(Default)]
+struct SegmentSlot {
+    entry: tokio::sync::Mutex<Option<Fetched>>,
+}
+
+/// Bounded FIFO of cached segments by bytes.
+#[derive(Default)]
+struct SegmentStore {
+    slots: HashMap<String, Arc<SegmentSlot>>,
+    order: VecDeque<(String, usize)>,
+    bytes: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct HlsStats {
+    pub playlist_fetches: AtomicU64,
+    pub playlist_hits: AtomicU64,
+    pub segment_fetches: AtomicU64,
+    pub segment_hits: AtomicU64,
+    /// Live playlists refused because their media sequence went backwards.
+    pub sequence_regressions: AtomicU64,
+}
+
+pub struct HlsFetcher {
+    playlists: Mutex<HashMap<(String, String), Arc<PlaylistSlot>>>,
+    segments: Mutex<SegmentStore>,
+    segment_cache_bytes: usize,
+    playlist_max_bytes: usize,
+    pub stats: HlsStats,
+    metrics: Arc<Metrics>,
+}
+
+impl HlsFetcher {
+    pub fn new(
+        segment_cache_bytes: usize,
+        playlist_max_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        HlsFetcher {
+            metrics,
+            playlists: Mutex::new(HashMap::new()),
+            segments: Mutex::new(SegmentStore::default()),
+            segment_cache_bytes,
+            playlist_max_bytes,
+            stats: HlsStats::default(),
+        }
+    }
+
+    /// Forgets a stream's playlists (stream deleted).
+    pub fn forget(&self, stream_id: &str) {
+        self.playlists.lock().retain(|(s, _), _| s != stream_id);
+    }
+
+    fn playlist_slot(&self, stream_id: &str, url: &Url) -> Arc<PlaylistSlot> {
+        self.playlists
+            .lock()
+            .entry((stream_id.to_string(), url.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// The playlist at `url` for `stream_id`, shared by all viewers.
+    pub async fn playlist(
+        &self,
+        app: &App,
+        stream_id: &str,
+        spec: &StreamSpec,
+        url: &Url,
+    ) -> Result<Playlist, FetchError> {
+        let slot = self.playlist_slot(stream_id, url);
+        let mut cached = slot.entry.lock().await;
+        if let Some(p) = cached.as_ref().filter(|p| p.fetched.elapsed() < p.ttl) {
+            self.stats.playlist_hits.fetch_add(1, Ordering::Relaxed);
+            self.metrics.hls_cache_result(CacheResult::Hit);
+            return Ok(p.clone());
+        }
+        let sticky_from = spec.sticky.then(|| slot.sticky.lock().clone()).flatten();
+        self.stats.playlist_fetches.fetch_add(1, Ordering::Relaxed);
+        self.metrics.hls_cache_result(CacheResult::Miss);
+        let fetched = match &sticky_from {
+            Some(backend) => match fetch(app, spec, backend, None, self.playlist_max_bytes).await {
+                Ok(f) if f.status < 300 => Ok(f),
+                // The sticky backend failed: back to the original URL.
+                _ => {
+                    *slot.sticky.lock() = None;
+                    fetch(app, spec, url, None, self.playlist_max_bytes).await
+                }
+            },
+            None => fetch(app, spec, url, None, self.playlist_max_bytes).await,
+        }?;
+        if fetched.status >= 300 {
+            return Err(FetchError::Status(fetched.status));
+        }
+        let info =
+            rewrite::inspect(&fetched.body).map_err(|e| FetchError::Malformed(e.to_string()))?;
+        if spec.sticky && fetched.final_url != *url {
+            *slot.sticky.lock() = Some(fetched.final_url.clone());
+        }
+        // Monotonic: a lagging backend must not move viewers backwards.
+        if let Some(prev) = cached.as_mut() {
+            if let (Some(old), Some(new)) = (prev.info.media_sequence, info.media_sequence) {
+                if !info.endlist && new < old {
+                    self.stats
+                        .sequence_regressions
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        stream_id,
+                        old,
+                        new,
+                        "playlist went backwards: served the newer one"
+                    );
+                    prev.fetched = Instant::now();
+                    return Ok(prev.clone());
+                }
+            }
+        }
+        let ttl = if info.is_master || info.endlist {
+            STATIC_PLAYLIST_TTL
+        } else {
+            info.target_duration
+                .map(|t| Duration::from_secs_f64((t / 2.0).clamp(0.0, 60.0)))
+                .unwrap_or(MIN_LIVE_TTL)
+                .clamp(MIN_LIVE_TTL, MAX_LIVE_TTL)
+        };
+        let p = Playlist {
+            body: fetched.body,
+            base: fetched.final_url,
+            info,
+            content_type: fetched.content_type,
+            fetched: Instant::now(),
+            ttl,
+        };
+        *cached = Some(p.clone());
+        Ok(p)
+    }
+
+    /// The last playlist served for `url`, if any (to map variants across a failover).
+    pub fn cached_playlist(&self, stream_id: &str, url: &Url) -> Option<Playlist> {
+        let slot = self
+            .playlists
+            .lock()
+            .get(&(stream_id.to_string(), url.to_string()))
+            .cloned()?;
+        let p = slot.entry.try_lock().ok()?.clone();
+        p
+    }
+
+    /// A segment, key or init map. Range requests go straight to the provider;
+    /// whole objects are single-flight and cached within the byte budget.
+    pub async fn segment(
+        &self,
+        app: &App,
+        spec: &StreamSpec,
+        url: &Url,
+        range: Option<&str>,
+    ) -> Result<Fetched, FetchError> {
+        if range.is_some() || self.segment_cache_bytes == 0 {
+            self.stats.segment_fetches.fetch_add(1, Ordering::Relaxed);
+            return fetch(app, spec, url, range, MAX_SEGMENT_BYTES).await;
+        }
+        let key = url.to_string();
+        let slot = self
+            .segments
+            .lock()
+            .slots
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let mut entry = slot.entry.lock().await;
+        if let Some(f) = entry.as_ref() {
+            self.stats.segment_hits.fetch_add(1, Ordering::Relaxed);
+            self.metrics.hls_cache_result(CacheResult::Hit);
+            return Ok(f.clone());
+        }
+        self.stats.segment_fetches.fetch_add(1, Ordering::Relaxed);
+        self.metrics.hls_cache_result(CacheResult::Miss);
+        let result = fetch(app, spec, url, None, MAX_SEGMENT_BYTES).await;
+        match &result {
+            Ok(f)
+                if f.status == 200
+                    && f.body.len() <= self.segment_cache_bytes / MAX_CACHED_SEGMENT_FRACTION =>
+            {
+                *entry = Some(f.clone());
+                drop(entry);
+                self.admit(key, f.body.len());
+            }
+            _ => {
+                drop(entry);
+                let mut store = self.segments.lock();
+                if store.slots.get(&key).is_some_and(|s| {
+                    Arc::ptr_eq(s, &slot) && !store.order.iter().any(|(k, _)| *k == key)
+                }) {
+                    store.slots.remove(&key);
+                }
+            }
+        }
+        result
+    }
+
+    /// Accounts a cached segment and evicts the oldest ones over the budget.
+    fn admit(&self, key: String, len: usize) {
+        let mut store = self.segments.lock();
+        store.order.push_back((key, len));
+        store.bytes += len;
+        while store.bytes > self.segment_cache_bytes {
+            let Some((old, n)) = store.order.pop_front() else {
+                break;
+            };
+            store.bytes -= n;
+            store.slots.remove(&old);
+        }
+    }
+
+    pub fn cached_segment_bytes(&self) -> usize {
+        self.segments.lock().bytes
+    }
+}
+
+/// GET `url` with the stream's identity (R7), redirects followed, body read
+/// up to `max` bytes.
+pub async fn fetch(
+    app: &App,
+    spec: &StreamSpec,
+    url: &Url,
+    range: Option<&str>,
+    max: usize,
+) -> Result<Fetched, FetchError> {
+    let mut req = app
+        .http
+        .get(url.clone())
+        .header(http::header::USER_AGENT, app.user_agent_for(spec, url))
+        .header(http::header::ACCEPT_ENCODING, "identity");
+    for (k, v) in app.headers_for(spec, url) {
+        req = req.header(k, v);
+    }
+    if let Some(r) = range {
+        req = req.header(http::header::RANGE, r);
+    }
+    let timeout = app.config.upstream.connect_timeout + app.config.upstream.read_timeout;
+    let resp = tokio::time::timeout(timeout, req.send())
+        .await
+        .map_err(|_| FetchError::Timeout)?
+        .map_err(|e| {
+            if e.is_timeout() {
+                FetchError::Timeout
+            } else {
+                FetchError::Connect
+            }
+        })?;
+    let status = resp.status().as_u16();
+    let header = |name: http::HeaderName| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let content_type = header(http::header::CONTENT_TYPE);
+    let content_range = header(http::header::CONTENT_RANGE);
+    let final_url = resp.url().clone();
+    if resp.content_length().is_some_and(|n| n as usize > max) {
+        return Err(FetchError::TooLarge(max));
+    }
+    let read_timeout = app.config.upstream.read_timeout;
+    let mut body = BytesMut::new();
+    let mut stream = resp.bytes_stream();
+    loop {
+        match tokio::time::timeout(read_timeout, stream.next()).await {
+            Err(_) => return Err(FetchError::Timeout),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(FetchError::Read),
+            Ok(Some(Ok(chunk))) => {
+                if body.len() + chunk.len() > max {
+                    return Err(FetchError::TooLarge(max));
+                }
+                body.extend_from_slice(&chunk);
+            }
+        }
+    }
+    app.metrics.bytes_in.inc_by(body.len() as u64);
+    Ok(Fetched {
+        status,
+        body: body.freeze(),
+        content_type,
+        content_range,
+        final_url,
+    })
+}
