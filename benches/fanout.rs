@@ -152,8 +152,20 @@ async fn register(e: &Edge, url: &str, extra: &str) -> String {
     v["stream_id"].as_str().unwrap().to_string()
 }
 
+/// The proxy with access logging off (`RUST_LOG=warn`), as the bench measures fan-out.
+async fn edge(extra: &str) -> Edge {
+    Edge::start_with(
+        &config(extra),
+        support::edge::StartOpts {
+            env: vec![("RUST_LOG".into(), "warn".into())],
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 async fn fanout_step(p: &Provider, n: usize, secs: u64) -> String {
-    let e = Edge::start(&config("")).await;
+    let e = edge("").await;
     let pid = e.pid().expect("pid");
     let id = register(&e, &p.url(&format!("live/bench{n}.ts?kbps={KBPS}")), "").await;
     let addr = format!("127.0.0.1:{}", e.port());
@@ -223,7 +235,7 @@ async fn fanout_step(p: &Provider, n: usize, secs: u64) -> String {
 }
 
 async fn join_times(p: &Provider) -> (f64, f64) {
-    let e = Edge::start(&config("")).await;
+    let e = edge("").await;
     let id = register(&e, &p.url(&format!("live/join.ts?kbps={KBPS}")), "").await;
     let addr = format!("127.0.0.1:{}", e.port());
     let _warm = open(&addr, &id).await.expect("warm");
@@ -242,7 +254,7 @@ async fn join_times(p: &Provider) -> (f64, f64) {
 /// Last viewer closes → the provider sees its connection end. The provider
 /// notices on its next paced write (every 10 ms), so this is an upper bound.
 async fn teardown(p: &Provider) -> (f64, f64) {
-    let e = Edge::start(&config("")).await;
+    let e = edge("").await;
     let addr = format!("127.0.0.1:{}", e.port());
     let mut v = Vec::new();
     for i in 0..20 {
@@ -271,7 +283,7 @@ async fn failover_gap(p: &Provider, standby: bool) -> (f64, u64) {
     } else {
         "live:\n  standby: false\n"
     };
-    let e = Edge::start(&config(live)).await;
+    let e = edge(live).await;
     let tag = if standby { "sb" } else { "nosb" };
     let extra = format!(
         ", \"failover_urls\": [\"{}\"]",

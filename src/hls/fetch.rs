@@ -78,6 +78,8 @@ pub struct Fetched {
 /// A cached upstream playlist (raw bytes: rewriting is per viewer).
 #[derive(Debug, Clone)]
 pub struct Playlist {
+    /// Distinct per fetch: a viewer's rewritten copy is reused while it holds.
+    pub generation: u64,
     pub body: Bytes,
     pub base: Url,
     pub info: PlaylistInfo,
@@ -218,7 +220,9 @@ impl HlsFetcher {
                 .unwrap_or(MIN_LIVE_TTL)
                 .clamp(MIN_LIVE_TTL, MAX_LIVE_TTL)
         };
+        static GENERATION: AtomicU64 = AtomicU64::new(1);
         let p = Playlist {
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             body: fetched.body,
             base: fetched.final_url,
             info,

@@ -289,9 +289,26 @@ async fn playlist(
     };
     stream.started(serde_json::json!({ "mode": "hls" }));
     let guard = attach(app, session, stream, claims.as_ref(), idle_for(Some(&p)));
-    let client_id = guard.client.id.clone();
-    let username = guard.client.username.clone();
+    let client = guard.client.clone();
+    let client_id = client.id.clone();
+    let username = client.username.clone();
     ctx.guard = Some(guard);
+    let recently_switched = stream
+        .failover()
+        .last_time
+        .is_some_and(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default() < SWITCH_WINDOW)
+        && !p.info.is_master;
+    let reuse = client
+        .rendered
+        .lock()
+        .as_ref()
+        .filter(|r| r.generation == p.generation && r.discontinuity == recently_switched)
+        .map(|r| r.body.clone());
+    if let Some(body) = reuse {
+        let headers = [(header::CACHE_CONTROL, "no-cache".to_string())];
+        write(app, session, ctx, 200, PLAYLIST_TYPE, &headers, body).await?;
+        return Ok(true);
+    }
     let root = prefix(app);
     let signer = &app.signer;
     let id = stream.id.clone();
@@ -314,23 +331,17 @@ async fn playlist(
         }
     };
     let mut body = out.body;
-    let recently_switched = stream
-        .failover()
-        .last_time
-        .is_some_and(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default() < SWITCH_WINDOW);
-    if recently_switched && !out.info.is_master {
+    if recently_switched {
         body = with_discontinuity(&body);
     }
-    write(
-        app,
-        session,
-        ctx,
-        200,
-        PLAYLIST_TYPE,
-        &[(header::CACHE_CONTROL, "no-cache".into())],
-        Bytes::from(body),
-    )
-    .await?;
+    let body = Bytes::from(body);
+    *client.rendered.lock() = Some(crate::registry::Rendered {
+        generation: p.generation,
+        discontinuity: recently_switched,
+        body: body.clone(),
+    });
+    let headers = [(header::CACHE_CONTROL, "no-cache".to_string())];
+    write(app, session, ctx, 200, PLAYLIST_TYPE, &headers, body).await?;
     Ok(true)
 }
 
