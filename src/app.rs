@@ -20,11 +20,6 @@ use crate::upstream::peer::Timeouts;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// In-memory budget for shared HLS segments (the live edge of many channels).
-const HLS_SEGMENT_CACHE: usize = 64 * 1024 * 1024;
-/// Playlists above this are refused (502) rather than buffered.
-const HLS_PLAYLIST_MAX: usize = 4 * 1024 * 1024;
-
 pub struct App {
     pub config: Arc<Config>,
     pub registry: Registry,
@@ -69,7 +64,11 @@ impl App {
             providers: Providers::new(&config.providers),
             leases: Leases::new(&config.providers),
             hub: Arc::new(Hub::new()),
-            hls: HlsFetcher::new(HLS_SEGMENT_CACHE, HLS_PLAYLIST_MAX, metrics.clone()),
+            hls: HlsFetcher::new(
+                config.hls.segment_cache_bytes,
+                config.hls.playlist_max_bytes,
+                metrics.clone(),
+            ),
             signer: Signer::new(&[]),
             metrics,
             hls_key: String::new(),
@@ -117,8 +116,11 @@ impl App {
         }
         // The HLS signing key: kept in the state file so references in
         // playlists players already hold stay valid across a restart.
-        let fresh = hls_key.is_none();
-        app.hls_key = hls_key.unwrap_or_else(|| hex::encode(Signer::generate_key()));
+        let configured = app.config.hls.token_key.as_ref().map(hex::encode);
+        let fresh = hls_key.is_none() && configured.is_none();
+        app.hls_key = configured
+            .or(hls_key)
+            .unwrap_or_else(|| hex::encode(Signer::generate_key()));
         app.signer = Signer::new(&hex::decode(&app.hls_key).unwrap_or_default());
         if fresh {
             app.persist();

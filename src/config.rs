@@ -66,6 +66,7 @@ pub struct Config {
     pub log: LogConfig,
     pub events: EventsConfig,
     pub metrics: MetricsConfig,
+    pub hls: HlsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,6 +244,28 @@ pub struct WebhookConfig {
     pub retry_attempts: u32,
     /// HMAC-SHA256 key signing every delivery; non-empty. Default none.
     pub secret: Option<String>,
+}
+
+/// The `hls:` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HlsConfig {
+    /// In-memory budget for shared segments, keys and init maps. Default 64 MiB.
+    pub segment_cache_bytes: usize,
+    /// Playlists larger than this are refused with 502. Default 4 MiB.
+    pub playlist_max_bytes: usize,
+    /// Hex key (at least 16 bytes) signing the minted references. Default:
+    /// generated once and kept in the state file.
+    pub token_key: Option<Vec<u8>>,
+}
+
+impl Default for HlsConfig {
+    fn default() -> Self {
+        HlsConfig {
+            segment_cache_bytes: 64 * 1024 * 1024,
+            playlist_max_bytes: 4 * 1024 * 1024,
+            token_key: None,
+        }
+    }
 }
 
 /// The `metrics:` section.

@@ -132,6 +132,11 @@ pub fn stats(app: &App) -> ApiReply {
             "total_bytes_served": t.bytes,
             "total_segments_served": t.segments,
             "uptime_seconds": app.started.elapsed().as_secs_f64(),
+            "bytes_in": app.metrics.bytes_in.get(),
+            "bytes_out": app.metrics.bytes_out.get(),
+            "failovers": app.registry.list().iter().map(|s| s.failover().attempts).sum::<u64>(),
+            "slow_viewers_dropped": app.hub.slow_viewers_dropped.load(Ordering::Relaxed),
+            "events_dropped": app.events.dropped(),
         },
         "providers": app.leases.usage().into_iter().map(|(name, in_use, max)| json!({
             "name": name,

@@ -36,10 +36,11 @@ pub(super) struct RawConfig {
     pub log: Option<RawLog>,
     pub events: Option<RawEvents>,
     pub metrics: Option<RawMetrics>,
+    pub hls: Option<RawHls>,
 }
 
 /// Top-level keys, for the message about a document that is not a mapping.
-const SECTIONS: &str = "server, api, upstream, providers, streams, live, log, events, metrics";
+const SECTIONS: &str = "server, api, upstream, providers, streams, live, log, events, metrics, hls";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,6 +138,14 @@ pub(super) struct RawWebhook {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMetrics {
     pub listen: Leaf<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHls {
+    pub segment_cache_bytes: Leaf<Scalar>,
+    pub playlist_max_bytes: Leaf<Scalar>,
+    pub token_key: Leaf<String>,
 }
 
 /// A YAML scalar with the type YAML resolved for it, for keys that take a

@@ -302,7 +302,7 @@ fn unknown_key_at_top_level() {
     assert_eq!(
         error("servr:\n  listen: 127.0.0.1:1\n"),
         "conf/test.yaml:1:1: servr: unknown field `servr`, expected one of: \
-         server, api, upstream, providers, streams, live, log, events, metrics \
+         server, api, upstream, providers, streams, live, log, events, metrics, hls \
          (did you mean `server`?)"
     );
 }
@@ -405,7 +405,7 @@ fn wrong_types() {
 #[test]
 fn top_level_must_be_a_mapping() {
     let expected = "conf/test.yaml:1:1: the file must be a mapping of sections \
-                    (server, api, upstream, providers, streams, live, log, events, metrics)";
+                    (server, api, upstream, providers, streams, live, log, events, metrics, hls)";
     assert_eq!(error("- server\n"), expected);
     assert_eq!(error("hello\n"), expected);
 }
@@ -1103,4 +1103,22 @@ fn commented_webhook_example_parses() {
     assert_eq!(w.timeout, Duration::from_secs(5));
     assert_eq!(w.retry_attempts, 2);
     assert!(w.secret.is_some());
+}
+
+#[test]
+fn hls_section_parses_and_checks_the_key() {
+    let c = parse(
+        "hls:\n  segment_cache_bytes: 8MiB\n  playlist_max_bytes: 2MiB\n  token_key: \"00112233445566778899aabbccddeeff\"\n",
+        Path::new("conf/test.yaml"),
+    )
+    .unwrap();
+    assert_eq!(c.hls.segment_cache_bytes, 8 * 1024 * 1024);
+    assert_eq!(c.hls.playlist_max_bytes, 2 * 1024 * 1024);
+    assert_eq!(c.hls.token_key.as_deref().map(<[u8]>::len), Some(16));
+    let e = parse("hls:\n  token_key: \"abc\"\n", Path::new("conf/test.yaml")).unwrap_err();
+    let m = e.messages().join("\n");
+    assert!(
+        m.contains("conf/test.yaml:2:") && m.contains("hls.token_key"),
+        "{m}"
+    );
 }

@@ -15,12 +15,12 @@ use serde_saphyr::Spanned;
 use url::Url;
 
 use super::raw::{
-    push_key, spanned_at, Leaf, RawConfig, RawEvents, RawHeaders, RawLive, RawLog, RawMetrics,
-    RawProvider, RawServer, RawStream, RawUpstream, RawWebhook, Scalar,
+    push_key, spanned_at, Leaf, RawConfig, RawEvents, RawHeaders, RawHls, RawLive, RawLog,
+    RawMetrics, RawProvider, RawServer, RawStream, RawUpstream, RawWebhook, Scalar,
 };
 use super::{
-    ApiConfig, Config, EventsConfig, LiveConfig, LogConfig, MetricsConfig, Problem, ProviderConfig,
-    ServerConfig, StreamConfig, UpstreamConfig, WebhookConfig,
+    ApiConfig, Config, EventsConfig, HlsConfig, LiveConfig, LogConfig, MetricsConfig, Problem,
+    ProviderConfig, ServerConfig, StreamConfig, UpstreamConfig, WebhookConfig,
 };
 use crate::events::EventType;
 
@@ -109,6 +109,7 @@ impl Validator<'_> {
         let log = self.log(raw.log.unwrap_or_default());
         let events = self.events(raw.events.unwrap_or_default());
         let metrics = self.metrics(raw.metrics.unwrap_or_default(), &server);
+        let hls = self.hls(raw.hls.unwrap_or_default());
         Config {
             server,
             api,
@@ -119,6 +120,7 @@ impl Validator<'_> {
             log,
             events,
             metrics,
+            hls,
         }
     }
 
@@ -490,6 +492,38 @@ impl Validator<'_> {
                     Err("empty secret; remove the key to send unsigned webhooks".to_owned())
                 } else {
                     Ok(s.clone())
+                }
+            }),
+        }
+    }
+
+    fn hls(&mut self, raw: RawHls) -> HlsConfig {
+        let d = HlsConfig::default();
+        HlsConfig {
+            segment_cache_bytes: self.leaf(
+                &raw.segment_cache_bytes,
+                "hls.segment_cache_bytes",
+                d.segment_cache_bytes,
+                byte_size,
+            ),
+            playlist_max_bytes: self.leaf(
+                &raw.playlist_max_bytes,
+                "hls.playlist_max_bytes",
+                d.playlist_max_bytes,
+                |s| {
+                    let n = byte_size(s)?;
+                    if n < 1024 {
+                        Err("must be at least 1KiB".to_owned())
+                    } else {
+                        Ok(n)
+                    }
+                },
+            ),
+            token_key: self.optional(&raw.token_key, "hls.token_key", |s| {
+                match hex::decode(s.trim()) {
+                    Ok(k) if k.len() >= 16 => Ok(k),
+                    Ok(_) => Err("too short: use at least 32 hex digits (16 bytes)".to_owned()),
+                    Err(_) => Err("not hex: e.g. the output of `openssl rand -hex 32`".to_owned()),
                 }
             }),
         }
