@@ -137,19 +137,10 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 async fn register(e: &Edge, url: &str, extra: &str) -> String {
-    let body = format!("{{\"url\": \"{url}\"{extra}}}");
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(e.url("/streams"))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let v: serde_json::Value = resp.json().await.unwrap();
-    v["stream_id"].as_str().unwrap().to_string()
+    let body: serde_json::Value =
+        serde_json::from_str(&format!("{{\"url\": \"{url}\"{extra}}}")).expect("body");
+    let (_, v) = support::client::api(e, http::Method::POST, "/streams", None, Some(&body)).await;
+    v["stream_id"].as_str().expect("stream_id").to_string()
 }
 
 /// The proxy with access logging off (`RUST_LOG=warn`), as the bench measures fan-out.
@@ -310,17 +301,7 @@ async fn failover_gap(p: &Provider, standby: bool) -> (f64, u64) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stats.max_gap_us.store(0, Ordering::Relaxed);
     let _ = task.await;
-    let v: serde_json::Value = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(e.url("/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap_or_default();
+    let (_, v) = support::client::api(&e, http::Method::GET, "/stats", None, None).await;
     let reported = v["live_channels"][0]["last_failover_gap_ms"]
         .as_u64()
         .unwrap_or(0);

@@ -79,23 +79,9 @@ fn main() {
             },
         )
         .await;
-        let body = format!(
-            "{{\"url\": \"{}\"}}",
-            p.url("hls-live/hls_ts/v0/index.m3u8?seg_ms=2000&window=6")
-        );
-        let v: serde_json::Value = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
-            .post(e.url("/streams"))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = serde_json::json!({"url": p.url("hls-live/hls_ts/v0/index.m3u8?seg_ms=2000&window=6")});
+        let (_, v) =
+            support::client::api(&e, http::Method::POST, "/streams", None, Some(&body)).await;
         let id = v["stream_id"].as_str().unwrap().to_string();
         let addr = format!("127.0.0.1:{}", e.port());
         let done = Arc::new(AtomicU64::new(0));

@@ -20,6 +20,21 @@ struct Totals {
     segments: u64,
 }
 
+impl Totals {
+    /// m3u-proxy's stats object (`/health.stats`, `/stats.proxy_stats`).
+    fn json(&self, uptime: f64) -> Value {
+        json!({
+            "total_streams": self.streams,
+            "active_streams": self.active_streams,
+            "total_clients": self.clients,
+            "active_clients": self.clients,
+            "total_bytes_served": self.bytes,
+            "total_segments_served": self.segments,
+            "uptime_seconds": uptime,
+        })
+    }
+}
+
 fn totals(app: &App) -> Totals {
     let streams = app.registry.list();
     let mut t = Totals {
@@ -53,15 +68,7 @@ pub fn health(app: &App) -> ApiReply {
         "active_streams": t.active_streams,
         "active_clients": t.clients,
         "total_bytes_served": t.bytes,
-        "stats": {
-            "total_streams": t.streams,
-            "active_streams": t.active_streams,
-            "total_clients": t.clients,
-            "active_clients": t.clients,
-            "total_bytes_served": t.bytes,
-            "total_segments_served": t.segments,
-            "uptime_seconds": uptime,
-        },
+        "stats": t.json(uptime),
     }))
 }
 
@@ -123,21 +130,20 @@ pub fn stats(app: &App) -> ApiReply {
         .iter()
         .map(|s| super::json::stream(app, s))
         .collect();
+    let mut proxy_stats = t.json(app.started.elapsed().as_secs_f64());
+    proxy_stats["bytes_in"] = json!(app.metrics.bytes_in.get());
+    proxy_stats["bytes_out"] = json!(app.metrics.bytes_out.get());
+    proxy_stats["failovers"] = json!(app
+        .registry
+        .list()
+        .iter()
+        .map(|s| s.failover().attempts)
+        .sum::<u64>());
+    proxy_stats["slow_viewers_dropped"] =
+        json!(app.hub.slow_viewers_dropped.load(Ordering::Relaxed));
+    proxy_stats["events_dropped"] = json!(app.events.dropped());
     ApiReply::ok(json!({
-        "proxy_stats": {
-            "total_streams": t.streams,
-            "active_streams": t.active_streams,
-            "total_clients": t.clients,
-            "active_clients": t.clients,
-            "total_bytes_served": t.bytes,
-            "total_segments_served": t.segments,
-            "uptime_seconds": app.started.elapsed().as_secs_f64(),
-            "bytes_in": app.metrics.bytes_in.get(),
-            "bytes_out": app.metrics.bytes_out.get(),
-            "failovers": app.registry.list().iter().map(|s| s.failover().attempts).sum::<u64>(),
-            "slow_viewers_dropped": app.hub.slow_viewers_dropped.load(Ordering::Relaxed),
-            "events_dropped": app.events.dropped(),
-        },
+        "proxy_stats": proxy_stats,
         "providers": app.leases.usage().into_iter().map(|(name, in_use, max)| json!({
             "name": name,
             "connections": in_use,

@@ -85,6 +85,14 @@ impl Selection {
         Ok(())
     }
 
+    /// Why the last source was given up ("" when none was).
+    pub fn last_reason(&self) -> String {
+        self.failures
+            .last()
+            .map(|f| f.2.clone())
+            .unwrap_or_default()
+    }
+
     /// Status for the client when every source failed: 404 only when every
     /// source said not found.
     pub fn final_status(&self) -> u16 {

@@ -280,12 +280,7 @@ async fn playlist(
     };
     let (_, p) = match fetched {
         Ok(x) => x,
-        Err(e) => {
-            let code = e.client_status();
-            ctx.local_status = Some(code);
-            respond::error(session, code, &format!("{e} (stream {})", stream.id)).await?;
-            return Ok(true);
-        }
+        Err(e) => return refuse(session, ctx, stream, &e).await,
     };
     stream.started(serde_json::json!({ "mode": "hls" }));
     let guard = attach(app, session, stream, claims.as_ref(), idle_for(Some(&p)));
@@ -370,6 +365,19 @@ fn with_discontinuity(body: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Answers a failed fetch with its status and a JSON error naming the stream.
+async fn refuse(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    stream: &Stream,
+    e: &FetchError,
+) -> Result<bool> {
+    let code = e.client_status();
+    ctx.local_status = Some(code);
+    respond::error(session, code, &format!("{e} (stream {})", stream.id)).await?;
+    Ok(true)
+}
+
 fn default_type(kind: Kind, url: &Url) -> &'static str {
     match kind {
         Kind::Key => "application/octet-stream",
@@ -415,20 +423,13 @@ async fn segment(
     }
     let f = match result {
         Ok(f) if f.status < 400 => f,
-        Ok(f) => {
+        result => {
             fail_over_after_segment(stream);
-            let e = FetchError::Status(f.status);
-            let code = e.client_status();
-            ctx.local_status = Some(code);
-            respond::error(session, code, &format!("{e} (stream {})", stream.id)).await?;
-            return Ok(true);
-        }
-        Err(e) => {
-            fail_over_after_segment(stream);
-            let code = e.client_status();
-            ctx.local_status = Some(code);
-            respond::error(session, code, &format!("{e} (stream {})", stream.id)).await?;
-            return Ok(true);
+            let e = match result {
+                Ok(f) => FetchError::Status(f.status),
+                Err(e) => e,
+            };
+            return refuse(session, ctx, stream, &e).await;
         }
     };
     if let Some(g) = &ctx.guard {

@@ -13,7 +13,7 @@ use super::live::{self, Mode};
 use super::respond;
 use crate::api::{self, ApiRequest};
 use crate::app::App;
-use crate::registry::ClientHello;
+use crate::registry::{ClientHello, Stream};
 use crate::route::{self, Route};
 use crate::upstream::sources;
 
@@ -180,6 +180,28 @@ async fn metrics(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Resu
     Ok(())
 }
 
+/// The registered stream a client route names, or the 405/404 already sent.
+async fn client_stream(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    id: String,
+) -> Result<Option<Arc<Stream>>> {
+    let method = session.req_header().method.clone();
+    let found = app.registry.get(&id);
+    ctx.stream_id = Some(id);
+    let refusal = if method != Method::GET && method != Method::HEAD {
+        (405, "Method Not Allowed")
+    } else if found.is_none() {
+        (404, "Stream not found")
+    } else {
+        return Ok(found);
+    };
+    ctx.local_status = Some(refusal.0);
+    respond::error(session, refusal.0, refusal.1).await?;
+    Ok(None)
+}
+
 /// `/hls/{id}/...`: HLS playlists and segments of a registered stream.
 async fn hls_route(
     app: &Arc<App>,
@@ -188,19 +210,10 @@ async fn hls_route(
     id: String,
     asked: hls::Asked,
 ) -> Result<bool> {
-    ctx.stream_id = Some(id.clone());
-    let method = session.req_header().method.clone();
-    if method != Method::GET && method != Method::HEAD {
-        ctx.local_status = Some(405);
-        respond::error(session, 405, "Method Not Allowed").await?;
-        return Ok(true);
+    match client_stream(app, session, ctx, id).await? {
+        Some(stream) => hls::serve(app, session, ctx, &stream, asked).await,
+        None => Ok(true),
     }
-    let Some(stream) = app.registry.get(&id) else {
-        ctx.local_status = Some(404);
-        respond::error(session, 404, "Stream not found").await?;
-        return Ok(true);
-    };
-    hls::serve(app, session, ctx, &stream, asked).await
 }
 
 /// `/stream/{id}`: per-client proxying with failover before the first byte.
@@ -210,16 +223,7 @@ async fn play(
     ctx: &mut RequestCtx,
     id: String,
 ) -> Result<bool> {
-    ctx.stream_id = Some(id.clone());
-    let method = session.req_header().method.clone();
-    if method != Method::GET && method != Method::HEAD {
-        ctx.local_status = Some(405);
-        respond::error(session, 405, "Method Not Allowed").await?;
-        return Ok(true);
-    }
-    let Some(stream) = app.registry.get(&id) else {
-        ctx.local_status = Some(404);
-        respond::error(session, 404, "Stream not found").await?;
+    let Some(stream) = client_stream(app, session, ctx, id).await? else {
         return Ok(true);
     };
     match live::mode(&stream) {
@@ -248,7 +252,7 @@ async fn play(
     ctx.sel = Selection::new(candidates);
     ctx.spec = Some(spec);
     let guard = app.registry.attach(&stream, &hello(session));
-    tracing::debug!(stream_id = %id, client = %guard.client.id, "client attached");
+    tracing::debug!(stream_id = %stream.id, client = %guard.client.id, "client attached");
     ctx.guard = Some(guard);
     Ok(false)
 }

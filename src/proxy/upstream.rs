@@ -121,12 +121,7 @@ async fn ask_resolver(app: &App, ctx: &mut RequestCtx) -> Option<url::Url> {
         .map(|u| u.to_string())
         .unwrap_or_default();
     let index = sources::failover_index(ctx.sel.candidates.len().saturating_sub(1));
-    let reason = ctx
-        .sel
-        .failures
-        .last()
-        .map(|f| f.2.clone())
-        .unwrap_or_default();
+    let reason = ctx.sel.last_reason();
     let next = sources::ask_resolver(
         &app.http,
         resolver,
@@ -258,12 +253,7 @@ fn record_source(ctx: &RequestCtx) -> bool {
             .map_or(current.index + 1, |i| i as i64)
     };
     tracing::warn!(stream_id = %g.stream.id, index, "stream failed over");
-    let reason = ctx
-        .sel
-        .failures
-        .last()
-        .map(|f| f.2.clone())
-        .unwrap_or_default();
+    let reason = ctx.sel.last_reason();
     g.stream.record_failover(index, url, &reason);
     true
 }
