@@ -160,9 +160,10 @@ async fn fanout_step(p: &Provider, n: usize, secs: u64) -> String {
     let pid = e.pid().expect("pid");
     let id = register(&e, &p.url(&format!("live/bench{n}.ts?kbps={KBPS}")), "").await;
     let addr = format!("127.0.0.1:{}", e.port());
-    // Warm the channel with one viewer so the baseline includes it.
+    // Warm the channel with one viewer and let its ring fill (4 s of video),
+    // so the baseline holds the shared buffer and the growth is per viewer.
     let warm = open(&addr, &id).await.expect("warm viewer");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let (_, rss0) = proc_usage(pid);
     let setup = Duration::from_secs(5 + n as u64 / 100);
     let until = Instant::now() + setup + Duration::from_secs(secs);
@@ -300,8 +301,10 @@ async fn failover_gap(p: &Provider, standby: bool) -> (f64, u64) {
     let task = tokio::spawn(viewer(addr.clone(), id.clone(), s2, until));
     tokio::time::sleep(Duration::from_millis(500)).await;
     stats.max_gap_us.store(0, Ordering::Relaxed);
-    let _ = task.await;
+    // The switch happens ~3 s in (3 MB at 1 MB/s); ask while the viewer is on.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let (_, v) = support::client::api(&e, http::Method::GET, "/stats", None, None).await;
+    let _ = task.await;
     let reported = v["live_channels"][0]["last_failover_gap_ms"]
         .as_u64()
         .unwrap_or(0);
