@@ -2,8 +2,8 @@
 # Makes sure what the build needs is on this machine: the Rust toolchain (not
 # installed here: it comes from rustup) and cmake (Pingora's zlib-ng build).
 # Installs cmake with apt-get when it can, else says exactly what is missing.
-# Optional: promtool (Debian package `prometheus`), which the metrics unit
-# test uses to lint the /metrics output; without it that check is skipped.
+# With --test-tools, also promtool (Debian package `prometheus`), which the
+# metrics tests use to lint /metrics; without it that check is skipped.
 set -euo pipefail
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -63,4 +63,7 @@ install_promtool() {
     return 0
 }
 
-install_promtool || true
+# Only the test suite needs it: `scripts/test.sh` asks with --test-tools.
+if [ "${1:-}" = "--test-tools" ]; then
+    install_promtool || true
+fi

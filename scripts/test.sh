@@ -4,7 +4,7 @@
 # Ends with one summary line over every test binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh
+scripts/deps.sh --test-tools
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
