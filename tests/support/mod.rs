@@ -15,6 +15,7 @@ pub mod provider;
 pub mod ts_check;
 pub mod webhook;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Media fixtures shared by all engineers (`/work/shared/fixtures/README.md`).
@@ -23,6 +24,22 @@ pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtu
 /// Absolute path of a fixture file, e.g. `fixture_path("hls_ts/v0/index.m3u8")`.
 pub fn fixture_path(name: &str) -> PathBuf {
     PathBuf::from(FIXTURES).join(name)
+}
+
+/// Request headers as the test servers record them: lowercase name → value,
+/// repeated headers joined with `", "`.
+pub fn header_map(headers: &http::HeaderMap) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::<String, String>::new();
+    for (name, value) in headers {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        out.entry(name.as_str().to_string())
+            .and_modify(|v| {
+                v.push_str(", ");
+                v.push_str(&value);
+            })
+            .or_insert(value);
+    }
+    out
 }
 
 /// The bytes of a fixture file; panics with the path when it is missing.

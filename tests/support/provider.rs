@@ -455,17 +455,7 @@ async fn handle(
     unflushed: Arc<AtomicBool>,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let mut headers = BTreeMap::<String, String>::new();
-    for (name, value) in req.headers() {
-        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        headers
-            .entry(name.as_str().to_string())
-            .and_modify(|v| {
-                v.push_str(", ");
-                v.push_str(&value);
-            })
-            .or_insert(value);
-    }
+    let headers = super::header_map(req.headers());
     let path_and_query = req
         .uri()
         .path_and_query()
