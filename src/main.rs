@@ -15,6 +15,9 @@ use m3u_edge::housekeeping::Housekeeper;
 use m3u_edge::proxy::Edge;
 use m3u_edge::{config, logging};
 
+/// Read buffer of a client connection (Pingora's default is 64 KiB).
+const DOWNSTREAM_READ_BUFFER: usize = 8 * 1024;
+
 #[derive(Parser, Debug)]
 #[command(name = "m3u-edge", version, about = "IPTV streaming proxy on Pingora")]
 struct Cli {
@@ -94,7 +97,17 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
         Edge::new(app.clone()),
         "edge",
     );
-    edge.add_tcp(&listen.to_string());
+    // Pingora gives every downstream connection a 64 KiB read buffer. A viewer
+    // sends one request and then only reads, so 8 KiB (ample for request
+    // headers and API bodies) keeps the per-viewer memory of the hub low.
+    edge.add_listener(
+        pingora::listeners::ListenerConfig::tcp(listen.to_string()).l4_buffer(
+            pingora::protocols::l4::stream::L4BufferSettings::new(
+                DOWNSTREAM_READ_BUFFER,
+                pingora::protocols::l4::stream::DEFAULT_L4_WRITE_BUFFER_SIZE,
+            ),
+        ),
+    );
     server.add_service(edge);
     server.add_service(background_service(
         "housekeeping",
