@@ -262,11 +262,15 @@ fn media_sequence(body: &str) -> u64 {
 async fn lagging_backends_never_move_the_playlist_backwards() {
     let p = Provider::start().await;
     let e = Edge::start(&config("")).await;
+    // Let the provider's live window get ahead of the lag (4 segments of 400 ms),
+    // so a lagging backend really serves an older media sequence: the proxy
+    // refetches once a second (half the 2 s target duration), 2.5 segments on.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     for sticky in [false, true] {
         let id = register(
             &e,
             json!({
-                "url": p.url(&format!("hls-lagging/hls_ts/v0/index.m3u8?seg_ms=400&s={sticky}")),
+                "url": p.url(&format!("hls-lagging/hls_ts/v0/index.m3u8?seg_ms=400&lag_by=4&s={sticky}")),
                 "use_sticky_session": sticky,
             }),
         )
@@ -288,6 +292,16 @@ async fn lagging_backends_never_move_the_playlist_backwards() {
     // Sticky: after the first redirect, the proxy keeps asking the backend it led to.
     let lagging = p.hits("/hls-lagging/");
     assert!(lagging >= 2);
+    // The refused backward playlists were counted.
+    let (_, stats) = crate::common::api(&e, http::Method::GET, "/stats", None).await;
+    assert!(
+        stats["proxy_stats"]["hls_sequence_regressions"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{}",
+        stats["proxy_stats"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -142,6 +142,9 @@ pub fn stats(app: &App) -> ApiReply {
     proxy_stats["slow_viewers_dropped"] =
         json!(app.hub.slow_viewers_dropped.load(Ordering::Relaxed));
     proxy_stats["events_dropped"] = json!(app.events.dropped());
+    proxy_stats["hls_cached_segment_bytes"] = json!(app.hls.cached_segment_bytes());
+    proxy_stats["hls_sequence_regressions"] =
+        json!(app.hls.sequence_regressions.load(Ordering::Relaxed));
     ApiReply::ok(json!({
         "proxy_stats": proxy_stats,
         "providers": app.leases.usage().into_iter().map(|(name, in_use, max)| json!({

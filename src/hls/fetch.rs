@@ -109,22 +109,14 @@ struct SegmentStore {
     bytes: usize,
 }
 
-#[derive(Debug, Default)]
-pub struct HlsStats {
-    pub playlist_fetches: AtomicU64,
-    pub playlist_hits: AtomicU64,
-    pub segment_fetches: AtomicU64,
-    pub segment_hits: AtomicU64,
-    /// Live playlists refused because their media sequence went backwards.
-    pub sequence_regressions: AtomicU64,
-}
-
 pub struct HlsFetcher {
     playlists: Mutex<HashMap<(String, String), Arc<PlaylistSlot>>>,
     segments: Mutex<SegmentStore>,
     segment_cache_bytes: usize,
     playlist_max_bytes: usize,
-    pub stats: HlsStats,
+    /// Live playlists not served because their media sequence went backwards
+    /// (hits and misses are counted in `m3u_edge_hls_cache_total`).
+    pub sequence_regressions: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -140,7 +132,7 @@ impl HlsFetcher {
             segments: Mutex::new(SegmentStore::default()),
             segment_cache_bytes,
             playlist_max_bytes,
-            stats: HlsStats::default(),
+            sequence_regressions: AtomicU64::new(0),
         }
     }
 
@@ -168,12 +160,10 @@ impl HlsFetcher {
         let slot = self.playlist_slot(stream_id, url);
         let mut cached = slot.entry.lock().await;
         if let Some(p) = cached.as_ref().filter(|p| p.fetched.elapsed() < p.ttl) {
-            self.stats.playlist_hits.fetch_add(1, Ordering::Relaxed);
             self.metrics.hls_cache_result(CacheResult::Hit);
             return Ok(p.clone());
         }
         let sticky_from = spec.sticky.then(|| slot.sticky.lock().clone()).flatten();
-        self.stats.playlist_fetches.fetch_add(1, Ordering::Relaxed);
         self.metrics.hls_cache_result(CacheResult::Miss);
         let fetched = match &sticky_from {
             Some(backend) => match fetch(app, spec, backend, None, self.playlist_max_bytes).await {
@@ -198,9 +188,7 @@ impl HlsFetcher {
         if let Some(prev) = cached.as_mut() {
             if let (Some(old), Some(new)) = (prev.info.media_sequence, info.media_sequence) {
                 if !info.endlist && new < old {
-                    self.stats
-                        .sequence_regressions
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.sequence_regressions.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(
                         stream_id,
                         old,
@@ -255,7 +243,6 @@ impl HlsFetcher {
         range: Option<&str>,
     ) -> Result<Fetched, FetchError> {
         if range.is_some() || self.segment_cache_bytes == 0 {
-            self.stats.segment_fetches.fetch_add(1, Ordering::Relaxed);
             return fetch(app, spec, url, range, MAX_SEGMENT_BYTES).await;
         }
         let key = url.to_string();
@@ -268,11 +255,9 @@ impl HlsFetcher {
             .clone();
         let mut entry = slot.entry.lock().await;
         if let Some(f) = entry.as_ref() {
-            self.stats.segment_hits.fetch_add(1, Ordering::Relaxed);
             self.metrics.hls_cache_result(CacheResult::Hit);
             return Ok(f.clone());
         }
-        self.stats.segment_fetches.fetch_add(1, Ordering::Relaxed);
         self.metrics.hls_cache_result(CacheResult::Miss);
         let result = fetch(app, spec, url, None, MAX_SEGMENT_BYTES).await;
         match &result {

@@ -55,10 +55,6 @@ impl Ring {
         self.next_seq
     }
 
-    pub fn len_bytes(&self) -> usize {
-        self.bytes
-    }
-
     pub fn push(&mut self, data: Bytes, rap: Option<usize>, psi: Option<Bytes>) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;

@@ -21,7 +21,7 @@
 //! | `/live/{name}.ts` | endless chunked MPEG-TS (loops `sample.ts`), query knobs `kbps`, `drop_after`, `stall_after`, `delay_ms` (see [`LiveOpts`]) |
 //! | `/hls-live/{dir}/index.m3u8` | live sliding window over the VOD playlist `{FIXTURES}/{dir}/index.m3u8` (e.g. `hls_ts/v0`, `hls_fmp4`, `hls_aes`), see [`live_playlist`]; knobs `seg_ms` (default 2000), `window` (default 3) |
 //! | `/hls-live/{dir}/{file}` | the fixture `{dir}/{file}` (segments, keys, init maps), like `/files/` |
-//! | `/hls-lagging/{dir}/index.m3u8` | 302 to `/hls-live/{dir}/index.m3u8`, every other time with `lag=3`: backends whose live windows lag (query knobs passed on) |
+//! | `/hls-lagging/{dir}/index.m3u8` | 302 to `/hls-live/{dir}/index.m3u8`, every other time with `lag=3` (or `?lag_by=N`): backends whose live windows lag (query knobs passed on) |
 //! | `/slow/{ms}/{rest}` | sleeps `ms`, then answers `/{rest}` |
 //! | `/echo-headers` | 200 JSON object of the request headers |
 //! | anything else | 404 `PROVIDER-BODY-SECRET 404` |
@@ -521,7 +521,11 @@ async fn handle(
         // A load balancer in front of backends whose live windows lag: every
         // other request lands on a backend 3 segments behind.
         let n = st.lag_flip.fetch_add(1, Ordering::SeqCst);
-        let lag = if n % 2 == 0 { 0 } else { 3 };
+        let behind = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "lag_by")
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .unwrap_or(3);
+        let lag = if n % 2 == 0 { 0 } else { behind };
         let q = query.map(|q| format!("&{q}")).unwrap_or_default();
         redirect(&format!("/hls-live/{dir}/index.m3u8?lag={lag}{q}"), head)
     } else if let Some(name) = path.strip_prefix("/hls-live/") {
