@@ -32,7 +32,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Signs the references minted into HLS playlists.
     pub signer: Signer,
-    hls_key: String,
+    /// The key `signer` uses, written to the state file.
+    hls_key: Vec<u8>,
     pub started: Instant,
     /// For calls that are not relayed bytes: failover resolver, test-connection.
     pub http: reqwest::Client,
@@ -57,10 +58,45 @@ impl App {
                 .map(|p| (p.name.as_str(), p.max_connections)),
         );
         let events = Events::from_config(&config.events, metrics.clone());
-        let mut app = App {
+        let state = StateFile::new(config.server.state_file.clone());
+        let restored = match state.load() {
+            Loaded::Missing => {
+                tracing::info!(
+                    path = %state.path().display(),
+                    "no state file yet; starting with the YAML streams only"
+                );
+                StateData::default()
+            }
+            Loaded::Ok(data) => data,
+            Loaded::Corrupt { moved_to, error } => {
+                tracing::error!(
+                    path = %state.path().display(),
+                    moved_to = %moved_to.display(),
+                    %error,
+                    "state file unreadable: moved aside, starting without its streams"
+                );
+                StateData::default()
+            }
+        };
+        // The HLS signing key: from the config, else the one kept in the state
+        // file, so references in playlists players already hold stay valid
+        // across a restart; else a new one, saved right away.
+        let kept_key = restored
+            .hls_key
+            .as_deref()
+            .and_then(|k| hex::decode(k).ok())
+            .filter(|b| b.len() >= 16);
+        let fresh = config.hls.token_key.is_none() && kept_key.is_none();
+        let hls_key = config
+            .hls
+            .token_key
+            .clone()
+            .or(kept_key)
+            .unwrap_or_else(|| Signer::generate_key().to_vec());
+        let app = App {
             registry: Registry::with_events(events.clone()),
             events,
-            state: StateFile::new(config.server.state_file.clone()),
+            state,
             providers: Providers::new(&config.providers),
             leases: Leases::new(&config.providers),
             hub: Arc::new(Hub::new()),
@@ -69,9 +105,9 @@ impl App {
                 config.hls.playlist_max_bytes,
                 metrics.clone(),
             ),
-            signer: Signer::new(&[]),
+            signer: Signer::new(&hls_key),
+            hls_key,
             metrics,
-            hls_key: String::new(),
             started: Instant::now(),
             http,
             config: Arc::new(config),
@@ -93,35 +129,12 @@ impl App {
                 },
             );
         }
-        let mut hls_key = None;
-        match app.state.load() {
-            Loaded::Missing => tracing::info!(
-                path = %app.state.path().display(),
-                "no state file yet; starting with the YAML streams only"
-            ),
-            Loaded::Ok(data) => {
-                let n = app.registry.restore(data.streams);
-                app.events.restore(data.webhooks);
-                hls_key = data
-                    .hls_key
-                    .filter(|k| hex::decode(k).is_ok_and(|b| b.len() >= 16));
-                tracing::info!(path = %app.state.path().display(), streams = n, "state restored");
-            }
-            Loaded::Corrupt { moved_to, error } => tracing::error!(
-                path = %app.state.path().display(),
-                moved_to = %moved_to.display(),
-                %error,
-                "state file unreadable: moved aside, starting without its streams"
-            ),
+        // After the YAML streams: a YAML stream wins over a persisted one.
+        let n = app.registry.restore(restored.streams);
+        app.events.restore(restored.webhooks);
+        if n > 0 {
+            tracing::info!(path = %app.state.path().display(), streams = n, "state restored");
         }
-        // The HLS signing key: kept in the state file so references in
-        // playlists players already hold stay valid across a restart.
-        let configured = app.config.hls.token_key.as_ref().map(hex::encode);
-        let fresh = hls_key.is_none() && configured.is_none();
-        app.hls_key = configured
-            .or(hls_key)
-            .unwrap_or_else(|| hex::encode(Signer::generate_key()));
-        app.signer = Signer::new(&hex::decode(&app.hls_key).unwrap_or_default());
         if fresh {
             app.persist();
         }
@@ -189,7 +202,7 @@ impl App {
         let data = StateData {
             version: 0,
             streams: self.registry.persisted(),
-            hls_key: Some(self.hls_key.clone()),
+            hls_key: Some(hex::encode(&self.hls_key)),
             webhooks: self.events.api_webhooks(),
         };
         if let Err(e) = self.state.save(data) {
