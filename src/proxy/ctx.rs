@@ -130,6 +130,9 @@ pub struct RequestCtx {
     pub bytes_out: u64,
     /// The first body byte went out (join time recorded).
     pub first_byte: bool,
+    /// A live viewer now served off the session (proxy/live.rs), which logs
+    /// the request itself when the viewer leaves.
+    pub detached: bool,
 }
 
 impl RequestCtx {
@@ -147,6 +150,7 @@ impl RequestCtx {
             committed: false,
             bytes_out: 0,
             first_byte: false,
+            detached: false,
         }
     }
 }

@@ -115,7 +115,9 @@ impl ProxyHttp for Edge {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        response::log(&self.app, session, e, ctx);
+        if !ctx.detached {
+            response::log(&self.app, session, e, ctx);
+        }
         // The client stops being listed, and the provider slot is free, the
         // moment the request is over.
         ctx.guard.take();

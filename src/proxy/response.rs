@@ -135,42 +135,96 @@ pub fn log(app: &App, session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         .map(|r| r.status.as_u16())
         .or(ctx.local_status)
         .unwrap_or(0);
-    let route = match &ctx.route {
-        Some(Route::Api(_)) => RouteLabel::Api,
-        Some(Route::Play(_)) => RouteLabel::Stream,
-        Some(Route::HlsPlaylist(_) | Route::HlsSegment(_)) => RouteLabel::Hls,
-        Some(Route::Metrics) => RouteLabel::Metrics,
-        _ => RouteLabel::Other,
-    };
-    if status > 0 {
-        app.metrics.request(route, status);
+    let mut rec = Access::of(session, ctx);
+    rec.status = status;
+    if !rec.enabled() {
+        // Playlist polls are the hot path: count, and skip building the line.
+        rec.count(app);
+        return;
     }
-    let client = ctx
-        .guard
-        .as_ref()
-        .map(|g| g.client.id.as_str())
-        .unwrap_or("-");
-    let addr = session
-        .client_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let ms = ctx.started.elapsed().as_millis() as u64;
-    let bytes = if ctx.bytes_out > 0 {
+    rec.bytes = if ctx.bytes_out > 0 {
         ctx.bytes_out
     } else {
         session.body_bytes_sent() as u64
     };
-    tracing::info!(
-        target: "access",
-        method = %session.req_header().method,
-        path = session.req_header().uri.path(),
-        stream_id = ctx.stream_id.as_deref().unwrap_or("-"),
-        client,
-        addr,
-        status,
-        bytes,
-        ms,
-        error = e.map(|e| format!("{:?}", e.etype())),
-        "request"
-    );
+    rec.error = e.map(|e| format!("{:?}", e.etype()));
+    rec.write(app);
+}
+
+/// One access-log line. It borrows nothing from the session, so a live viewer
+/// served off the session (proxy/live.rs) logs the same way when it leaves.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub route: RouteLabel,
+    pub method: http::Method,
+    pub path: String,
+    pub stream_id: Option<String>,
+    pub client: Option<String>,
+    pub addr: String,
+    pub status: u16,
+    pub bytes: u64,
+    pub started: std::time::Instant,
+    pub error: Option<String>,
+}
+
+impl Access {
+    /// The route and start time always; the rest only when access logs are on.
+    pub fn of(session: &Session, ctx: &RequestCtx) -> Access {
+        let route = match &ctx.route {
+            Some(Route::Api(_)) => RouteLabel::Api,
+            Some(Route::Play(_)) => RouteLabel::Stream,
+            Some(Route::HlsPlaylist(_) | Route::HlsSegment(_)) => RouteLabel::Hls,
+            Some(Route::Metrics) => RouteLabel::Metrics,
+            _ => RouteLabel::Other,
+        };
+        let mut rec = Access {
+            route,
+            method: session.req_header().method.clone(),
+            path: String::new(),
+            stream_id: None,
+            client: None,
+            addr: String::new(),
+            status: 0,
+            bytes: 0,
+            started: ctx.started,
+            error: None,
+        };
+        if rec.enabled() {
+            rec.path = session.req_header().uri.path().to_string();
+            rec.stream_id = ctx.stream_id.clone();
+            rec.client = ctx.guard.as_ref().map(|g| g.client.id.clone());
+            rec.addr = session
+                .client_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+        }
+        rec
+    }
+
+    fn enabled(&self) -> bool {
+        tracing::enabled!(target: "access", tracing::Level::INFO)
+    }
+
+    fn count(&self, app: &App) {
+        if self.status > 0 {
+            app.metrics.request(self.route, self.status);
+        }
+    }
+
+    pub fn write(&self, app: &App) {
+        self.count(app);
+        tracing::info!(
+            target: "access",
+            method = %self.method,
+            path = self.path.as_str(),
+            stream_id = self.stream_id.as_deref().unwrap_or("-"),
+            client = self.client.as_deref().unwrap_or("-"),
+            addr = self.addr.as_str(),
+            status = self.status,
+            bytes = self.bytes,
+            ms = self.started.elapsed().as_millis() as u64,
+            error = self.error.as_deref(),
+            "request"
+        );
+    }
 }
