@@ -15,8 +15,10 @@ use m3u_edge::housekeeping::Housekeeper;
 use m3u_edge::proxy::Edge;
 use m3u_edge::{config, logging};
 
-/// Read buffer of a client connection (Pingora's default is 64 KiB).
-const DOWNSTREAM_READ_BUFFER: usize = 8 * 1024;
+/// Read buffer of a client connection (Pingora's default is 64 KiB). None:
+/// Pingora reads request headers straight into its own header buffer, and a
+/// live viewer keeps its connection for hours while only being written to.
+const DOWNSTREAM_READ_BUFFER: usize = 0;
 
 #[derive(Parser, Debug)]
 #[command(name = "m3u-edge", version, about = "IPTV streaming proxy on Pingora")]
@@ -97,9 +99,6 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
         Edge::new(app.clone()),
         "edge",
     );
-    // Pingora gives every downstream connection a 64 KiB read buffer. A viewer
-    // sends one request and then only reads, so 8 KiB (ample for request
-    // headers and API bodies) keeps the per-viewer memory of the hub low.
     edge.add_listener(
         pingora::listeners::ListenerConfig::tcp(listen.to_string()).l4_buffer(
             pingora::protocols::l4::stream::L4BufferSettings::new(
