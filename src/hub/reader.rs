@@ -32,13 +32,15 @@ use crate::registry::StreamSpec;
 use crate::ts::{Aligner, DiscontinuityMarker, Scanner, PACKET_LEN};
 use crate::upstream::sources as static_sources;
 
-/// Ring chunks aim at this size: viewers then write ~64 KiB per send(), the
-/// batch size DESIGN.md measured as cheapest for fan-out.
-const CHUNK_TARGET: usize = 64 * 1024;
-/// ...but never hold bytes back longer than this (64 KiB of an 8 Mbit/s
-/// channel take ~65 ms), so low-bitrate channels are not delayed. The first
-/// bytes of a connection go out at once: a cold start waits for nothing.
-const FLUSH_AFTER: Duration = Duration::from_millis(100);
+/// Ring chunks aim at this size, and each viewer gets one write per chunk.
+/// Per-write cost dominates fan-out (DESIGN.md): at 1000 viewers of an
+/// 8 Mbit/s channel, 128 KiB writes took ~0.45 core where 64 KiB took ~0.58
+/// (benches/fanout.rs); larger ones gained nothing more.
+const CHUNK_TARGET: usize = 128 * 1024;
+/// ...but never hold bytes back longer than this (128 KiB of an 8 Mbit/s
+/// channel take ~130 ms), so low-bitrate channels are not delayed much. The
+/// first bytes of a connection go out at once: a cold start waits for nothing.
+const FLUSH_AFTER: Duration = Duration::from_millis(150);
 /// How long a channel waits for a provider lease held by a closing channel.
 const LEASE_WAIT: Duration = Duration::from_secs(2);
 /// A provider that says "too many connections" right after we closed one has

@@ -24,9 +24,9 @@ use crate::hub::{JoinError, Next, Viewer};
 use crate::metrics::DropReason;
 use crate::registry::{ClientGuard, Stream as RegStream};
 
-/// Bytes handed to one viewer per write: large writes keep the send() count,
-/// which dominates fan-out cost, low (DESIGN.md).
-const BATCH: usize = 64 * 1024;
+/// Bytes handed to one viewer per write: one ring chunk (hub/reader.rs), or
+/// several small ones joined when the viewer is behind.
+const BATCH: usize = 128 * 1024;
 
 /// How a request for `/stream/{id}` is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
