@@ -155,14 +155,54 @@ async fn edge(extra: &str) -> Edge {
     .await
 }
 
+/// What the viewers of one step connect to.
+struct Target {
+    pid: u32,
+    addr: String,
+    id: String,
+}
+
 async fn fanout_step(p: &Provider, n: usize, secs: u64) -> String {
     let e = edge("").await;
-    let pid = e.pid().expect("pid");
     let id = register(&e, &p.url(&format!("live/bench{n}.ts?kbps={KBPS}")), "").await;
-    let addr = format!("127.0.0.1:{}", e.port());
+    let target = Target {
+        pid: e.pid().expect("pid"),
+        addr: format!("127.0.0.1:{}", e.port()),
+        id,
+    };
+    measure(&target, n, secs).await
+}
+
+/// The same step against the ideal relay below: the floor this harness can
+/// show on this machine.
+async fn relay_step(n: usize, secs: u64) -> String {
+    let exe = std::env::current_exe().expect("bench executable");
+    let mut child = std::process::Command::new(exe)
+        .env(RELAY_ENV, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the relay");
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+    }
+    let target = Target {
+        pid: child.id(),
+        addr: format!("127.0.0.1:{}", line.trim()),
+        id: "relay".into(),
+    };
+    let row = measure(&target, n, secs).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    row
+}
+
+async fn measure(t: &Target, n: usize, secs: u64) -> String {
+    let (pid, addr, id) = (t.pid, &t.addr, &t.id);
     // Warm the channel with one viewer and let its ring fill (4 s of video),
     // so the baseline holds the shared buffer and the growth is per viewer.
-    let warm = open(&addr, &id).await.expect("warm viewer");
+    let warm = open(addr, id).await.expect("warm viewer");
     tokio::time::sleep(Duration::from_secs(6)).await;
     let (_, rss0) = proc_usage(pid);
     let setup = Duration::from_secs(5 + n as u64 / 100);
@@ -179,8 +219,8 @@ async fn fanout_step(p: &Provider, n: usize, secs: u64) -> String {
     let mut tasks = Vec::new();
     for s in &stats {
         tasks.push(tokio::spawn(viewer(
-            addr.clone(),
-            id.clone(),
+            addr.to_string(),
+            id.to_string(),
             s.clone(),
             until,
         )));
@@ -314,7 +354,69 @@ async fn failover_gap(p: &Provider, standby: bool) -> (f64, u64) {
     )
 }
 
+/// Set when this executable runs as the ideal relay.
+const RELAY_ENV: &str = "FANOUT_RELAY";
+
+/// The floor the issue describes: no HTTP parsing beyond finding the end of
+/// the request, no ring, no hub; every 64 KiB of an 8 Mbit/s channel, one
+/// write of the same shared buffer to each viewer. Prints its port.
+fn relay_main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        println!("{}", l.local_addr().expect("addr").port());
+        let chunk = bytes::Bytes::from(vec![0x47u8; 64 * 1024]);
+        let (tx, rx) = tokio::sync::watch::channel(chunk.clone());
+        let every = Duration::from_secs_f64(chunk.len() as f64 / (KBPS as f64 * 125.0));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                tx.send_replace(chunk.clone());
+            }
+        });
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            let mut rx = rx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let hdr =
+                    b"HTTP/1.1 200 OK\r\nContent-Type: video/mp2t\r\nConnection: close\r\n\r\n";
+                if s.write_all(hdr).await.is_err() {
+                    return;
+                }
+                rx.borrow_and_update();
+                while rx.changed().await.is_ok() {
+                    let b = rx.borrow_and_update().clone();
+                    if s.write_all(&b).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
 fn main() {
+    if std::env::var_os(RELAY_ENV).is_some() {
+        relay_main();
+        return;
+    }
     // `cargo bench` passes --bench; nothing to parse.
     let secs: u64 = std::env::var("FANOUT_SECS")
         .ok()
@@ -335,9 +437,13 @@ fn main() {
         println!("live fan-out: one {} Mbit/s channel, {secs} s per step, release build", KBPS / 1000);
         println!("| viewers | proxy CPU (cores) | proxy RSS (MiB) | RSS per viewer (KiB) | rate min / median (Mbit/s) | waited > 1 s |");
         println!("|---:|---:|---:|---:|---:|---:|");
-        for n in steps {
-            let row = fanout_step(&p, n, secs).await;
+        for n in &steps {
+            let row = fanout_step(&p, *n, secs).await;
             println!("{row}");
+        }
+        if let Some(&n) = steps.iter().max() {
+            println!("\nfloor on this harness: an ideal relay (tokio; one write of a shared 64 KiB buffer per viewer, no HTTP, no hub), same viewers");
+            println!("{}", relay_step(n, secs).await);
         }
         let (p50, p99) = join_times(&p).await;
         println!("\njoin time, warm channel (request → first body byte, 100 joins): p50 {p50:.2} ms, p99 {p99:.2} ms");
