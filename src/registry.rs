@@ -247,7 +247,7 @@ impl Stream {
 
     /// A provider connection of this stream opened: `stream_started`, once per
     /// session (not per request, retry or POST).
-    pub fn started(&self, data: Value) {
+    pub fn started(&self, data: impl FnOnce() -> Value) {
         {
             let mut s = self.session.lock();
             if s.started.is_some() {
@@ -256,7 +256,7 @@ impl Stream {
             s.started = Some(Instant::now());
             s.stop_sent = false;
         }
-        self.emit(EventType::StreamStarted, data);
+        self.emit(EventType::StreamStarted, data());
     }
 
     /// `stream_stopped` with `reason`, unless one was already sent for this session.
@@ -333,6 +333,12 @@ impl Stream {
 
     pub fn failover(&self) -> FailoverState {
         self.failover.lock().clone()
+    }
+
+    /// When the stream last switched sources (no copy of the whole state:
+    /// every playlist poll asks).
+    pub fn last_failover_time(&self) -> Option<DateTime<Utc>> {
+        self.failover.lock().last_time
     }
 
     /// Records a switch to `url` (index -1 = primary).

@@ -91,7 +91,7 @@ pub struct Playlist {
 #[derive(Default)]
 struct PlaylistSlot {
     /// Held while fetching: concurrent viewers wait here instead of fetching.
-    entry: tokio::sync::Mutex<Option<Playlist>>,
+    entry: tokio::sync::Mutex<Option<Arc<Playlist>>>,
     /// The backend a redirect led to, for sticky streams.
     sticky: Mutex<Option<Url>>,
 }
@@ -110,7 +110,8 @@ struct SegmentStore {
 }
 
 pub struct HlsFetcher {
-    playlists: Mutex<HashMap<(String, String), Arc<PlaylistSlot>>>,
+    /// stream id → playlist URL → slot; nested so a lookup allocates nothing.
+    playlists: Mutex<HashMap<String, HashMap<String, Arc<PlaylistSlot>>>>,
     segments: Mutex<SegmentStore>,
     segment_cache_bytes: usize,
     playlist_max_bytes: usize,
@@ -138,13 +139,17 @@ impl HlsFetcher {
 
     /// Forgets a stream's playlists (stream deleted).
     pub fn forget(&self, stream_id: &str) {
-        self.playlists.lock().retain(|(s, _), _| s != stream_id);
+        self.playlists.lock().remove(stream_id);
     }
 
     fn playlist_slot(&self, stream_id: &str, url: &Url) -> Arc<PlaylistSlot> {
-        self.playlists
-            .lock()
-            .entry((stream_id.to_string(), url.to_string()))
+        let mut all = self.playlists.lock();
+        if let Some(slot) = all.get(stream_id).and_then(|m| m.get(url.as_str())) {
+            return slot.clone();
+        }
+        all.entry(stream_id.to_string())
+            .or_default()
+            .entry(url.to_string())
             .or_default()
             .clone()
     }
@@ -156,7 +161,7 @@ impl HlsFetcher {
         stream_id: &str,
         spec: &StreamSpec,
         url: &Url,
-    ) -> Result<Playlist, FetchError> {
+    ) -> Result<Arc<Playlist>, FetchError> {
         let slot = self.playlist_slot(stream_id, url);
         let mut cached = slot.entry.lock().await;
         if let Some(p) = cached.as_ref().filter(|p| p.fetched.elapsed() < p.ttl) {
@@ -195,7 +200,7 @@ impl HlsFetcher {
                         new,
                         "playlist went backwards: served the newer one"
                     );
-                    prev.fetched = Instant::now();
+                    Arc::make_mut(prev).fetched = Instant::now();
                     return Ok(prev.clone());
                 }
             }
@@ -209,7 +214,7 @@ impl HlsFetcher {
                 .clamp(MIN_LIVE_TTL, MAX_LIVE_TTL)
         };
         static GENERATION: AtomicU64 = AtomicU64::new(1);
-        let p = Playlist {
+        let p = Arc::new(Playlist {
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             body: fetched.body,
             base: fetched.final_url,
@@ -217,17 +222,18 @@ impl HlsFetcher {
             content_type: fetched.content_type,
             fetched: Instant::now(),
             ttl,
-        };
+        });
         *cached = Some(p.clone());
         Ok(p)
     }
 
     /// The last playlist served for `url`, if any (to map variants across a failover).
-    pub fn cached_playlist(&self, stream_id: &str, url: &Url) -> Option<Playlist> {
+    pub fn cached_playlist(&self, stream_id: &str, url: &Url) -> Option<Arc<Playlist>> {
         let slot = self
             .playlists
             .lock()
-            .get(&(stream_id.to_string(), url.to_string()))
+            .get(stream_id)
+            .and_then(|m| m.get(url.as_str()))
             .cloned()?;
         let p = slot.entry.try_lock().ok()?.clone();
         p

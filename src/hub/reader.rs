@@ -604,11 +604,13 @@ impl Reader {
         if self.ch.phase() == Phase::Connecting {
             self.ch.set_phase(Phase::Live);
         }
-        self.ch.stream.started(serde_json::json!({
-            "mode": "live_hub",
-            "source_index": index,
-            "url": url.as_str(),
-        }));
+        self.ch.stream.started(|| {
+            serde_json::json!({
+                "mode": "live_hub",
+                "source_index": index,
+                "url": url.as_str(),
+            })
+        });
         picker.ok(pos);
         *self.ch.stream.health.lock() = picker.health.clone();
         if pos == 0 {

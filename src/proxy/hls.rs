@@ -179,26 +179,29 @@ fn variants(p: &Playlist) -> Vec<Url> {
 async fn main_playlist(
     app: &App,
     stream: &Arc<Stream>,
-) -> std::result::Result<(Url, Playlist), FetchError> {
+) -> std::result::Result<(Url, Arc<Playlist>), FetchError> {
     let spec = stream.spec();
-    let mut candidates: Vec<Url> = Url::parse(&stream.failover().current_url)
-        .ok()
+    // The source the stream is on almost always answers (from the shared
+    // cache): the other sources are parsed only when it does not.
+    let current = Url::parse(&stream.failover().current_url).ok();
+    let others = || {
+        sources::static_sources(&spec)
+            .into_iter()
+            .filter(|u| Some(u) != current.as_ref())
+    };
+    let candidates = current
+        .clone()
         .into_iter()
-        .collect();
-    for u in sources::static_sources(&spec) {
-        if !candidates.contains(&u) {
-            candidates.push(u);
-        }
-    }
+        .chain(std::iter::once_with(others).flatten());
     let mut last = FetchError::Connect;
     let mut all_not_found = true;
-    for (i, url) in candidates.iter().enumerate() {
-        match app.hls.playlist(app, &stream.id, &spec, url).await {
+    for (i, url) in candidates.enumerate() {
+        match app.hls.playlist(app, &stream.id, &spec, &url).await {
             Ok(p) => {
                 if i > 0 {
-                    switch_to(stream, &spec, url, &format!("playlist: {last}"));
+                    switch_to(stream, &spec, &url, &format!("playlist: {last}"));
                 }
-                return Ok((url.clone(), p));
+                return Ok((url, p));
             }
             Err(e) => {
                 tracing::warn!(stream_id = %stream.id, error = %e, "HLS source failed");
@@ -235,7 +238,7 @@ fn switch_to(stream: &Stream, spec: &crate::registry::StreamSpec, url: &Url, rea
 
 /// A variant of the current source at the same position as `old` had in the
 /// previous source's master: how a viewer keeps playing across a failover.
-async fn remap_variant(app: &App, stream: &Arc<Stream>, old: &Url) -> Option<(Url, Playlist)> {
+async fn remap_variant(app: &App, stream: &Arc<Stream>, old: &Url) -> Option<(Url, Arc<Playlist>)> {
     let spec = stream.spec();
     let masters: Vec<Url> = sources::static_sources(&spec);
     let position = masters.iter().find_map(|m| {
@@ -282,15 +285,14 @@ async fn playlist(
         Ok(x) => x,
         Err(e) => return refuse(session, ctx, stream, &e).await,
     };
-    stream.started(serde_json::json!({ "mode": "hls" }));
+    stream.started(|| serde_json::json!({ "mode": "hls" }));
     let guard = attach(app, session, stream, claims.as_ref(), idle_for(Some(&p)));
     let client = guard.client.clone();
     let client_id = client.id.clone();
     let username = client.username.clone();
     ctx.guard = Some(guard);
     let recently_switched = stream
-        .failover()
-        .last_time
+        .last_failover_time()
         .is_some_and(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default() < SWITCH_WINDOW)
         && !p.info.is_master;
     let reuse = client

@@ -20,6 +20,8 @@ use crate::upstream::sources;
 /// API bodies are small JSON documents; anything bigger is refused.
 const MAX_API_BODY: usize = 1024 * 1024;
 
+/// Playlist polls are the hot path: Pingora moves this future into a box on
+/// every request, so the larger, colder branches live in boxes of their own.
 pub async fn route(app: &Arc<App>, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
     let path = session.req_header().uri.path().to_string();
     let r = route::decode(&path, &app.config.server.root_path);
@@ -31,14 +33,14 @@ pub async fn route(app: &Arc<App>, session: &mut Session, ctx: &mut RequestCtx) 
             Ok(true)
         }
         Route::Api(a) => {
-            serve_api(app, session, ctx, &a).await?;
+            Box::pin(serve_api(app, session, ctx, &a)).await?;
             Ok(true)
         }
         Route::Metrics => {
-            metrics(app, session, ctx).await?;
+            Box::pin(metrics(app, session, ctx)).await?;
             Ok(true)
         }
-        Route::Play(id) => play(app, session, ctx, id).await,
+        Route::Play(id) => Box::pin(play(app, session, ctx, id)).await,
         Route::HlsPlaylist(id) => hls_route(app, session, ctx, id, hls::Asked::Playlist).await,
         Route::HlsSegment(id) => hls_route(app, session, ctx, id, hls::Asked::Segment).await,
     }

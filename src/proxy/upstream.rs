@@ -212,11 +212,13 @@ pub fn response_header(app: &App, resp: &mut ResponseHeader, ctx: &mut RequestCt
     }
     ctx.committed = true;
     if let Some(g) = &ctx.guard {
-        g.stream.started(serde_json::json!({
-            "mode": "direct_proxy",
-            "client_id": g.client.id,
-            "source_index": sources::failover_index(ctx.sel.pos),
-        }));
+        g.stream.started(|| {
+            serde_json::json!({
+                "mode": "direct_proxy",
+                "client_id": g.client.id,
+                "source_index": sources::failover_index(ctx.sel.pos),
+            })
+        });
     }
     headers::scrub_response(resp);
     if !resp.headers.contains_key(header::CONTENT_TYPE) {
