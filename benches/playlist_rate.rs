@@ -60,7 +60,126 @@ async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<u16> {
     }
 }
 
+/// Set (to a port) when this executable runs as the bare Pingora server.
+const BARE_ENV: &str = "PLAYLIST_BARE";
+/// The body the bare server answers with: a playlist m3u-edge rendered.
+const BARE_BODY_ENV: &str = "PLAYLIST_BARE_BODY";
+
+/// The floor for any Pingora-based proxy on this machine: a Pingora HTTP
+/// service whose `request_filter` answers every request with a fixed
+/// playlist (no routing, no cache, no rewrite, no client tracking).
+struct Bare(bytes::Bytes);
+
+#[async_trait::async_trait]
+impl pingora::proxy::ProxyHttp for Bare {
+    type CTX = ();
+    fn new_ctx(&self) {}
+
+    async fn upstream_peer(
+        &self,
+        _: &mut pingora::proxy::Session,
+        _: &mut (),
+    ) -> pingora::Result<Box<pingora::upstreams::peer::HttpPeer>> {
+        pingora::Error::e_explain(pingora::ErrorType::InternalError, "no upstream")
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut pingora::proxy::Session,
+        _: &mut (),
+    ) -> pingora::Result<bool> {
+        let mut resp = pingora::http::ResponseHeader::build(200, Some(3))?;
+        resp.insert_header("content-type", "application/vnd.apple.mpegurl")?;
+        resp.insert_header("content-length", self.0.len())?;
+        resp.insert_header("cache-control", "no-cache")?;
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(self.0.clone()), true)
+            .await?;
+        Ok(true)
+    }
+}
+
+fn bare_main(port: &str) {
+    let body = std::env::var(BARE_BODY_ENV)
+        .ok()
+        .and_then(|p| std::fs::read(p).ok())
+        .unwrap_or_default();
+    let conf = pingora::server::configuration::ServerConf {
+        threads: 2,
+        ..Default::default()
+    };
+    let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut svc = pingora::proxy::http_proxy_service(&server.configuration, Bare(body.into()));
+    // The same client-connection buffers as m3u-edge (src/main.rs).
+    svc.add_listener(
+        pingora::listeners::ListenerConfig::tcp(format!("127.0.0.1:{port}")).l4_buffer(
+            pingora::protocols::l4::stream::L4BufferSettings::new(0, 8 * 1024),
+        ),
+    );
+    server.add_service(svc);
+    server.run_forever();
+}
+
+/// Runs wrk with `script` against `addr`; the line the table shows.
+fn wrk(conns: usize, secs: u64, script: &std::path::Path, addr: &str) -> Option<String> {
+    let o = std::process::Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(script)
+        .arg(format!("http://{addr}/"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let text = String::from_utf8_lossy(&o.stdout);
+    let grab = |key: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .map(|l| l.trim().to_string())
+            .unwrap_or_default()
+    };
+    Some(format!(
+        "{} | {} | {}",
+        grab("Requests/sec"),
+        grab("50%"),
+        grab("99%")
+    ))
+}
+
+/// Starts the bare Pingora server on a free port with `body`; returns it and its address.
+fn start_bare(body_file: &std::path::Path) -> Option<(std::process::Child, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let child = std::process::Command::new(std::env::current_exe().ok()?)
+        .env(BARE_ENV, port.to_string())
+        .env(BARE_BODY_ENV, body_file)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .ok()?;
+    let addr = format!("127.0.0.1:{port}");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            return Some((child, addr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 fn main() {
+    if let Ok(port) = std::env::var(BARE_ENV) {
+        bare_main(&port);
+        return;
+    }
     let conns = env_or("PLAYLIST_CONNS", 100) as usize;
     let secs = env_or("PLAYLIST_SECS", 10);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -146,31 +265,39 @@ fn main() {
         let lua = format!(
             "n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format(nil, \"/m3u-proxy/hls/{id}/playlist.m3u8?client_id=v\" .. (n % {conns}))\nend\n"
         );
-        if std::fs::write(&script, lua).is_ok() {
-            let out = std::process::Command::new("wrk")
-                .args(["-t2", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency", "-s"])
-                .arg(&script)
-                .arg(format!("http://{addr}/"))
-                .output();
-            match out {
-                Ok(o) if o.status.success() => {
-                    let text = String::from_utf8_lossy(&o.stdout);
-                    let grab = |key: &str| {
-                        text.lines()
-                            .find(|l| l.trim_start().starts_with(key))
-                            .map(|l| l.trim().to_string())
-                            .unwrap_or_default()
-                    };
-                    println!(
-                        "\nwrk -t2 -c{conns} -d{secs}s: {} | {} | {} | provider playlist fetches in total: {}",
-                        grab("Requests/sec"),
-                        grab("50%"),
-                        grab("99%"),
-                        p.hits("/hls-live/hls_ts/v0/index.m3u8")
-                    );
-                }
-                _ => println!("\n(wrk not installed: apt-get install wrk for the wrk row)"),
+        if std::fs::write(&script, lua).is_err() {
+            return;
+        }
+        match wrk(conns, secs, &script, &addr) {
+            Some(line) => println!(
+                "\nwrk -t2 -c{conns} -d{secs}s: {line} | provider playlist fetches in total: {}",
+                p.hits("/hls-live/hls_ts/v0/index.m3u8")
+            ),
+            None => {
+                println!("\n(wrk not installed: apt-get install wrk for the wrk rows)");
+                return;
             }
+        }
+        // The floor: bare Pingora answering the same playlist, same wrk.
+        let mut s = TcpStream::connect(&addr).await.expect("connect");
+        let req = format!("GET /m3u-proxy/hls/{id}/playlist.m3u8?client_id=v1 HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        let _ = s.write_all(req.as_bytes()).await;
+        let mut buf = Vec::new();
+        let _ = read_response(&mut s, &mut buf).await;
+        let body_at = buf.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |i| i + 4);
+        let body_file = e.dir().join("bare-body.m3u8");
+        if std::fs::write(&body_file, &buf[body_at..]).is_err() {
+            return;
+        }
+        if let Some((mut child, bare)) = start_bare(&body_file) {
+            if let Some(line) = wrk(conns, secs, &script, &bare) {
+                println!(
+                    "floor, bare Pingora answering the same {}-byte playlist from request_filter: {line}",
+                    buf.len() - body_at
+                );
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
     });
 }
