@@ -170,6 +170,9 @@ pub fn rewrite(
             uri: truncate(&String::from_utf8_lossy(raw), MAX_ERROR_URI),
         };
         let text = std::str::from_utf8(raw).map_err(|_| bad_uri())?;
+        if span.kind == Kind::Key && !span.is_line && is_key_system_uri(text) {
+            continue;
+        }
         let url = resolve(base, text).ok_or_else(bad_uri)?;
         let minted = mint(&url, span.kind, text);
         check_minted(&minted).map_err(|reason| RewriteError::BadMint {
@@ -222,6 +225,15 @@ pub fn resolve(base: &Url, text: &str) -> Option<Url> {
     let url = base.join(text).ok()?;
     let web = matches!(url.scheme(), "http" | "https");
     (web && url.host().is_some()).then_some(url)
+}
+
+/// Key URIs that the player's key system resolves itself: FairPlay `skd:`
+/// and inline `data:` (Widevine/PlayReady PSSH). There is nothing for the
+/// proxy to fetch, so they stay exactly as the provider wrote them.
+fn is_key_system_uri(text: &str) -> bool {
+    text.split_once(':').is_some_and(|(scheme, _)| {
+        scheme.eq_ignore_ascii_case("skd") || scheme.eq_ignore_ascii_case("data")
+    })
 }
 
 /// The minted text replaces a URI line or the inside of a quoted-string; anything
@@ -952,6 +964,38 @@ https://edge.test/m/playlist/1\n\
         assert!(matches!(
             Table::default().rewrite(not_utf8),
             Err(RewriteError::BadUri { line: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn key_system_uris_pass_through_untouched() {
+        let body = b"#EXTM3U\n\
+#EXT-X-KEY:METHOD=SAMPLE-AES,URI=\"skd://asset-42\",KEYFORMAT=\"com.apple.streamingkeydelivery\"\n\
+#EXT-X-KEY:METHOD=SAMPLE-AES-CTR,URI=\"data:text/plain;base64,AAAAW3Bzc2g=\",KEYFORMAT=\"urn:uuid:edef8ba9-79d6-4ace-a3c8-27dcd51d21ed\"\n\
+#EXT-X-KEY:METHOD=AES-128,URI=\"key.bin\"\n\
+#EXTINF:4,\n\
+seg1.ts\n";
+        let mut table = Table::default();
+        let out = table.rewrite(body).unwrap();
+        let text = String::from_utf8(out.body.clone()).unwrap();
+        assert!(text.contains("URI=\"skd://asset-42\""), "{text}");
+        assert!(
+            text.contains("URI=\"data:text/plain;base64,AAAAW3Bzc2g=\""),
+            "{text}"
+        );
+        assert_eq!(table.count(Kind::Key), 1);
+        assert_eq!(table.count(Kind::Segment), 1);
+        assert_eq!(table.unrewrite(&out.body), body.to_vec());
+        let master = b"#EXTM3U\n#EXT-X-SESSION-KEY:METHOD=SAMPLE-AES,URI=\"SKD://a\"\n#EXT-X-STREAM-INF:BANDWIDTH=1\nv.m3u8\n";
+        let mut table = Table::default();
+        let out = table.rewrite(master).unwrap();
+        assert!(out.body.starts_with(&master[..50]));
+        assert_eq!(table.count(Kind::Playlist), 1);
+        // Only keys: a data: segment is still refused.
+        let seg = b"#EXTM3U\n#EXTINF:4,\ndata:,x\n";
+        assert!(matches!(
+            Table::default().rewrite(seg),
+            Err(RewriteError::BadUri { line: 3, .. })
         ));
     }
 
