@@ -334,3 +334,49 @@ async fn the_channel_returns_to_the_primary_after_the_cooldown() {
     got.extend_from_slice(&v.read_n(188 * 2000, T).await);
     is_valid_ts(&got).unwrap();
 }
+
+/// A live viewer is served off its Pingora session; it still leaves one access
+/// log line (status, bytes) and one request count when it goes, and it leaves
+/// the client list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_viewer_is_logged_and_counted_when_it_leaves() {
+    let p = Provider::start().await;
+    let e = Edge::start(&live_config("")).await;
+    let id = register(&e, json!({"url": p.url("live/logged.ts?kbps=2000")})).await;
+    let mut v = watch(&e, &id, "logged-viewer").await;
+    let b = v.read_n(188 * 1000, T).await;
+    is_valid_ts(&b).unwrap();
+    drop(v);
+    let line = |log: &str| {
+        log.lines()
+            .find(|l| l.contains(" access: request") && l.contains(&format!("stream_id=\"{id}\"")))
+            .map(str::to_string)
+    };
+    assert!(
+        eventually(T, || line(&e.log()).is_some()).await,
+        "no access log line for the live viewer:\n{}",
+        e.log()
+    );
+    let l = line(&e.log()).unwrap_or_default();
+    assert!(l.contains("status=200"), "{l}");
+    assert!(l.contains("client=\"logged-viewer\""), "{l}");
+    let bytes: u64 = l
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("bytes="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(bytes >= 188 * 1000, "{l}");
+    let (_, _, body) = client::get_body(&e.url("/metrics")).await;
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("m3u_edge_requests_total{")
+                && l.contains("route=\"stream\"")
+                && l.contains("status=\"2xx\"")
+                && l.ends_with(" 1")),
+        "{body}"
+    );
+    assert!(p.wait_until(T, |p| p.open_streams("/live/") == 0).await);
+    let (_, s) = api(&e, Method::GET, &format!("/streams/{id}"), None).await;
+    assert_eq!(s["client_count"], 0);
+}
