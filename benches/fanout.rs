@@ -361,11 +361,7 @@ const RELAY_ENV: &str = "FANOUT_RELAY";
 /// the request, no ring, no hub; every 64 KiB of an 8 Mbit/s channel, one
 /// write of the same shared buffer to each viewer. Prints its port.
 fn relay_main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = support::bench_runtime();
     rt.block_on(async {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -427,11 +423,7 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = support::bench_runtime();
     rt.block_on(async {
         let p = Provider::start().await;
         println!("live fan-out: one {} Mbit/s channel, {secs} s per step, release build", KBPS / 1000);

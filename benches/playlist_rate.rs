@@ -182,11 +182,7 @@ fn main() {
     }
     let conns = env_or("PLAYLIST_CONNS", 100) as usize;
     let secs = env_or("PLAYLIST_SECS", 10);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = support::bench_runtime();
     rt.block_on(async {
         let p = Provider::start().await;
         // Access logging off (`RUST_LOG=warn`): it costs ~10 % at these rates.
