@@ -74,6 +74,8 @@ pub struct FailoverState {
     pub attempts: u64,
     pub last_time: Option<DateTime<Utc>>,
     pub current_url: String,
+    /// `current_url` parsed once per switch, not once per playlist poll.
+    pub current: Option<url::Url>,
 }
 
 /// Health of one source, as `GET /streams/{id}` shows it.
@@ -206,6 +208,7 @@ impl Stream {
         events: Option<Arc<Events>>,
     ) -> Self {
         let current_url = spec.url.clone();
+        let current = url::Url::parse(&current_url).ok();
         Stream {
             id,
             origin,
@@ -220,6 +223,7 @@ impl Stream {
                 attempts: 0,
                 last_time: None,
                 current_url,
+                current,
             }),
             clients: Mutex::new(HashMap::new()),
             closed: CancellationToken::new(),
@@ -347,6 +351,7 @@ impl Stream {
             let mut f = self.failover.lock();
             let from = f.index;
             let old = std::mem::replace(&mut f.current_url, url.to_string());
+            f.current = url::Url::parse(url).ok();
             f.index = index;
             f.attempts += 1;
             f.last_time = Some(Utc::now());
@@ -372,6 +377,12 @@ impl Stream {
         let mut f = self.failover.lock();
         f.index = index;
         f.current_url = url.to_string();
+        f.current = url::Url::parse(url).ok();
+    }
+
+    /// The source the stream is on, parsed.
+    pub fn current_source(&self) -> Option<url::Url> {
+        self.failover.lock().current.clone()
     }
 
     pub fn clients(&self) -> Vec<Arc<Client>> {

@@ -183,7 +183,7 @@ async fn main_playlist(
     let spec = stream.spec();
     // The source the stream is on almost always answers (from the shared
     // cache): the other sources are parsed only when it does not.
-    let current = Url::parse(&stream.failover().current_url).ok();
+    let current = stream.current_source();
     let others = || {
         sources::static_sources(&spec)
             .into_iter()
@@ -288,8 +288,6 @@ async fn playlist(
     stream.started(|| serde_json::json!({ "mode": "hls" }));
     let guard = attach(app, session, stream, claims.as_ref(), idle_for(Some(&p)));
     let client = guard.client.clone();
-    let client_id = client.id.clone();
-    let username = client.username.clone();
     ctx.guard = Some(guard);
     let recently_switched = stream
         .last_failover_time()
@@ -306,6 +304,8 @@ async fn playlist(
         write(app, session, ctx, 200, PLAYLIST_TYPE, &headers, body).await?;
         return Ok(true);
     }
+    let client_id = client.id.clone();
+    let username = client.username.clone();
     let root = prefix(app);
     let signer = &app.signer;
     let id = stream.id.clone();

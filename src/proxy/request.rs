@@ -135,12 +135,13 @@ fn client_ip(session: &Session) -> String {
 }
 
 pub fn hello(session: &Session) -> ClientHello {
-    let query = query_pairs(session);
+    // Asked on every playlist poll: look names up in the query without
+    // copying every pair out.
+    let query = session.req_header().uri.query().unwrap_or("");
     let q = |name: &str| {
-        query
-            .iter()
+        url::form_urlencoded::parse(query.as_bytes())
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| v.into_owned())
             .filter(|v| !v.is_empty())
     };
     let headers = &session.req_header().headers;
@@ -243,7 +244,7 @@ async fn play(
     // Start at the source the stream is on (a failover may have moved it),
     // then every other source in order.
     let mut candidates = Vec::new();
-    if let Ok(cur) = url::Url::parse(&stream.failover().current_url) {
+    if let Some(cur) = stream.current_source() {
         candidates.push(cur);
     }
     for u in sources::static_sources(&spec) {
