@@ -5,6 +5,7 @@ mod support;
 mod support_selftest;
 
 mod api;
+mod cli;
 mod common;
 mod config;
 mod events;
