@@ -44,14 +44,6 @@ pub enum Asked {
     Segment,
 }
 
-fn token(session: &Session) -> Option<String> {
-    session.req_header().uri.query().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "t")
-            .map(|(_, v)| v.into_owned())
-    })
-}
-
 /// `{public_url}{root_path}` or `{root_path}`: the prefix of minted URIs.
 fn prefix(app: &App) -> String {
     let root = &app.config.server.root_path;
@@ -132,7 +124,7 @@ pub async fn serve(
     stream: &Arc<Stream>,
     asked: Asked,
 ) -> Result<bool> {
-    let claims = match token(session) {
+    let claims = match request::query_param(session, "t") {
         Some(t) => match app.signer.verify(&stream.id, &t) {
             Ok(c) => Some(c),
             Err(e) => {

@@ -59,6 +59,15 @@ fn query_pairs(session: &Session) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
+/// The first value of query parameter `name`, decoded. Looked up in place:
+/// playlist polls ask for a name or two, not every pair.
+pub fn query_param(session: &Session, name: &str) -> Option<String> {
+    let query = session.req_header().uri.query()?;
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
 async fn read_body(session: &mut Session) -> Result<Option<Bytes>> {
     let mut buf = BytesMut::new();
     while let Some(chunk) = session.read_request_body().await? {
@@ -135,15 +144,7 @@ fn client_ip(session: &Session) -> String {
 }
 
 pub fn hello(session: &Session) -> ClientHello {
-    // Asked on every playlist poll: look names up in the query without
-    // copying every pair out.
-    let query = session.req_header().uri.query().unwrap_or("");
-    let q = |name: &str| {
-        url::form_urlencoded::parse(query.as_bytes())
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
-            .filter(|v| !v.is_empty())
-    };
+    let q = |name: &str| query_param(session, name).filter(|v| !v.is_empty());
     let headers = &session.req_header().headers;
     let username = headers
         .get("x-username")
