@@ -88,12 +88,31 @@ pub struct Playlist {
     ttl: Duration,
 }
 
+impl Playlist {
+    fn is_fresh(&self) -> bool {
+        self.fetched.elapsed() < self.ttl
+    }
+}
+
 #[derive(Default)]
 struct PlaylistSlot {
+    /// The playlist viewers are served. Read without waiting: at thousands of
+    /// polls per second an async lock on every hit costs wake-ups (perf).
+    current: parking_lot::RwLock<Option<Arc<Playlist>>>,
     /// Held while fetching: concurrent viewers wait here instead of fetching.
-    entry: tokio::sync::Mutex<Option<Arc<Playlist>>>,
+    fill: tokio::sync::Mutex<()>,
     /// The backend a redirect led to, for sticky streams.
     sticky: Mutex<Option<Url>>,
+}
+
+impl PlaylistSlot {
+    fn fresh(&self) -> Option<Arc<Playlist>> {
+        self.current
+            .read()
+            .as_ref()
+            .filter(|p| p.is_fresh())
+            .cloned()
+    }
 }
 
 #[derive(Default)]
@@ -163,10 +182,15 @@ impl HlsFetcher {
         url: &Url,
     ) -> Result<Arc<Playlist>, FetchError> {
         let slot = self.playlist_slot(stream_id, url);
-        let mut cached = slot.entry.lock().await;
-        if let Some(p) = cached.as_ref().filter(|p| p.fetched.elapsed() < p.ttl) {
+        if let Some(p) = slot.fresh() {
             self.metrics.hls_cache_result(CacheResult::Hit);
-            return Ok(p.clone());
+            return Ok(p);
+        }
+        let _filling = slot.fill.lock().await;
+        // Whoever held the lock before may have just fetched it.
+        if let Some(p) = slot.fresh() {
+            self.metrics.hls_cache_result(CacheResult::Hit);
+            return Ok(p);
         }
         let sticky_from = spec.sticky.then(|| slot.sticky.lock().clone()).flatten();
         self.metrics.hls_cache_result(CacheResult::Miss);
@@ -190,7 +214,8 @@ impl HlsFetcher {
             *slot.sticky.lock() = Some(fetched.final_url.clone());
         }
         // Monotonic: a lagging backend must not move viewers backwards.
-        if let Some(prev) = cached.as_mut() {
+        let prev = slot.current.read().clone();
+        if let Some(prev) = prev {
             if let (Some(old), Some(new)) = (prev.info.media_sequence, info.media_sequence) {
                 if !info.endlist && new < old {
                     self.sequence_regressions.fetch_add(1, Ordering::Relaxed);
@@ -200,8 +225,11 @@ impl HlsFetcher {
                         new,
                         "playlist went backwards: served the newer one"
                     );
-                    Arc::make_mut(prev).fetched = Instant::now();
-                    return Ok(prev.clone());
+                    let mut kept = (*prev).clone();
+                    kept.fetched = Instant::now();
+                    let kept = Arc::new(kept);
+                    *slot.current.write() = Some(kept.clone());
+                    return Ok(kept);
                 }
             }
         }
@@ -223,7 +251,7 @@ impl HlsFetcher {
             fetched: Instant::now(),
             ttl,
         });
-        *cached = Some(p.clone());
+        *slot.current.write() = Some(p.clone());
         Ok(p)
     }
 
@@ -235,7 +263,7 @@ impl HlsFetcher {
             .get(stream_id)
             .and_then(|m| m.get(url.as_str()))
             .cloned()?;
-        let p = slot.entry.try_lock().ok()?.clone();
+        let p = slot.current.read().clone();
         p
     }
 
