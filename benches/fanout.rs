@@ -173,12 +173,12 @@ async fn fanout_step(p: &Provider, n: usize, secs: u64) -> String {
     measure(&target, n, secs).await
 }
 
-/// The same step against the ideal relay below: the floor this harness can
+/// The same step against an ideal relay below: the floor this harness can
 /// show on this machine.
-async fn relay_step(n: usize, secs: u64) -> String {
+async fn relay_step(relay: Relay, n: usize, secs: u64) -> String {
     let exe = std::env::current_exe().expect("bench executable");
     let mut child = std::process::Command::new(exe)
-        .env(RELAY_ENV, "1")
+        .env(RELAY_ENV, relay.name())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start the relay");
@@ -354,64 +354,190 @@ async fn failover_gap(p: &Provider, standby: bool) -> (f64, u64) {
     )
 }
 
-/// Set when this executable runs as the ideal relay.
+/// Set when this executable runs as an ideal relay (its value names which).
 const RELAY_ENV: &str = "FANOUT_RELAY";
 
-/// The floor the issue describes: no HTTP parsing beyond finding the end of
-/// the request, no ring, no hub; every 64 KiB of an 8 Mbit/s channel, one
-/// write of the same shared buffer to each viewer. Prints its port.
-fn relay_main() {
-    let rt = support::bench_runtime();
-    rt.block_on(async {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        println!("{}", l.local_addr().expect("addr").port());
-        let chunk = bytes::Bytes::from(vec![0x47u8; 64 * 1024]);
-        let (tx, rx) = tokio::sync::watch::channel(chunk.clone());
-        let every = Duration::from_secs_f64(chunk.len() as f64 / (KBPS as f64 * 125.0));
+/// The floors the issue describes: no HTTP parsing beyond finding the end of
+/// the request, no ring, no hub; every 64 KiB of an 8 Mbit/s channel goes to
+/// each viewer in one call.
+#[derive(Clone, Copy)]
+enum Relay {
+    /// write() of one shared buffer.
+    Write,
+    /// sendfile() from an in-memory file: the kernel takes the pages by
+    /// reference, so not even the copy from user space is paid.
+    Sendfile,
+}
+
+impl Relay {
+    fn name(self) -> &'static str {
+        match self {
+            Relay::Write => "write",
+            Relay::Sendfile => "sendfile",
+        }
+    }
+}
+
+const RELAY_CHUNK: usize = 64 * 1024;
+
+/// Accepts viewers; each gets its request read and a header, then `deliver`.
+async fn relay_accept<F, Fut>(deliver: F)
+where
+    F: Fn(TcpStream) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    println!("{}", l.local_addr().expect("addr").port());
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        let deliver = deliver.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                tx.send_replace(chunk.clone());
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let hdr = b"HTTP/1.1 200 OK\r\nContent-Type: video/mp2t\r\nConnection: close\r\n\r\n";
+            if s.write_all(hdr).await.is_ok() {
+                deliver(s).await;
             }
         });
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            let mut rx = rx.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
+    }
+}
+
+fn relay_main(relay: Relay) {
+    let rt = support::bench_runtime();
+    let every = Duration::from_secs_f64(RELAY_CHUNK as f64 / (KBPS as f64 * 125.0));
+    rt.block_on(async move {
+        match relay {
+            Relay::Write => {
+                let chunk = bytes::Bytes::from(vec![0x47u8; RELAY_CHUNK]);
+                let (tx, rx) = tokio::sync::watch::channel(chunk.clone());
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(every);
+                    loop {
+                        tick.tick().await;
+                        tx.send_replace(chunk.clone());
                     }
-                }
-                let hdr =
-                    b"HTTP/1.1 200 OK\r\nContent-Type: video/mp2t\r\nConnection: close\r\n\r\n";
-                if s.write_all(hdr).await.is_err() {
-                    return;
-                }
-                rx.borrow_and_update();
-                while rx.changed().await.is_ok() {
-                    let b = rx.borrow_and_update().clone();
-                    if s.write_all(&b).await.is_err() {
-                        return;
+                });
+                relay_accept(move |mut s| {
+                    let mut rx = rx.clone();
+                    async move {
+                        rx.borrow_and_update();
+                        while rx.changed().await.is_ok() {
+                            let b = rx.borrow_and_update().clone();
+                            if s.write_all(&b).await.is_err() {
+                                return;
+                            }
+                        }
                     }
-                }
-            });
+                })
+                .await;
+            }
+            Relay::Sendfile => {
+                let spool = Arc::new(Spool::new());
+                let (tx, rx) = tokio::sync::watch::channel(0u64);
+                let writer = spool.clone();
+                tokio::spawn(async move {
+                    let chunk = vec![0x47u8; RELAY_CHUNK];
+                    let mut tick = tokio::time::interval(every);
+                    loop {
+                        tick.tick().await;
+                        tx.send_replace(writer.append(&chunk));
+                    }
+                });
+                relay_accept(move |s| {
+                    let (mut rx, spool) = (rx.clone(), spool.clone());
+                    async move {
+                        let mut pos = *rx.borrow_and_update();
+                        while rx.changed().await.is_ok() {
+                            let end = *rx.borrow_and_update();
+                            if spool.send(&s, &mut pos, end).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                })
+                .await;
+            }
         }
     });
 }
 
+/// An append-only in-memory file: sent pages are never rewritten (the kernel
+/// may still hold them in socket buffers), old ones are released by punching
+/// holes behind the live edge.
+struct Spool {
+    file: std::fs::File,
+    end: std::sync::atomic::AtomicU64,
+}
+
+impl Spool {
+    /// What stays behind the live edge (far more than any viewer lags here).
+    const KEEP: u64 = 8 << 20;
+
+    fn new() -> Self {
+        let fd =
+            nix::sys::memfd::memfd_create(c"fanout-spool", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .expect("memfd_create");
+        Spool {
+            file: std::fs::File::from(fd),
+            end: AtomicU64::new(0),
+        }
+    }
+
+    /// Appends a chunk; returns the new end offset.
+    fn append(&self, data: &[u8]) -> u64 {
+        use std::os::unix::fs::FileExt;
+        let at = self.end.load(Ordering::Acquire);
+        self.file.write_all_at(data, at).expect("spool write");
+        let end = at + data.len() as u64;
+        self.end.store(end, Ordering::Release);
+        if at >= Self::KEEP {
+            let from = (at - Self::KEEP) & !4095;
+            let _ = nix::fcntl::fallocate(
+                &self.file,
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                from as i64,
+                data.len() as i64,
+            );
+        }
+        end
+    }
+
+    /// sendfile() of [pos, end) to the socket, waiting while it is full.
+    async fn send(&self, s: &TcpStream, pos: &mut u64, end: u64) -> std::io::Result<()> {
+        while *pos < end {
+            s.writable().await?;
+            let sent = s.try_io(tokio::io::Interest::WRITABLE, || {
+                let mut off = *pos as i64;
+                nix::sys::sendfile::sendfile(s, &self.file, Some(&mut off), (end - *pos) as usize)
+                    .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => *pos += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
 fn main() {
-    if std::env::var_os(RELAY_ENV).is_some() {
-        relay_main();
-        return;
+    match std::env::var(RELAY_ENV).as_deref() {
+        Ok("write") => return relay_main(Relay::Write),
+        Ok("sendfile") => return relay_main(Relay::Sendfile),
+        _ => {}
     }
     // `cargo bench` passes --bench; nothing to parse.
     let secs: u64 = std::env::var("FANOUT_SECS")
@@ -434,8 +560,11 @@ fn main() {
             println!("{row}");
         }
         if let Some(&n) = steps.iter().max() {
-            println!("\nfloor on this harness: an ideal relay (tokio; one write of a shared 64 KiB buffer per viewer, no HTTP, no hub), same viewers");
-            println!("{}", relay_step(n, secs).await);
+            println!("\nfloor on this harness: ideal relays (tokio; no HTTP, no hub; every 64 KiB, one call per viewer), same viewers");
+            println!("write() of a shared buffer:");
+            println!("{}", relay_step(Relay::Write, n, secs).await);
+            println!("sendfile() from an in-memory file (no copy from user space):");
+            println!("{}", relay_step(Relay::Sendfile, n, secs).await);
         }
         let (p50, p99) = join_times(&p).await;
         println!("\njoin time, warm channel (request → first body byte, 100 joins): p50 {p50:.2} ms, p99 {p99:.2} ms");
