@@ -35,6 +35,27 @@ const MAX_LIVE_TTL: Duration = Duration::from_secs(5);
 /// Segments larger than this are relayed but not cached (a VOD file behind a
 /// playlist would evict the whole live edge).
 const MAX_CACHED_SEGMENT_FRACTION: usize = 4;
+/// LL-HLS blocking-reload query parameters (RFC 8216bis §6.2.5.2).
+pub const MSN_DIRECTIVE: &str = "_HLS_msn";
+pub const PART_DIRECTIVE: &str = "_HLS_part";
+
+/// `url` without blocking-reload directives: what a redirect kept of them
+/// must not stick to the backend or the base of relative URIs.
+fn without_directives(url: &Url) -> Url {
+    let Some(query) = url.query() else {
+        return url.clone();
+    };
+    // Piece by piece, so the provider's own parameters keep their exact encoding.
+    let is_directive = |piece: &&str| {
+        let name = piece.split('=').next().unwrap_or("");
+        name == MSN_DIRECTIVE || name == PART_DIRECTIVE
+    };
+    let kept: Vec<&str> = query.split('&').filter(|p| !is_directive(p)).collect();
+    let mut out = url.clone();
+    out.set_query((!kept.is_empty()).then(|| kept.join("&")).as_deref());
+    out
+}
+
 /// Upper bound of one segment body held in memory.
 const MAX_SEGMENT_BYTES: usize = 256 * 1024 * 1024;
 
@@ -208,6 +229,89 @@ impl HlsFetcher {
         if fetched.status >= 300 {
             return Err(FetchError::Status(fetched.status));
         }
+        self.store(&slot, stream_id, spec, url, fetched)
+    }
+
+    /// An LL-HLS blocking reload (RFC 8216bis §6.2.5.2): the playlist once it
+    /// holds segment `msn` (or part `part` of it, or later). The provider is
+    /// asked with the same directives, one request at a time per playlist, so
+    /// however many viewers wait for the next part it holds one request, and
+    /// the answer is the shared playlist for everybody. `None` when the
+    /// provider did not deliver: the caller serves what it has, since a
+    /// viewer's query must never fail the stream over.
+    pub async fn playlist_at(
+        &self,
+        app: &App,
+        stream_id: &str,
+        spec: &StreamSpec,
+        url: &Url,
+        msn: u64,
+        part: Option<u64>,
+    ) -> Option<Arc<Playlist>> {
+        let slot = self.playlist_slot(stream_id, url);
+        let ready = || {
+            let current = slot.current.read();
+            current.as_ref().filter(|p| p.info.has(msn, part)).cloned()
+        };
+        if let Some(p) = ready() {
+            self.metrics.hls_cache_result(CacheResult::Hit);
+            return Some(p);
+        }
+        let _filling = slot.fill.lock().await;
+        if let Some(p) = ready() {
+            self.metrics.hls_cache_result(CacheResult::Hit);
+            return Some(p);
+        }
+        self.metrics.hls_cache_result(CacheResult::Miss);
+        let backend = spec.sticky.then(|| slot.sticky.lock().clone()).flatten();
+        let mut asked = backend.unwrap_or_else(|| url.clone());
+        {
+            let mut q = asked.query_pairs_mut();
+            q.append_pair(MSN_DIRECTIVE, &msn.to_string());
+            if let Some(part) = part {
+                q.append_pair(PART_DIRECTIVE, &part.to_string());
+            }
+        }
+        let target = slot
+            .current
+            .read()
+            .as_ref()
+            .and_then(|p| p.info.target_duration)
+            .unwrap_or(6.0);
+        // §6.2.5.2: an origin answers within three target durations.
+        let hold = Duration::from_secs_f64((target * 3.0).clamp(1.0, 60.0) + 1.0);
+        let fetched = tokio::time::timeout(
+            hold,
+            fetch(app, spec, &asked, None, self.playlist_max_bytes),
+        )
+        .await;
+        match fetched {
+            Ok(Ok(mut f)) if f.status < 300 => {
+                f.final_url = without_directives(&f.final_url);
+                self.store(&slot, stream_id, spec, url, f).ok()
+            }
+            other => {
+                let why = match other {
+                    Ok(Ok(f)) => FetchError::Status(f.status).to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => FetchError::Timeout.to_string(),
+                };
+                tracing::debug!(stream_id, msn, part, error = %why, "blocking playlist reload failed; serving the cached playlist");
+                None
+            }
+        }
+    }
+
+    /// Makes a fetched playlist the shared one for `slot` (or keeps the one it
+    /// has when the new one went backwards) and returns what viewers get.
+    fn store(
+        &self,
+        slot: &PlaylistSlot,
+        stream_id: &str,
+        spec: &StreamSpec,
+        url: &Url,
+        fetched: Fetched,
+    ) -> Result<Arc<Playlist>, FetchError> {
         let info =
             rewrite::inspect(&fetched.body).map_err(|e| FetchError::Malformed(e.to_string()))?;
         if spec.sticky && fetched.final_url != *url {
@@ -403,4 +507,26 @@ pub async fn fetch(
         content_range,
         final_url,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directives_are_dropped_and_the_rest_kept_byte_for_byte() {
+        let u =
+            Url::parse("http://p.test/live.m3u8?tok=a%2Bb+c&_HLS_msn=12&x=1&_HLS_part=3").unwrap();
+        assert_eq!(
+            without_directives(&u).as_str(),
+            "http://p.test/live.m3u8?tok=a%2Bb+c&x=1"
+        );
+        let only = Url::parse("http://p.test/live.m3u8?_HLS_msn=12").unwrap();
+        assert_eq!(
+            without_directives(&only).as_str(),
+            "http://p.test/live.m3u8"
+        );
+        let none = Url::parse("http://p.test/live.m3u8").unwrap();
+        assert_eq!(without_directives(&none), none);
+    }
 }

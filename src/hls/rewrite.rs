@@ -101,6 +101,34 @@ pub struct PlaylistInfo {
     pub segment_count: usize,
     /// `EXT-X-DISCONTINUITY-SEQUENCE` (§4.3.3.3), if present and valid.
     pub discontinuity_sequence: Option<u64>,
+    /// LL-HLS (RFC 8216bis §4.4.3.8): `EXT-X-SERVER-CONTROL` has
+    /// `CAN-BLOCK-RELOAD=YES`, so the origin holds `_HLS_msn` requests.
+    pub can_block_reload: bool,
+    /// `EXT-X-PART` tags after the last segment: parts of the segment being made.
+    pub trailing_parts: usize,
+    /// `EXT-X-SKIP:SKIPPED-SEGMENTS` of a delta update (RFC 8216bis §4.4.5.2).
+    pub skipped_segments: u64,
+}
+
+impl PlaylistInfo {
+    /// Media sequence number of the segment after the last complete one (the
+    /// one whose parts are trailing). §4.3.3.2: MEDIA-SEQUENCE defaults to 0.
+    pub fn next_msn(&self) -> u64 {
+        self.media_sequence
+            .unwrap_or(0)
+            .saturating_add(self.skipped_segments)
+            .saturating_add(self.segment_count as u64)
+    }
+
+    /// RFC 8216bis §6.2.5.2: whether this playlist already answers a blocking
+    /// reload for segment `msn` (complete), or part `part` of it, or later.
+    pub fn has(&self, msn: u64, part: Option<u64>) -> bool {
+        let next = self.next_msn();
+        match part {
+            None => msn < next,
+            Some(p) => msn < next || (msn == next && p < self.trailing_parts as u64),
+        }
+    }
 }
 
 /// Why a body could not be rewritten. Messages name the 1-based playlist line.
@@ -293,6 +321,7 @@ fn scan(body: &[u8]) -> Result<Scan, RewriteError> {
                 Kind::Segment
             };
             variant_pending = false;
+            info.trailing_parts = 0;
             spans.push(Span {
                 range: ts..te,
                 line: line.number,
@@ -323,7 +352,6 @@ fn scan(body: &[u8]) -> Result<Scan, RewriteError> {
             b"EXT-X-SESSION-DATA" => Some(("EXT-X-SESSION-DATA", Kind::Segment, true)),
             b"EXT-X-KEY" => Some(("EXT-X-KEY", Kind::Key, false)),
             b"EXT-X-MAP" => Some(("EXT-X-MAP", Kind::Map, false)),
-            b"EXT-X-PART" => Some(("EXT-X-PART", Kind::Segment, false)),
             b"EXT-X-PRELOAD-HINT" => Some(("EXT-X-PRELOAD-HINT", Kind::Segment, false)),
             b"EXT-X-RENDITION-REPORT" => Some(("EXT-X-RENDITION-REPORT", Kind::Playlist, false)),
             b"EXT-X-MEDIA-SEQUENCE" => {
@@ -342,6 +370,28 @@ fn scan(body: &[u8]) -> Result<Scan, RewriteError> {
             b"EXT-X-ENDLIST" => {
                 info.endlist = true;
                 None
+            }
+            b"EXT-X-SERVER-CONTROL" => {
+                attrs.clear();
+                parse_attrs(body, value.clone(), &mut attrs);
+                info.can_block_reload = attrs
+                    .iter()
+                    .any(|a| a.is(body, b"CAN-BLOCK-RELOAD", b"YES"));
+                None
+            }
+            b"EXT-X-SKIP" => {
+                attrs.clear();
+                parse_attrs(body, value.clone(), &mut attrs);
+                info.skipped_segments = attrs
+                    .iter()
+                    .find(|a| &body[a.name.clone()] == b"SKIPPED-SEGMENTS")
+                    .and_then(|a| parse_num(&body[a.value.clone()]))
+                    .unwrap_or(0);
+                None
+            }
+            b"EXT-X-PART" => {
+                info.trailing_parts += 1;
+                Some(("EXT-X-PART", Kind::Segment, false))
             }
             _ => None,
         };
@@ -798,6 +848,17 @@ https://edge.test/m/playlist/1\n\
         );
         assert_eq!(out.info.segment_count, 1);
         assert_eq!(out.info.media_sequence, Some(10));
+        // Blocking-reload facts: segments 10..=13 complete (3 skipped), part 0 of 14.
+        assert!(out.info.can_block_reload);
+        assert_eq!(out.info.skipped_segments, 3);
+        assert_eq!(out.info.trailing_parts, 1);
+        assert_eq!(out.info.next_msn(), 14);
+        assert!(out.info.has(13, None));
+        assert!(!out.info.has(14, None));
+        assert!(out.info.has(14, Some(0)));
+        assert!(!out.info.has(14, Some(1)));
+        assert!(out.info.has(13, Some(7)));
+        assert!(!out.info.has(15, Some(0)));
         let text = String::from_utf8(out.body).unwrap();
         assert!(text.contains("#EXT-X-SKIP:SKIPPED-SEGMENTS=3\n"));
         assert!(text.contains("CAN-SKIP-UNTIL=24.0\n"));
@@ -1128,6 +1189,9 @@ seg1.ts\n";
                 endlist: false,
                 segment_count: 2,
                 discontinuity_sequence: Some(3),
+                can_block_reload: false,
+                trailing_parts: 0,
+                skipped_segments: 0,
             }
         );
         let vod = b"#EXTM3U\n#EXT-X-TARGETDURATION:2.5\n#EXT-X-MEDIA-SEQUENCE:x\n#EXTINF:2,\na.ts\n#EXT-X-ENDLIST\n";

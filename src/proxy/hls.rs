@@ -23,7 +23,7 @@ use url::Url;
 use super::ctx::RequestCtx;
 use super::{request, respond};
 use crate::app::App;
-use crate::hls::fetch::{FetchError, Playlist};
+use crate::hls::fetch::{FetchError, Playlist, MSN_DIRECTIVE, PART_DIRECTIVE};
 use crate::hls::rewrite::{self, Kind};
 use crate::hls::token::Claims;
 use crate::registry::{ClientGuard, Stream};
@@ -273,9 +273,17 @@ async fn playlist(
             },
         },
     };
-    let (_, p) = match fetched {
+    let (url, p) = match fetched {
         Ok(x) => x,
         Err(e) => return refuse(session, ctx, stream, &e).await,
+    };
+    let p = match hold_for_reload(app, session, stream, &spec, &url, p).await {
+        Ok(p) => p,
+        Err(why) => {
+            ctx.local_status = Some(400);
+            respond::error(session, 400, why).await?;
+            return Ok(true);
+        }
     };
     stream.started(|| serde_json::json!({ "mode": "hls" }));
     let guard = attach(app, session, stream, claims.as_ref(), idle_for(Some(&p)));
@@ -332,6 +340,52 @@ async fn playlist(
     let headers = [(header::CACHE_CONTROL, "no-cache".to_string())];
     write(app, session, ctx, 200, PLAYLIST_TYPE, &headers, body).await?;
     Ok(true)
+}
+
+/// An LL-HLS blocking reload (RFC 8216bis §6.2.5.2): `_HLS_msn`/`_HLS_part`
+/// hold the request until the playlist has that segment or part. Players only
+/// send them because the provider's playlist advertised CAN-BLOCK-RELOAD (it
+/// reaches them unchanged), so without that the query is ignored. Errors are
+/// the §6.2.5.2 client errors, answered 400.
+async fn hold_for_reload(
+    app: &App,
+    session: &Session,
+    stream: &Stream,
+    spec: &crate::registry::StreamSpec,
+    url: &Url,
+    p: Arc<Playlist>,
+) -> std::result::Result<Arc<Playlist>, &'static str> {
+    if !p.info.can_block_reload || p.info.is_master || p.info.endlist {
+        return Ok(p);
+    }
+    let msn = request::query_param(session, MSN_DIRECTIVE);
+    let part = request::query_param(session, PART_DIRECTIVE);
+    let (msn, part) = match (msn, part) {
+        (None, None) => return Ok(p),
+        (Some(m), part) => {
+            let m = m
+                .parse::<u64>()
+                .map_err(|_| "_HLS_msn must be a non-negative integer")?;
+            let part = part
+                .map(|v| v.parse::<u64>())
+                .transpose()
+                .map_err(|_| "_HLS_part must be a non-negative integer")?;
+            (m, part)
+        }
+        (None, Some(_)) => return Err("_HLS_part needs _HLS_msn"),
+    };
+    if p.info.has(msn, part) {
+        return Ok(p);
+    }
+    // §6.2.5.2: more than two segments past the playlist's last one.
+    if msn > p.info.next_msn().saturating_add(1) {
+        return Err("_HLS_msn is more than two segments ahead of the live playlist");
+    }
+    Ok(app
+        .hls
+        .playlist_at(app, &stream.id, spec, url, msn, part)
+        .await
+        .unwrap_or(p))
 }
 
 /// Inserts `#EXT-X-DISCONTINUITY` before the first media segment (its EXTINF).

@@ -21,6 +21,8 @@
 //! | `/live/{name}.ts` | endless chunked MPEG-TS (loops `sample.ts`), query knobs `kbps`, `drop_after`, `stall_after`, `delay_ms` (see [`LiveOpts`]) |
 //! | `/hls-live/{dir}/index.m3u8` | live sliding window over the VOD playlist `{FIXTURES}/{dir}/index.m3u8` (e.g. `hls_ts/v0`, `hls_fmp4`, `hls_aes`), see [`live_playlist`]; knobs `seg_ms` (default 2000), `window` (default 3) |
 //! | `/hls-live/{dir}/{file}` | the fixture `{dir}/{file}` (segments, keys, init maps), like `/files/` |
+//! | `/hls-ll/{dir}/index.m3u8` | the live window of `/hls-live/` as an LL-HLS playlist (RFC 8216bis): CAN-BLOCK-RELOAD, `parts` (default 4) EXT-X-PARTs per segment and a preload hint, trailing parts of the segment being made; `_HLS_msn`/`_HLS_part` requests are held until that part exists (400 when more than two segments ahead), see [`ll_playlist`]; knobs `seg_ms`, `window`, `parts` |
+//! | `/hls-ll/{dir}/{file}` | the fixture `{dir}/{file}`, like `/files/` |
 //! | `/hls-lagging/{dir}/index.m3u8` | 302 to `/hls-live/{dir}/index.m3u8`, every other time with `lag=3` (or `?lag_by=N`): backends whose live windows lag (query knobs passed on) |
 //! | `/slow/{ms}/{rest}` | sleeps `ms`, then answers `/{rest}` |
 //! | `/echo-headers` | 200 JSON object of the request headers |
@@ -528,6 +530,11 @@ async fn handle(
         let lag = if n % 2 == 0 { 0 } else { behind };
         let q = query.map(|q| format!("&{q}")).unwrap_or_default();
         redirect(&format!("/hls-live/{dir}/index.m3u8?lag={lag}{q}"), head)
+    } else if let Some(name) = path.strip_prefix("/hls-ll/") {
+        match name.strip_suffix("/index.m3u8") {
+            Some(dir) => hls_ll(&st, dir, query, head).await,
+            None => serve_file(&st, name, req.headers(), head).await,
+        }
     } else if let Some(name) = path.strip_prefix("/hls-live/") {
         match name.strip_suffix("/index.m3u8") {
             Some(dir) => hls_live(&st, dir, query, head).await,
@@ -859,6 +866,96 @@ async fn hls_live(st: &State, dir: &str, query: Option<&str>, head: bool) -> Res
     }
     let seq = (st.started.elapsed().as_millis() as u64 / seg_ms).saturating_sub(lag);
     let body = live_playlist(&String::from_utf8_lossy(&vod), seq, window);
+    let b = with_provider_headers(Response::builder())
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/vnd.apple.mpegurl")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header(header::CONTENT_LENGTH, body.len());
+    finish(b, Bytes::from(body), head)
+}
+
+/// An LL-HLS media playlist: the live window of [`live_playlist`] whose last
+/// complete segment is `complete - 1`, then `trailing` EXT-X-PARTs of segment
+/// `complete` and a preload hint for the next part.
+pub fn ll_playlist(vod: &str, complete: u64, trailing: u64, window: u64, part_s: f64) -> String {
+    let seq = complete.saturating_sub(window.max(1));
+    let body = live_playlist(vod, seq, complete - seq);
+    let (first, rest) = body.split_once('\n').unwrap_or((&body, ""));
+    // Parts are named after the last segment's file; nothing fetches them here.
+    let file = rest
+        .lines()
+        .rev()
+        .find(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split('?').next().unwrap_or(l).to_string())
+        .unwrap_or_else(|| "part.ts".into());
+    let mut out = format!(
+        "{first}\n#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK={:.3}\n#EXT-X-PART-INF:PART-TARGET={part_s:.3}\n{rest}",
+        part_s * 3.0
+    );
+    for j in 0..trailing {
+        out.push_str(&format!(
+            "#EXT-X-PART:DURATION={part_s:.3},URI=\"{file}?seq={complete}&part={j}\"\n"
+        ));
+    }
+    out.push_str(&format!(
+        "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"{file}?seq={complete}&part={trailing}\"\n"
+    ));
+    out
+}
+
+async fn hls_ll(st: &State, dir: &str, query: Option<&str>, head: bool) -> Response<Body> {
+    let name = format!("{dir}/index.m3u8");
+    if dir
+        .split('/')
+        .any(|s| s == ".." || s == "." || s.is_empty())
+    {
+        return status_page(404, head);
+    }
+    let Some(vod) = load_fixture(st, &name).await else {
+        return status_page(404, head);
+    };
+    let (mut seg_ms, mut window, mut parts) = (DEFAULT_HLS_SEG_MS, DEFAULT_HLS_WINDOW, 4u64);
+    let (mut msn, mut part) = (None, None);
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match (&*k, v.parse::<u64>()) {
+            ("seg_ms", Ok(n)) => seg_ms = n.max(1),
+            ("window", Ok(n)) => window = n.max(1),
+            ("parts", Ok(n)) => parts = n.max(1),
+            ("_HLS_msn", Ok(n)) => msn = Some(n),
+            ("_HLS_part", Ok(n)) => part = Some(n),
+            _ => {}
+        }
+    }
+    let part_ms = (seg_ms / parts).max(1);
+    // Parts made so far; the window is full from the start.
+    let made = |now: tokio::time::Instant| {
+        now.duration_since(st.started).as_millis() as u64 / part_ms + window * parts
+    };
+    if let Some(m) = msn {
+        let complete = made(tokio::time::Instant::now()) / parts;
+        if m > complete + 1 {
+            return status_page(400, head);
+        }
+        // Part `p` of segment `m` exists once m * parts + p + 1 parts were made.
+        let needed = match part {
+            Some(p) => m * parts + p + 1,
+            None => (m + 1) * parts,
+        };
+        let at =
+            st.started + Duration::from_millis((needed.saturating_sub(window * parts)) * part_ms);
+        if at > tokio::time::Instant::now() + Duration::from_millis(3 * seg_ms) {
+            return status_page(503, head);
+        }
+        tokio::time::sleep_until(at).await;
+    }
+    let total = made(tokio::time::Instant::now());
+    let body = ll_playlist(
+        &String::from_utf8_lossy(&vod),
+        total / parts,
+        total % parts,
+        window,
+        part_ms as f64 / 1000.0,
+    );
     let b = with_provider_headers(Response::builder())
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/vnd.apple.mpegurl")
