@@ -41,9 +41,17 @@ async fn twenty_viewers_share_one_provider_connection() {
     for i in 0..20 {
         viewers.push(watch(&e, &id, &format!("v{i}")).await);
     }
-    for v in viewers.iter_mut() {
+    let sample = crate::support::fixture("sample.ts");
+    for (i, v) in viewers.iter_mut().enumerate() {
         let b = v.read_n(188 * 2000, T).await;
         is_valid_ts(&b).unwrap();
+        if i == 0 {
+            // The first viewer of a cold channel gets the provider's bytes, unchanged.
+            assert!(
+                b[..] == sample[..b.len()],
+                "first viewer's bytes differ from the source"
+            );
+        }
     }
     assert_eq!(
         p.hits("/live/one.ts"),

@@ -10,6 +10,7 @@
 mod reader;
 pub mod ring;
 pub mod sources;
+pub mod spool;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -83,7 +84,7 @@ impl Channel {
         let live = &app.config.live;
         Channel {
             stream,
-            ring: RwLock::new(Ring::new(live.ring_bytes, live.ring_seconds)),
+            ring: RwLock::new(new_ring(live)),
             seq_tx: watch::Sender::new(0),
             phase_tx: watch::Sender::new(Phase::Connecting),
             viewers: AtomicUsize::new(0),
@@ -287,10 +288,34 @@ impl Hub {
     }
 }
 
+/// How long a viewer's socket may accept nothing before the viewer is
+/// dropped as stuck; also how long the spool keeps evicted data readable.
+pub fn write_timeout(live: &crate::config::LiveConfig) -> std::time::Duration {
+    live.ring_seconds.max(std::time::Duration::from_secs(2))
+}
+
+/// A channel's ring, spooled to an in-memory file when the system has one.
+fn new_ring(live: &crate::config::LiveConfig) -> Ring {
+    let ring = Ring::new(live.ring_bytes, live.ring_seconds);
+    match spool::Spool::new() {
+        // A span handed out before an eviction is sent within one write timeout.
+        Ok(s) => ring.with_spool(
+            Arc::new(s),
+            write_timeout(live) + std::time::Duration::from_secs(1),
+        ),
+        Err(e) => {
+            tracing::debug!(error = %e, "no live spool: viewers are written from memory");
+            ring
+        }
+    }
+}
+
 /// What a viewer gets next.
 #[derive(Debug)]
 pub enum Next {
     Data(Bytes),
+    /// The next bytes as a span of the channel's spool, for sendfile().
+    Span(spool::Span),
     /// Fell behind the ring: too slow, dropped.
     Lagged,
     /// The channel ended (every source failed, or the stream was deleted).
@@ -332,6 +357,10 @@ impl Viewer {
                 Read::Data(b, next) => {
                     self.cursor = next;
                     return Next::Data(b);
+                }
+                Read::Span(span, next) => {
+                    self.cursor = next;
+                    return Next::Span(span);
                 }
                 Read::Lagged => {
                     self.count_slow_drop();

@@ -1,12 +1,17 @@
 //! The shared ring of a live channel: packet-aligned `Bytes` chunks with
 //! sequence numbers, bounded by bytes and by age. Viewers hold only a sequence
 //! number (their cursor); a cursor that fell out of the ring is a lagging
-//! viewer and is dropped, never waited for. Pure: no I/O, no Pingora.
+//! viewer and is dropped, never waited for. No network I/O, no Pingora; with
+//! a spool (hub/spool.rs) each chunk is also written to the channel's
+//! in-memory file, and viewers are handed spans of it to sendfile().
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+
+use super::spool::{Span, Spool};
 
 #[derive(Debug, Clone)]
 pub struct Chunk {
@@ -18,6 +23,21 @@ pub struct Chunk {
     /// PAT + PMT packets valid for this chunk's data (shared, not copied).
     pub psi: Option<Bytes>,
     pub at: Instant,
+    /// Where `data` is in the spool, if it was written there.
+    pub off: Option<u64>,
+}
+
+/// The spool of a ring and its release schedule.
+#[derive(Debug)]
+struct Spooled {
+    spool: Arc<Spool>,
+    /// Bytes written so far: the offset of the next chunk.
+    written: u64,
+    /// How long evicted data stays readable: longer than any viewer may take
+    /// to send a span it was handed (its write timeout).
+    grace: Duration,
+    /// (when evicted, end offset) of evicted chunks not yet released.
+    evicted: VecDeque<(Instant, u64)>,
 }
 
 #[derive(Debug)]
@@ -27,13 +47,16 @@ pub struct Ring {
     next_seq: u64,
     max_bytes: usize,
     max_age: Duration,
+    spooled: Option<Spooled>,
 }
 
 /// What a viewer gets when it asks for more.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Read {
     /// Bytes to write and the cursor to continue from.
     Data(Bytes, u64),
+    /// The same from the spool, to sendfile().
+    Span(Span, u64),
     /// Nothing new yet.
     Empty,
     /// The cursor fell out of the ring: the viewer is too slow.
@@ -48,6 +71,56 @@ impl Ring {
             next_seq: 0,
             max_bytes: max_bytes.max(188),
             max_age,
+            spooled: None,
+        }
+    }
+
+    /// Also writes every chunk to `spool`; evicted data stays there for `grace`.
+    pub fn with_spool(mut self, spool: Arc<Spool>, grace: Duration) -> Self {
+        self.spooled = Some(Spooled {
+            spool,
+            written: 0,
+            grace,
+            evicted: VecDeque::new(),
+        });
+        self
+    }
+
+    /// The chunk's spool offset; a failed write turns the spool off for good
+    /// (viewers are then written from memory, as without one).
+    fn spool(&mut self, data: &[u8]) -> Option<u64> {
+        let s = self.spooled.as_mut()?;
+        match s.spool.write_at(data, s.written) {
+            Ok(()) => {
+                let off = s.written;
+                s.written += data.len() as u64;
+                Some(off)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "live spool write failed: viewers are written from memory");
+                self.spooled = None;
+                None
+            }
+        }
+    }
+
+    /// Releases spool data evicted more than the grace period ago.
+    fn release(&mut self, now: Instant) {
+        let Some(s) = self.spooled.as_mut() else {
+            return;
+        };
+        let mut upto = None;
+        while let Some(&(at, end)) = s.evicted.front() {
+            if now.duration_since(at) < s.grace {
+                break;
+            }
+            upto = Some(end);
+            s.evicted.pop_front();
+        }
+        if let Some(end) = upto {
+            if let Err(e) = s.spool.release_before(end) {
+                tracing::debug!(error = %e, "live spool: releasing old data failed");
+            }
         }
     }
 
@@ -60,12 +133,14 @@ impl Ring {
         self.next_seq += 1;
         let now = Instant::now();
         self.bytes += data.len();
+        let off = self.spool(&data);
         self.chunks.push_back(Chunk {
             seq,
             data,
             rap,
             psi,
             at: now,
+            off,
         });
         // Keep at least the newest chunk whatever the limits say.
         while self.chunks.len() > 1
@@ -77,8 +152,12 @@ impl Ring {
         {
             if let Some(old) = self.chunks.pop_front() {
                 self.bytes -= old.data.len();
+                if let (Some(s), Some(off)) = (self.spooled.as_mut(), old.off) {
+                    s.evicted.push_back((now, off + old.data.len() as u64));
+                }
             }
         }
+        self.release(now);
         seq
     }
 
@@ -117,9 +196,6 @@ impl Ring {
         }
         let start = (cursor - front.seq) as usize;
         let first = &self.chunks[start];
-        if start + 1 == self.chunks.len() || first.data.len() >= max {
-            return Read::Data(first.data.clone(), cursor + 1);
-        }
         let mut total = 0;
         let mut end = start;
         while end < self.chunks.len()
@@ -128,14 +204,26 @@ impl Ring {
             total += self.chunks[end].data.len();
             end += 1;
         }
+        let next = cursor + (end - start) as u64;
+        // Chunks written to the spool are contiguous there (offsets only
+        // advance on success), so one span covers the whole batch.
+        let last_spooled = self.chunks[end - 1].off.is_some();
+        if let (Some(s), Some(off), true) = (&self.spooled, first.off, last_spooled) {
+            let span = Span {
+                spool: s.spool.clone(),
+                off,
+                len: total,
+            };
+            return Read::Span(span, next);
+        }
         if end == start + 1 {
-            return Read::Data(first.data.clone(), cursor + 1);
+            return Read::Data(first.data.clone(), next);
         }
         let mut buf = BytesMut::with_capacity(total);
         for c in self.chunks.range(start..end) {
             buf.extend_from_slice(&c.data);
         }
-        Read::Data(buf.freeze(), cursor + (end - start) as u64)
+        Read::Data(buf.freeze(), next)
     }
 }
 
@@ -160,7 +248,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(r.read(4, 400), Read::Empty);
+        assert!(matches!(r.read(4, 400), Read::Empty));
     }
 
     #[test]
@@ -169,7 +257,7 @@ mod tests {
         for i in 0..10 {
             r.push(b(188, i), None, None);
         }
-        assert_eq!(r.read(0, 1000), Read::Lagged);
+        assert!(matches!(r.read(0, 1000), Read::Lagged));
         assert!(matches!(r.read(8, 1000), Read::Data(..)));
     }
 
@@ -186,5 +274,56 @@ mod tests {
         assert_eq!(first.len(), 376 + 188 * 2);
         assert_eq!(first[376], 3);
         assert_eq!(cursor, 2);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn spooled_reads_are_spans_of_the_same_bytes_and_old_data_is_released() {
+        let spool = Arc::new(Spool::new().unwrap());
+        // 64 KiB chunks in a 256 KiB ring; evicted data released at once.
+        let mut r = Ring::new(256 * 1024, Duration::from_secs(60))
+            .with_spool(spool.clone(), Duration::ZERO);
+        let chunk = |i: u8| Bytes::from((0..65536u32).map(|j| i ^ j as u8).collect::<Vec<_>>());
+        for i in 0..3 {
+            r.push(chunk(i), None, None);
+        }
+        // A batch of two chunks is one span, byte-identical to the chunks.
+        let Read::Span(span, next) = r.read(1, 128 * 1024) else {
+            panic!("expected a span");
+        };
+        assert_eq!((span.off, span.len, next), (65536, 131072, 3));
+        let mut got = vec![0u8; span.len];
+        spool.read_at(&mut got, span.off).unwrap();
+        assert_eq!(&got[..65536], &chunk(1)[..]);
+        assert_eq!(&got[65536..], &chunk(2)[..]);
+        // Sixteen more chunks: the ring keeps four, the spool about as much.
+        for i in 3..19 {
+            r.push(chunk(i), None, None);
+        }
+        assert!(matches!(r.read(0, 1 << 20), Read::Lagged));
+        let Read::Span(span, _) = r.read(15, 65536) else {
+            panic!("expected a span");
+        };
+        assert_eq!(span.off, 15 * 65536);
+        let resident = spool.resident_bytes().unwrap();
+        assert!(resident <= 5 * 65536, "{resident} bytes still held");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn evicted_data_stays_readable_for_the_grace_period() {
+        let spool = Arc::new(Spool::new().unwrap());
+        let mut r = Ring::new(65536, Duration::from_secs(60))
+            .with_spool(spool.clone(), Duration::from_secs(3600));
+        for i in 0..8u8 {
+            r.push(Bytes::from(vec![i; 65536]), None, None);
+        }
+        // Evicted from the ring, but a viewer may still be sending it.
+        let mut got = vec![0u8; 4];
+        spool.read_at(&mut got, 0).unwrap();
+        assert_eq!(got, [0; 4]);
+        spool.read_at(&mut got, 3 * 65536).unwrap();
+        assert_eq!(got, [3; 4]);
+        assert!(spool.resident_bytes().unwrap() >= 8 * 65536);
     }
 }

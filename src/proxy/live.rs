@@ -3,6 +3,7 @@
 //! the client's departure is noticed at once by waiting on its socket while
 //! waiting for data (DESIGN.md, Pingora facts).
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,15 +12,16 @@ use http::header;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::Stream;
 use pingora::proxy::Session;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
 
 use super::ctx::RequestCtx;
 use super::response::Access;
 use super::{request, respond};
 use crate::app::App;
+use crate::hub::spool::Span;
 use crate::hub::{JoinError, Next, Viewer};
 use crate::metrics::DropReason;
 use crate::registry::{ClientGuard, Stream as RegStream};
@@ -157,11 +159,11 @@ pub async fn serve(
     let mut access = Access::of(session, ctx);
     access.client = Some(guard.client.id.clone());
     access.status = 200;
-    let Some(io) = detach(session) else {
+    let Some(io) = detach(session).await else {
         ctx.guard = Some(guard);
         return Err(Error::explain(
             InternalError,
-            "live channels are served over HTTP/1 only",
+            "live channels are served over plain HTTP/1 on TCP only",
         ));
     };
     ctx.detached = true;
@@ -171,7 +173,7 @@ pub async fn serve(
         guard,
         viewer,
         // A viewer whose socket accepts nothing for this long is as good as gone.
-        write_timeout: app.config.live.ring_seconds.max(Duration::from_secs(2)),
+        write_timeout: crate::hub::write_timeout(&app.config.live),
         access,
     };
     tokio::spawn(delivery.run(io));
@@ -183,16 +185,48 @@ pub async fn serve(
 /// costs only its socket and the small task below, not a whole Pingora
 /// request (its futures, header buffers and session: ~35 KiB per viewer,
 /// measured with heaptrack), which matters at a thousand viewers per box.
-fn detach(session: &mut Session) -> Option<Stream> {
+/// The socket comes back as a plain tokio `TcpStream` (a duplicate of
+/// Pingora's descriptor, which is closed) so the hub's spool can be
+/// sendfile()d to it. The response header is flushed first.
+async fn detach(session: &mut Session) -> Option<TcpStream> {
     if !matches!(*session.downstream_session, ServerSession::H1(_)) {
         return None;
     }
     let placeholder = ServerSession::new_http1(Box::new(std::io::Cursor::new(Vec::new())));
-    match *std::mem::replace(&mut session.downstream_session, Box::new(placeholder)) {
-        ServerSession::H1(h1) => Some(h1.into_inner()),
+    let ServerSession::H1(h1) =
+        *std::mem::replace(&mut session.downstream_session, Box::new(placeholder))
+    else {
         // Checked above.
-        _ => None,
+        return None;
+    };
+    let mut io = h1.into_inner();
+    io.flush().await.ok()?;
+    let l4 = io
+        .as_any()
+        .downcast_ref::<pingora::protocols::l4::stream::Stream>()?;
+    // SAFETY: the descriptor belongs to `io`, which is alive for the whole
+    // borrow; the borrow is only used to duplicate it.
+    let fd = unsafe { BorrowedFd::borrow_raw(l4.as_raw_fd()) };
+    let dup = std::net::TcpStream::from(fd.try_clone_to_owned().ok()?);
+    dup.set_nonblocking(true).ok()?;
+    let sock = TcpStream::from_std(dup).ok()?;
+    drop(io);
+    Some(sock)
+}
+
+/// sendfile() of a spool span, waiting while the socket is full.
+async fn send_span(io: &TcpStream, span: &Span) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < span.len {
+        io.writable().await?;
+        match io.try_io(Interest::WRITABLE, || span.send_to(io, done)) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
     }
+    Ok(())
 }
 
 /// One live viewer off its Pingora session: hub bytes in, one large write per
@@ -208,16 +242,10 @@ struct Delivery {
 }
 
 impl Delivery {
-    async fn run(mut self, mut io: Stream) {
+    async fn run(mut self, mut io: TcpStream) {
         let app = self.app.clone();
         let client = self.guard.client.clone();
         let cancel = client.cancel.clone();
-        // The header goes out now, so a player of a cold channel sees the
-        // response start before the provider's first bytes.
-        if io.flush().await.is_err() {
-            self.finish(io).await;
-            return;
-        }
         // Any read outcome (FIN, error, stray bytes) means the player is done;
         // a GET has no body to wait for.
         let mut probe = [0u8; 16];
@@ -231,8 +259,9 @@ impl Delivery {
                 _ = io.read(&mut probe) => break,
                 n = self.viewer.next(BATCH) => n,
             };
-            let b = match next {
-                Next::Data(b) => b,
+            let n = match &next {
+                Next::Data(b) => b.len(),
+                Next::Span(span) => span.len,
                 Next::Lagged => {
                     app.metrics.client_drop(DropReason::Slow);
                     tracing::warn!(stream_id = %self.stream.id, client = %client.id, "viewer too slow: fell behind the ring, dropped");
@@ -243,10 +272,13 @@ impl Delivery {
                     break;
                 }
             };
-            let n = b.len() as u64;
+            let n = n as u64;
             let wrote = tokio::time::timeout(self.write_timeout, async {
-                io.write_all(&b).await?;
-                io.flush().await
+                match &next {
+                    Next::Span(span) => send_span(&io, span).await,
+                    Next::Data(b) => io.write_all(b).await,
+                    Next::Lagged | Next::Ended => Ok(()),
+                }
             })
             .await;
             match wrote {
@@ -275,7 +307,7 @@ impl Delivery {
 
     /// A close-delimited body ends with the connection: close it cleanly,
     /// leave the channel and the client list, and log the request.
-    async fn finish(self, mut io: Stream) {
+    async fn finish(self, mut io: TcpStream) {
         let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
         drop(io);
         let Delivery {
