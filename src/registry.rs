@@ -650,6 +650,16 @@ impl Registry {
         self.attach_with(stream, hello, Some(idle))
     }
 
+    /// The client `id` of `stream` if it is listed: its next request, without
+    /// building a [`ClientHello`] (HLS players poll several times a second).
+    pub fn rejoin(&self, stream: &Arc<Stream>, id: &str) -> Option<ClientGuard> {
+        let clients = stream.clients.lock();
+        let guard = rejoin_locked(&clients, stream, id)?;
+        drop(clients);
+        stream.touch();
+        Some(guard)
+    }
+
     fn attach_with(
         &self,
         stream: &Arc<Stream>,
@@ -670,16 +680,8 @@ impl Registry {
                 }
             }
         };
-        if let Some(c) = clients.get(&id) {
-            if !c.cancel.is_cancelled() {
-                c.connections.fetch_add(1, Ordering::AcqRel);
-                c.touch();
-                return ClientGuard {
-                    stream: stream.clone(),
-                    client: c.clone(),
-                    first: false,
-                };
-            }
+        if let Some(guard) = rejoin_locked(&clients, stream, &id) {
+            return guard;
         }
         if clients.is_empty() {
             // A new viewing session: its stop must be reported again.
@@ -797,6 +799,21 @@ impl Registry {
 }
 
 /// `client_` + md5(`{ip}-{ua}-{stream_id}-{username}`)[:16], as m3u-proxy derives it.
+fn rejoin_locked(
+    clients: &HashMap<String, Arc<Client>>,
+    stream: &Arc<Stream>,
+    id: &str,
+) -> Option<ClientGuard> {
+    let c = clients.get(id).filter(|c| !c.cancel.is_cancelled())?;
+    c.connections.fetch_add(1, Ordering::AcqRel);
+    c.touch();
+    Some(ClientGuard {
+        stream: stream.clone(),
+        client: c.clone(),
+        first: false,
+    })
+}
+
 fn derived_client_id(hello: &ClientHello, stream_id: &str) -> String {
     let username = hello.username.as_deref().unwrap_or("None");
     let raw = format!(

@@ -106,9 +106,13 @@ fn attach(
     claims: Option<&Claims>,
     idle: Duration,
 ) -> ClientGuard {
+    let id = request::client_id(session).or_else(|| claims.and_then(|c| c.client_id.clone()));
+    if let Some(guard) = id.as_deref().and_then(|id| app.registry.rejoin(stream, id)) {
+        return guard;
+    }
     let mut hello = request::hello(session);
     if hello.explicit_id.is_none() {
-        hello.explicit_id = claims.and_then(|c| c.client_id.clone());
+        hello.explicit_id = id;
     }
     if hello.username.is_none() {
         hello.username = claims.and_then(|c| c.username.clone());

@@ -143,6 +143,13 @@ fn client_ip(session: &Session) -> String {
     })
 }
 
+/// `client_id` from the query, as the player set it (at most 128 characters).
+pub fn client_id(session: &Session) -> Option<String> {
+    query_param(session, "client_id")
+        .filter(|v| !v.is_empty())
+        .map(|c| c.chars().take(128).collect())
+}
+
 pub fn hello(session: &Session) -> ClientHello {
     let q = |name: &str| query_param(session, name).filter(|v| !v.is_empty());
     let headers = &session.req_header().headers;
@@ -155,7 +162,7 @@ pub fn hello(session: &Session) -> ClientHello {
         .or_else(|| q("user"))
         .or_else(|| q("u"));
     ClientHello {
-        explicit_id: q("client_id").map(|c| c.chars().take(128).collect()),
+        explicit_id: client_id(session),
         ip: client_ip(session),
         user_agent: headers
             .get(header::USER_AGENT)
