@@ -842,15 +842,28 @@ pub fn live_playlist(vod: &str, seq: u64, window: u64) -> String {
     out
 }
 
-async fn hls_live(st: &State, dir: &str, query: Option<&str>, head: bool) -> Response<Body> {
-    let name = format!("{dir}/index.m3u8");
+/// The VOD playlist `{dir}/index.m3u8` a live window is made from.
+async fn vod_playlist(st: &State, dir: &str) -> Option<Bytes> {
     if dir
         .split('/')
         .any(|s| s == ".." || s == "." || s.is_empty())
     {
-        return status_page(404, head);
+        return None;
     }
-    let Some(vod) = load_fixture(st, &name).await else {
+    load_fixture(st, &format!("{dir}/index.m3u8")).await
+}
+
+fn live_playlist_response(body: String, head: bool) -> Response<Body> {
+    let b = with_provider_headers(Response::builder())
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/vnd.apple.mpegurl")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header(header::CONTENT_LENGTH, body.len());
+    finish(b, Bytes::from(body), head)
+}
+
+async fn hls_live(st: &State, dir: &str, query: Option<&str>, head: bool) -> Response<Body> {
+    let Some(vod) = vod_playlist(st, dir).await else {
         return status_page(404, head);
     };
     let mut seg_ms = DEFAULT_HLS_SEG_MS;
@@ -866,12 +879,7 @@ async fn hls_live(st: &State, dir: &str, query: Option<&str>, head: bool) -> Res
     }
     let seq = (st.started.elapsed().as_millis() as u64 / seg_ms).saturating_sub(lag);
     let body = live_playlist(&String::from_utf8_lossy(&vod), seq, window);
-    let b = with_provider_headers(Response::builder())
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/vnd.apple.mpegurl")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header(header::CONTENT_LENGTH, body.len());
-    finish(b, Bytes::from(body), head)
+    live_playlist_response(body, head)
 }
 
 /// An LL-HLS media playlist: the live window of [`live_playlist`] whose last
@@ -904,14 +912,7 @@ pub fn ll_playlist(vod: &str, complete: u64, trailing: u64, window: u64, part_s:
 }
 
 async fn hls_ll(st: &State, dir: &str, query: Option<&str>, head: bool) -> Response<Body> {
-    let name = format!("{dir}/index.m3u8");
-    if dir
-        .split('/')
-        .any(|s| s == ".." || s == "." || s.is_empty())
-    {
-        return status_page(404, head);
-    }
-    let Some(vod) = load_fixture(st, &name).await else {
+    let Some(vod) = vod_playlist(st, dir).await else {
         return status_page(404, head);
     };
     let (mut seg_ms, mut window, mut parts) = (DEFAULT_HLS_SEG_MS, DEFAULT_HLS_WINDOW, 4u64);
@@ -956,12 +957,7 @@ async fn hls_ll(st: &State, dir: &str, query: Option<&str>, head: bool) -> Respo
         window,
         part_ms as f64 / 1000.0,
     );
-    let b = with_provider_headers(Response::builder())
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/vnd.apple.mpegurl")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header(header::CONTENT_LENGTH, body.len());
-    finish(b, Bytes::from(body), head)
+    live_playlist_response(body, head)
 }
 
 /// A response body fed by the pacing task; dropping it (hyper gives up on the
