@@ -409,39 +409,44 @@ async fn llhls_blocking_reloads_wait_for_the_part_and_are_shared() {
     let url = e.url(&format!("/hls/{id}/playlist.m3u8"));
     let (s, body) = text(&url).await;
     assert_eq!(s, 200, "{body}");
-    let (next, _, can_block) = ll_state(&body);
+    let (next, made, can_block) = ll_state(&body);
     assert!(can_block, "{body}");
     assert_only_proxy_uris(&body, &id, &p);
-    // The last part of the segment after the one being made: ~1.5 s away.
+    // Five viewers want the next part (≤ 250 ms away), three the last part of
+    // the segment after (~1.5 s away).
     let (msn, part) = (next + 1, 3);
     let mut tasks = Vec::new();
-    for v in 0..5 {
-        let u = format!("{url}?client_id=ll{v}&_HLS_msn={msn}&_HLS_part={part}");
-        tasks.push(tokio::spawn(async move { text(&u).await }));
+    for v in 0..8 {
+        let want = if v < 5 { (next, made) } else { (msn, part) };
+        let u = format!(
+            "{url}?client_id=ll{v}&_HLS_msn={}&_HLS_part={}",
+            want.0, want.1
+        );
+        tasks.push(tokio::spawn(async move { (want, text(&u).await) }));
     }
     for t in tasks {
-        let (s, b) = t.await.unwrap();
+        let ((m, q), (s, b)) = t.await.unwrap();
         assert_eq!(s, 200, "{b}");
         let (n, trailing, _) = ll_state(&b);
         assert!(
-            n > msn || (n == msn && trailing > part),
-            "part {part} of segment {msn} missing:\n{b}"
+            n > m || (n == m && trailing > q),
+            "part {q} of segment {m} missing:\n{b}"
         );
         assert_only_proxy_uris(&b, &id, &p);
     }
-    let blocking: Vec<String> = p
+    let mut blocking: Vec<String> = p
         .requests()
         .into_iter()
         .map(|r| r.path)
         .filter(|path| path.contains("_HLS_msn"))
         .collect();
-    assert_eq!(
-        blocking,
-        [format!(
-            "/hls-ll/hls_ts/v0/index.m3u8?seg_ms=1000&parts=4&_HLS_msn={msn}&_HLS_part={part}"
-        )],
-        "one held provider request for five viewers"
-    );
+    blocking.sort();
+    let held = |m: u64, q: u64| {
+        format!("/hls-ll/hls_ts/v0/index.m3u8?seg_ms=1000&parts=4&_HLS_msn={m}&_HLS_part={q}")
+    };
+    let mut expected = vec![held(next, made), held(msn, part)];
+    expected.sort();
+    assert_eq!(blocking, expected, "one held provider request per part");
     // Whole-segment reloads, answered from what is shared when already there.
     let (s, b) = text(&format!("{url}?_HLS_msn={}", msn - 1)).await;
     assert_eq!(s, 200);

@@ -122,8 +122,40 @@ struct PlaylistSlot {
     current: parking_lot::RwLock<Option<Arc<Playlist>>>,
     /// Held while fetching: concurrent viewers wait here instead of fetching.
     fill: tokio::sync::Mutex<()>,
+    /// One lock per blocking-reload target (segment, part): viewers waiting
+    /// for the same part share one held provider request, and a viewer
+    /// asking further ahead does not delay the others.
+    holds: Mutex<HashMap<ReloadTarget, Arc<tokio::sync::Mutex<()>>>>,
     /// The backend a redirect led to, for sticky streams.
     sticky: Mutex<Option<Url>>,
+}
+
+/// (`_HLS_msn`, `_HLS_part`) of a blocking reload.
+type ReloadTarget = (u64, Option<u64>);
+
+/// A viewer's place at a blocking-reload target; the last one out removes it,
+/// also when its request is cancelled.
+struct Hold<'a> {
+    slot: &'a PlaylistSlot,
+    key: ReloadTarget,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> Hold<'a> {
+    fn new(slot: &'a PlaylistSlot, key: ReloadTarget) -> Self {
+        let lock = slot.holds.lock().entry(key).or_default().clone();
+        Hold { slot, key, lock }
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut holds = self.slot.holds.lock();
+        // The map's reference and ours: nobody else is waiting.
+        if Arc::strong_count(&self.lock) == 2 {
+            holds.remove(&self.key);
+        }
+    }
 }
 
 impl PlaylistSlot {
@@ -234,9 +266,9 @@ impl HlsFetcher {
 
     /// An LL-HLS blocking reload (RFC 8216bis §6.2.5.2): the playlist once it
     /// holds segment `msn` (or part `part` of it, or later). The provider is
-    /// asked with the same directives, one request at a time per playlist, so
-    /// however many viewers wait for the next part it holds one request, and
-    /// the answer is the shared playlist for everybody. `None` when the
+    /// asked with the same directives, one request per part, so however many
+    /// viewers wait for the next part it holds one request, and the answer
+    /// is the shared playlist for everybody. `None` when the
     /// provider did not deliver: the caller serves what it has, since a
     /// viewer's query must never fail the stream over.
     pub async fn playlist_at(
@@ -257,7 +289,8 @@ impl HlsFetcher {
             self.metrics.hls_cache_result(CacheResult::Hit);
             return Some(p);
         }
-        let _filling = slot.fill.lock().await;
+        let hold = Hold::new(&slot, (msn, part));
+        let _held = hold.lock.lock().await;
         if let Some(p) = ready() {
             self.metrics.hls_cache_result(CacheResult::Hit);
             return Some(p);
@@ -288,6 +321,13 @@ impl HlsFetcher {
         match fetched {
             Ok(Ok(mut f)) if f.status < 300 => {
                 f.final_url = without_directives(&f.final_url);
+                let got = rewrite::inspect(&f.body).ok()?;
+                let progress = |i: &PlaylistInfo| (i.next_msn(), i.trailing_parts);
+                let current = slot.current.read().clone();
+                if let Some(cur) = current.filter(|c| progress(&c.info) >= progress(&got)) {
+                    // A request for a later part came back first: keep the newer playlist.
+                    return Some(cur);
+                }
                 self.store(&slot, stream_id, spec, url, f).ok()
             }
             other => {
