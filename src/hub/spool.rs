@@ -2,7 +2,8 @@
 //! written with sendfile(2): the kernel takes the file's pages by reference
 //! instead of copying every byte from user space once per viewer. At a
 //! thousand viewers that copy is the largest cost the proxy controls (the
-//! fan-out bench measures ~15 % of the CPU on loopback, more on real NICs).
+//! fan-out bench measured 0.44–0.53 core with write() and 0.30–0.36 with
+//! sendfile() on loopback).
 //!
 //! Pages that were written are never written again: a socket may still hold
 //! them after sendfile returns. Old data is released by punching holes, after
