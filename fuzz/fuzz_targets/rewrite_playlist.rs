@@ -1,6 +1,7 @@
 //! Arbitrary bytes → `hls::rewrite::rewrite` with a fixed base URL. Must never
 //! panic; when it succeeds, `unrewrite` with the mint table must give back the
-//! input exactly (nothing but URIs changed), and `inspect` must agree on the info.
+//! input exactly (nothing but URIs changed), and `inspect` must agree on the info
+//! (whose blocking-reload helpers must not overflow).
 #![no_main]
 
 use std::collections::HashMap;
@@ -19,6 +20,12 @@ fuzz_target!(|data: &[u8]| {
         minted
     });
     let info = inspect(data);
+    if let Ok(i) = &info {
+        // Blocking-reload arithmetic must not overflow on any counts.
+        let next = i.next_msn();
+        let _ = i.has(next, Some(u64::MAX));
+        let _ = i.has(u64::MAX, None);
+    }
     match result {
         Ok(out) => {
             assert_eq!(info.as_ref().ok(), Some(&out.info));
