@@ -798,7 +798,7 @@ impl Registry {
     }
 }
 
-/// `client_` + md5(`{ip}-{ua}-{stream_id}-{username}`)[:16], as m3u-proxy derives it.
+/// One more connection of a listed (not cancelled) client.
 fn rejoin_locked(
     clients: &HashMap<String, Arc<Client>>,
     stream: &Arc<Stream>,
@@ -814,6 +814,7 @@ fn rejoin_locked(
     })
 }
 
+/// `client_` + md5(`{ip}-{ua}-{stream_id}-{username}`)[:16], as m3u-proxy derives it.
 fn derived_client_id(hello: &ClientHello, stream_id: &str) -> String {
     let username = hello.username.as_deref().unwrap_or("None");
     let raw = format!(
