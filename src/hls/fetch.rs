@@ -38,6 +38,8 @@ const MAX_CACHED_SEGMENT_FRACTION: usize = 4;
 /// LL-HLS blocking-reload query parameters (RFC 8216bis §6.2.5.2).
 pub const MSN_DIRECTIVE: &str = "_HLS_msn";
 pub const PART_DIRECTIVE: &str = "_HLS_part";
+/// Upper bound of one segment body held in memory.
+const MAX_SEGMENT_BYTES: usize = 256 * 1024 * 1024;
 
 /// `url` without blocking-reload directives: what a redirect kept of them
 /// must not stick to the backend or the base of relative URIs.
@@ -55,9 +57,6 @@ fn without_directives(url: &Url) -> Url {
     out.set_query((!kept.is_empty()).then(|| kept.join("&")).as_deref());
     out
 }
-
-/// Upper bound of one segment body held in memory.
-const MAX_SEGMENT_BYTES: usize = 256 * 1024 * 1024;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
@@ -261,7 +260,9 @@ impl HlsFetcher {
         if fetched.status >= 300 {
             return Err(FetchError::Status(fetched.status));
         }
-        self.store(&slot, stream_id, spec, url, fetched)
+        let info =
+            rewrite::inspect(&fetched.body).map_err(|e| FetchError::Malformed(e.to_string()))?;
+        Ok(self.store(&slot, stream_id, spec, url, fetched, info))
     }
 
     /// An LL-HLS blocking reload (RFC 8216bis §6.2.5.2): the playlist once it
@@ -312,9 +313,9 @@ impl HlsFetcher {
             .and_then(|p| p.info.target_duration)
             .unwrap_or(6.0);
         // §6.2.5.2: an origin answers within three target durations.
-        let hold = Duration::from_secs_f64((target * 3.0).clamp(1.0, 60.0) + 1.0);
+        let limit = Duration::from_secs_f64((target * 3.0).clamp(1.0, 60.0) + 1.0);
         let fetched = tokio::time::timeout(
-            hold,
+            limit,
             fetch(app, spec, &asked, None, self.playlist_max_bytes),
         )
         .await;
@@ -328,7 +329,7 @@ impl HlsFetcher {
                     // A request for a later part came back first: keep the newer playlist.
                     return Some(cur);
                 }
-                self.store(&slot, stream_id, spec, url, f).ok()
+                Some(self.store(&slot, stream_id, spec, url, f, got))
             }
             other => {
                 let why = match other {
@@ -342,8 +343,8 @@ impl HlsFetcher {
         }
     }
 
-    /// Makes a fetched playlist the shared one for `slot` (or keeps the one it
-    /// has when the new one went backwards) and returns what viewers get.
+    /// Makes a fetched (and parsed) playlist the shared one for `slot`, or keeps
+    /// the one it has when the new one went backwards; returns what viewers get.
     fn store(
         &self,
         slot: &PlaylistSlot,
@@ -351,9 +352,8 @@ impl HlsFetcher {
         spec: &StreamSpec,
         url: &Url,
         fetched: Fetched,
-    ) -> Result<Arc<Playlist>, FetchError> {
-        let info =
-            rewrite::inspect(&fetched.body).map_err(|e| FetchError::Malformed(e.to_string()))?;
+        info: PlaylistInfo,
+    ) -> Arc<Playlist> {
         if spec.sticky && fetched.final_url != *url {
             *slot.sticky.lock() = Some(fetched.final_url.clone());
         }
@@ -373,7 +373,7 @@ impl HlsFetcher {
                     kept.fetched = Instant::now();
                     let kept = Arc::new(kept);
                     *slot.current.write() = Some(kept.clone());
-                    return Ok(kept);
+                    return kept;
                 }
             }
         }
@@ -396,7 +396,7 @@ impl HlsFetcher {
             ttl,
         });
         *slot.current.write() = Some(p.clone());
-        Ok(p)
+        p
     }
 
     /// The last playlist served for `url`, if any (to map variants across a failover).
