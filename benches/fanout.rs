@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use m3u_edge::hub::spool::{Span, Spool};
 use support::edge::Edge;
 use support::provider::Provider;
 
@@ -442,15 +443,21 @@ fn relay_main(relay: Relay) {
                 .await;
             }
             Relay::Sendfile => {
-                let spool = Arc::new(Spool::new());
+                // The proxy's own spool: append-only memfd, holes punched behind.
+                let spool = Arc::new(Spool::new().expect("memfd"));
                 let (tx, rx) = tokio::sync::watch::channel(0u64);
                 let writer = spool.clone();
                 tokio::spawn(async move {
                     let chunk = vec![0x47u8; RELAY_CHUNK];
                     let mut tick = tokio::time::interval(every);
+                    let mut end = 0u64;
                     loop {
                         tick.tick().await;
-                        tx.send_replace(writer.append(&chunk));
+                        writer.write_at(&chunk, end).expect("spool write");
+                        end += chunk.len() as u64;
+                        // Far more than any viewer lags here.
+                        let _ = writer.release_before(end.saturating_sub(8 << 20));
+                        tx.send_replace(end);
                     }
                 });
                 relay_accept(move |s| {
@@ -459,9 +466,15 @@ fn relay_main(relay: Relay) {
                         let mut pos = *rx.borrow_and_update();
                         while rx.changed().await.is_ok() {
                             let end = *rx.borrow_and_update();
-                            if spool.send(&s, &mut pos, end).await.is_err() {
+                            let span = Span {
+                                spool: spool.clone(),
+                                off: pos,
+                                len: (end - pos) as usize,
+                            };
+                            if span.send(&s).await.is_err() {
                                 return;
                             }
+                            pos = end;
                         }
                     }
                 })
@@ -469,68 +482,6 @@ fn relay_main(relay: Relay) {
             }
         }
     });
-}
-
-/// An append-only in-memory file: sent pages are never rewritten (the kernel
-/// may still hold them in socket buffers), old ones are released by punching
-/// holes behind the live edge.
-struct Spool {
-    file: std::fs::File,
-    end: std::sync::atomic::AtomicU64,
-}
-
-impl Spool {
-    /// What stays behind the live edge (far more than any viewer lags here).
-    const KEEP: u64 = 8 << 20;
-
-    fn new() -> Self {
-        let fd =
-            nix::sys::memfd::memfd_create(c"fanout-spool", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-                .expect("memfd_create");
-        Spool {
-            file: std::fs::File::from(fd),
-            end: AtomicU64::new(0),
-        }
-    }
-
-    /// Appends a chunk; returns the new end offset.
-    fn append(&self, data: &[u8]) -> u64 {
-        use std::os::unix::fs::FileExt;
-        let at = self.end.load(Ordering::Acquire);
-        self.file.write_all_at(data, at).expect("spool write");
-        let end = at + data.len() as u64;
-        self.end.store(end, Ordering::Release);
-        if at >= Self::KEEP {
-            let from = (at - Self::KEEP) & !4095;
-            let _ = nix::fcntl::fallocate(
-                &self.file,
-                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                from as i64,
-                data.len() as i64,
-            );
-        }
-        end
-    }
-
-    /// sendfile() of [pos, end) to the socket, waiting while it is full.
-    async fn send(&self, s: &TcpStream, pos: &mut u64, end: u64) -> std::io::Result<()> {
-        while *pos < end {
-            s.writable().await?;
-            let sent = s.try_io(tokio::io::Interest::WRITABLE, || {
-                let mut off = *pos as i64;
-                nix::sys::sendfile::sendfile(s, &self.file, Some(&mut off), (end - *pos) as usize)
-                    .map_err(std::io::Error::from)
-            });
-            match sent {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => *pos += n as u64,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
 }
 
 fn main() {

@@ -17,6 +17,9 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
 const PAGE: u64 = 4096;
 
 /// A channel's spool file.
@@ -36,11 +39,23 @@ pub struct Span {
 }
 
 impl Span {
-    /// sendfile() of the span to `sock`; returns how much the socket took.
-    /// `done` bytes were already sent.
-    pub fn send_to(&self, sock: impl AsFd, done: usize) -> io::Result<usize> {
-        self.spool
-            .send_to(sock, self.off + done as u64, self.len - done)
+    /// sendfile() of the whole span to `sock`, waiting while it is full.
+    pub async fn send(&self, sock: &TcpStream) -> io::Result<()> {
+        let mut done = 0;
+        while done < self.len {
+            sock.writable().await?;
+            let sent = sock.try_io(Interest::WRITABLE, || {
+                self.spool
+                    .send_to(sock, self.off + done as u64, self.len - done)
+            });
+            match sent {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -14,14 +14,13 @@ use pingora::prelude::*;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::ctx::RequestCtx;
 use super::response::Access;
 use super::{request, respond};
 use crate::app::App;
-use crate::hub::spool::Span;
 use crate::hub::{JoinError, Next, Viewer};
 use crate::metrics::DropReason;
 use crate::registry::{ClientGuard, Stream as RegStream};
@@ -214,21 +213,6 @@ async fn detach(session: &mut Session) -> Option<TcpStream> {
     Some(sock)
 }
 
-/// sendfile() of a spool span, waiting while the socket is full.
-async fn send_span(io: &TcpStream, span: &Span) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < span.len {
-        io.writable().await?;
-        match io.try_io(Interest::WRITABLE, || span.send_to(io, done)) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// One live viewer off its Pingora session: hub bytes in, one large write per
 /// batch out, until the viewer, the channel or the API ends it.
 struct Delivery {
@@ -275,7 +259,7 @@ impl Delivery {
             let n = n as u64;
             let wrote = tokio::time::timeout(self.write_timeout, async {
                 match &next {
-                    Next::Span(span) => send_span(&io, span).await,
+                    Next::Span(span) => span.send(&io).await,
                     Next::Data(b) => io.write_all(b).await,
                     Next::Lagged | Next::Ended => Ok(()),
                 }
