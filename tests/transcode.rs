@@ -301,3 +301,94 @@ async fn without_ffmpeg_transcode_is_a_503_and_info_says_so() {
     assert_eq!(info["ffmpeg_version"], Value::Null);
     assert_eq!(info["transcoding"]["enabled"], false);
 }
+
+/// m3u-editor's HLS template (API-COMPAT-FFMPEG §3), lighter for CI: no -g,
+/// so x264's default 10 s GOP would hold the first playlist back for 20 s.
+const EDITOR_HLS: &str = "-fflags +genpts+discardcorrupt+igndts -i {input_url} -c:v libx264 -preset ultrafast -vf scale=160:-2 -b:v {bitrate|300k} -maxrate {maxrate|400k} -bufsize {bufsize|400k} -c:a aac -b:a {audio_bitrate|64k} -hls_time 2 -hls_list_size 30 -hls_flags program_date_time -f hls {output_args|index.m3u8}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hls_profile_serves_signed_segments_that_play_and_stops_with_its_viewers() {
+    if !have_ffmpeg() {
+        return;
+    }
+    let p = Provider::start().await;
+    let e = Edge::start(&transcode_config()).await;
+    let (s, v) = transcode(
+        &e,
+        json!({ "url": p.url("live/h.ts?kbps=800"), "profile": EDITOR_HLS }),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["format"], "hls");
+    let id = v["stream_id"].as_str().unwrap().to_string();
+    assert_eq!(v["playlist_url"], format!("/hls/{id}/playlist.m3u8"));
+    let playlist_url = e.url(&format!("/hls/{id}/playlist.m3u8?client_id=hls1"));
+    // As a player does: ask again while it starts (a cold start on a busy
+    // 2-core box: provider, ffmpeg, a first segment).
+    let patient = client::builder()
+        .timeout(Duration::from_secs(40))
+        .build()
+        .unwrap();
+    let mut body = bytes::Bytes::new();
+    for _ in 0..3 {
+        let resp = patient.get(&playlist_url).send().await.expect("playlist");
+        let status = resp.status();
+        body = resp.bytes().await.unwrap_or_default();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    }
+    let text = String::from_utf8_lossy(&body).into_owned();
+    assert!(text.starts_with("#EXTM3U"), "{text}");
+    let segs: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    assert!(!segs.is_empty(), "{text}");
+    for s in &segs {
+        assert!(s.contains(&format!("/hls/{id}/segment.ts?t=")), "{s}");
+        assert!(!s.contains("file:") && !s.contains("/tmp"), "{s}");
+    }
+    // Forced keyframes: 2 s segments, not x264's 10 s GOP.
+    let durations: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("#EXTINF:"))
+        .filter_map(|d| d.trim_end_matches(',').parse().ok())
+        .collect();
+    assert!(durations.iter().all(|d| *d < 5.0), "{durations:?}");
+    let seg_url = format!("http://127.0.0.1:{}{}", e.port(), segs[0]);
+    let (status, _, seg) = client::get_body(&seg_url).await;
+    assert_eq!(status, 200);
+    is_valid_ts(&seg).unwrap();
+    assert_eq!(probe(&seg).0, "h264");
+    // A tampered reference is refused.
+    let (status, _, _) = client::get_body(&seg_url.replace("?t=", "?t=x")).await;
+    assert_eq!(status, 403);
+    // It plays in ffmpeg.
+    let out = Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-i",
+            &playlist_url,
+            "-t",
+            "3",
+            "-f",
+            "null",
+            "-",
+        ])
+        .output()
+        .expect("ffmpeg");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nobody asks any more: the viewers go idle, the packager and ffmpeg stop.
+    assert!(
+        eventually(Duration::from_secs(40), || ffmpeg_children(&e) == 0).await,
+        "ffmpeg still running"
+    );
+    assert!(eventually(T, || p.open_streams("/live/") == 0).await);
+}

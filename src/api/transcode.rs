@@ -122,6 +122,8 @@ pub fn create(app: &App, req: &ApiRequest) -> ApiReply {
         args: rendered.args.clone(),
         profile: name.clone(),
         hls: rendered.hls,
+        hls_time: rendered.hls_time,
+        hls_list_size: rendered.hls_list_size,
     });
     let reg = match app.registry.register_as(id.clone(), spec.clone()) {
         Ok(r) => r,
