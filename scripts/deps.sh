@@ -3,7 +3,9 @@
 # installed here: it comes from rustup) and cmake (Pingora's zlib-ng build).
 # Installs cmake with apt-get when it can, else says exactly what is missing.
 # With --test-tools, also promtool (Debian package `prometheus`), which the
-# metrics tests use to lint /metrics; without it that check is skipped.
+# metrics tests use to lint /metrics, and ffmpeg, which the transcoding tests
+# run; without them those checks are skipped. m3u-edge itself needs ffmpeg
+# only to transcode (`apt-get install ffmpeg`).
 set -euo pipefail
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -63,7 +65,37 @@ install_promtool() {
     return 0
 }
 
-# Only the test suite needs it: `scripts/test.sh` asks with --test-tools.
+# Installs ffmpeg (and ffprobe) if missing: the transcoding tests run the
+# real thing. Without it those tests print "SKIPPED: ffmpeg not installed".
+install_ffmpeg() {
+    command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 && return 0
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
+            sudo="sudo"
+        else
+            echo "note: ffmpeg not installed (apt-get install ffmpeg as root enables the transcoding tests)" >&2
+            return 0
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "note: ffmpeg not installed (install it to enable the transcoding tests)" >&2
+        return 0
+    fi
+    echo "installing ffmpeg (Debian package; for the transcoding tests)..." >&2
+    if $sudo apt-get update -qq >/dev/null 2>&1 &&
+        $sudo env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null 2>&1 &&
+        command -v ffmpeg >/dev/null 2>&1; then
+        echo "ffmpeg installed" >&2
+    else
+        echo "note: could not install ffmpeg; the transcoding tests will be skipped" >&2
+    fi
+    return 0
+}
+
+# Only the test suite needs these: `scripts/test.sh` asks with --test-tools.
 if [ "${1:-}" = "--test-tools" ]; then
     install_promtool || true
+    install_ffmpeg || true
 fi
