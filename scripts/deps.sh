@@ -4,7 +4,8 @@
 # Installs cmake with apt-get when it can, else says exactly what is missing.
 # With --test-tools, also promtool (Debian package `prometheus`), which the
 # metrics tests use to lint /metrics, and ffmpeg, which the transcoding tests
-# run; without them those checks are skipped. m3u-edge itself needs ffmpeg
+# run, and Chromium, which plays HLS in the browser test; without them those
+# checks are skipped. m3u-edge itself needs ffmpeg
 # only to transcode (`apt-get install ffmpeg`).
 set -euo pipefail
 
@@ -65,31 +66,33 @@ install_promtool() {
     return 0
 }
 
-# Installs ffmpeg (and ffprobe) if missing: the transcoding tests run the
-# real thing. Without it those tests print "SKIPPED: ffmpeg not installed".
-install_ffmpeg() {
-    command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 && return 0
+# Installs Debian package $1 when command $2 is missing; $3 says what for.
+# Optional: never fails the script; without the package the tests that need
+# it print "SKIPPED: ...".
+install_optional() {
+    local pkg=$1 cmd=$2 what=$3
+    command -v "$cmd" >/dev/null 2>&1 && return 0
     local sudo=""
     if [ "$(id -u)" != 0 ]; then
         if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
             sudo="sudo"
         else
-            echo "note: ffmpeg not installed (apt-get install ffmpeg as root enables the transcoding tests)" >&2
+            echo "note: $pkg not installed (apt-get install $pkg as root enables $what)" >&2
             return 0
         fi
     fi
     if ! command -v apt-get >/dev/null 2>&1; then
-        echo "note: ffmpeg not installed (install it to enable the transcoding tests)" >&2
+        echo "note: $pkg not installed (install it to enable $what)" >&2
         return 0
     fi
-    echo "installing ffmpeg (Debian package; for the transcoding tests)..." >&2
+    echo "installing $pkg (Debian package; for $what)..." >&2
     if $sudo apt-get update -qq >/dev/null 2>&1 &&
         $sudo env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null 2>&1 &&
-        command -v ffmpeg >/dev/null 2>&1; then
-        echo "ffmpeg installed" >&2
+            apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null 2>&1 &&
+        command -v "$cmd" >/dev/null 2>&1; then
+        echo "$pkg installed" >&2
     else
-        echo "note: could not install ffmpeg; the transcoding tests will be skipped" >&2
+        echo "note: could not install $pkg; $what will be skipped" >&2
     fi
     return 0
 }
@@ -97,5 +100,6 @@ install_ffmpeg() {
 # Only the test suite needs these: `scripts/test.sh` asks with --test-tools.
 if [ "${1:-}" = "--test-tools" ]; then
     install_promtool || true
-    install_ffmpeg || true
+    install_optional ffmpeg ffprobe "the transcoding tests" || true
+    install_optional chromium chromium "the browser playback test" || true
 fi
