@@ -16,6 +16,7 @@ use crate::support::edge::Edge;
 use crate::support::eventually::eventually;
 use crate::support::provider::Provider;
 use crate::support::ts_check::is_valid_ts;
+use crate::support::webhook::WebhookReceiver;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -182,10 +183,23 @@ async fn ffmpeg_killed_from_outside_is_restarted_and_viewers_keep_receiving() {
         return;
     }
     let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
     let e = Edge::start(&transcode_config()).await;
+    let (s, _) = api(
+        &e,
+        Method::POST,
+        "/webhooks",
+        Some(json!({ "url": hook.url("/hook") })),
+    )
+    .await;
+    assert_eq!(s, 200);
     let (s, v) = transcode(
         &e,
-        json!({ "url": p.url("live/k.ts?kbps=800"), "profile": SMALL }),
+        json!({
+            "url": p.url("live/k.ts?kbps=800"),
+            "profile": SMALL,
+            "metadata": {"profile_id": 9},
+        }),
     )
     .await;
     assert_eq!(s, 200, "{v}");
@@ -204,11 +218,45 @@ async fn ffmpeg_killed_from_outside_is_restarted_and_viewers_keep_receiving() {
     let after = viewer.read_n(188 * 700, T).await;
     is_valid_ts(&after).unwrap();
     assert!(eventually(T, || ffmpeg_children(&e) == 1).await);
-    // Deleted through the API as m3u-editor stops it: all gone.
-    let (s, _) = api(&e, Method::DELETE, &format!("/streams/{id}"), None).await;
-    assert_eq!(s, 200);
+    let (_, counts) = api(
+        &e,
+        Method::GET,
+        "/streams/counts-by-metadata?field=profile_id&values=9",
+        None,
+    )
+    .await;
+    assert_eq!(counts["counts"]["9"], 1, "{counts}");
+    // Stopped as m3u-editor stops it, by metadata: all gone, and said so.
+    let (s, v) = api(
+        &e,
+        Method::DELETE,
+        "/streams/by-metadata?field=profile_id&value=9",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
     assert!(eventually(T, || ffmpeg_children(&e) == 0).await);
     assert!(eventually(T, || p.open_streams("/live/") == 0).await);
+    let (_, counts) = api(
+        &e,
+        Method::GET,
+        "/streams/counts-by-metadata?field=profile_id&values=9",
+        None,
+    )
+    .await;
+    assert_eq!(counts["counts"]["9"], 0, "{counts}");
+    let stopped = hook.wait_for_events("stream_stopped", 1, T).await;
+    let ours: Vec<&Value> = stopped
+        .iter()
+        .filter(|ev| ev["stream_id"] == id.as_str())
+        .collect();
+    assert_eq!(ours.len(), 1, "{stopped:?}");
+    assert_eq!(ours[0]["data"]["was_transcoded"], true);
+    assert_eq!(ours[0]["data"]["metadata"]["transcoding"], "true");
+    assert!(!hook
+        .events_of("client_disconnected")
+        .iter()
+        .all(|ev| ev["stream_id"] != id.as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
