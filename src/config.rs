@@ -107,6 +107,7 @@ pub struct Config {
     pub hls: HlsConfig,
     pub limits: LimitsConfig,
     pub transcode: TranscodeConfig,
+    pub resolvers: ResolversConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -390,6 +391,25 @@ impl Default for TranscodeConfig {
             device: None,
             max_processes: 8,
             profiles: Vec::new(),
+        }
+    }
+}
+
+/// The `resolvers:` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolversConfig {
+    pub streamlink: PathBuf,
+    pub yt_dlp: PathBuf,
+    /// Cookies files may only come from here; None = none allowed.
+    pub cookies_dir: Option<PathBuf>,
+}
+
+impl Default for ResolversConfig {
+    fn default() -> Self {
+        Self {
+            streamlink: PathBuf::from("streamlink"),
+            yt_dlp: PathBuf::from("yt-dlp"),
+            cookies_dir: None,
         }
     }
 }

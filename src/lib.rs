@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod provider;
 pub mod proxy;
 pub mod registry;
+pub mod resolvers;
 pub mod route;
 pub mod state;
 pub mod transcode;

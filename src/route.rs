@@ -35,6 +35,8 @@ pub enum Api {
     Transcode,
     /// `/transcode/profiles`
     TranscodeProfiles,
+    /// `/validate-cookies-file`
+    ValidateCookiesFile,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +79,7 @@ pub fn decode(path: &str, root_path: &str) -> Route {
         ["webhooks", "test"] => Route::Api(Api::WebhooksTest),
         ["transcode"] => Route::Api(Api::Transcode),
         ["transcode", "profiles"] => Route::Api(Api::TranscodeProfiles),
+        ["validate-cookies-file"] => Route::Api(Api::ValidateCookiesFile),
         ["metrics"] => Route::Metrics,
         ["stream", id] if valid_id(id) => Route::Play(id.to_string()),
         ["hls", id, "playlist.m3u8"] if valid_id(id) => Route::HlsPlaylist(id.to_string()),

@@ -440,3 +440,54 @@ async fn an_hls_profile_serves_signed_segments_that_play_and_stops_with_its_view
     );
     assert!(eventually(T, || p.open_streams("/live/") == 0).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookies_files_are_validated_inside_the_cookies_dir_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cookies = dir.path().join("cookies");
+    std::fs::create_dir(&cookies).unwrap();
+    std::fs::write(
+        cookies.join("yt.txt"),
+        "# Netscape HTTP Cookie File\n.youtube.com\tTRUE\t/\tTRUE\t4102444800\tSID\tsecret-sid\n.youtube.com\tTRUE\t/\tTRUE\t1000\tOLD\tx\n",
+    )
+    .unwrap();
+    std::fs::write(cookies.join("bad.txt"), "not a cookies file\n").unwrap();
+    std::fs::write(dir.path().join("outside.txt"), "x").unwrap();
+    let yaml = config(&format!(
+        "resolvers:\n  cookies_dir: \"{}\"\n",
+        cookies.display()
+    ));
+    let e = Edge::start(&yaml).await;
+    let check = |path: String| {
+        let e = &e;
+        async move {
+            let q = url::form_urlencoded::byte_serialize(path.as_bytes()).collect::<String>();
+            let (s, v) = api(
+                e,
+                Method::GET,
+                &format!("/validate-cookies-file?path={q}"),
+                None,
+            )
+            .await;
+            assert_eq!(s, 200, "{v}");
+            v
+        }
+    };
+    let v = check("yt.txt".into()).await;
+    assert_eq!(v["valid"], true, "{v}");
+    assert_eq!(v["message"], "2 cookies, 1 expired");
+    assert!(!v.to_string().contains("secret-sid"));
+    assert_eq!(
+        check(cookies.join("yt.txt").display().to_string()).await["valid"],
+        true
+    );
+    for bad in ["bad.txt", "../outside.txt", "/etc/passwd", "missing.txt"] {
+        let v = check(bad.into()).await;
+        assert_eq!(v["valid"], false, "{bad}: {v}");
+    }
+    let v = check("/etc/passwd".into()).await;
+    assert!(
+        v["message"].as_str().unwrap().contains("must be inside"),
+        "{v}"
+    );
+}

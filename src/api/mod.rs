@@ -127,6 +127,14 @@ pub async fn handle(app: &App, api: &Api, req: &ApiRequest) -> ApiReply {
         (Api::WebhooksTest, &M::POST) => webhooks::test(app, req).await,
         (Api::Transcode, &M::POST) => transcode::create(app, req),
         (Api::TranscodeProfiles, &M::GET) => transcode::profiles(app),
+        (Api::ValidateCookiesFile, &M::GET) => {
+            let checked = crate::resolvers::cookies::validate(
+                app.config.resolvers.cookies_dir.as_deref(),
+                req.param("path").unwrap_or(""),
+                chrono::Utc::now().timestamp(),
+            );
+            ApiReply::ok(json!({ "valid": checked.valid, "message": checked.message }))
+        }
         _ => ApiReply::method_not_allowed(),
     }
 }

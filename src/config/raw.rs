@@ -39,11 +39,12 @@ pub(super) struct RawConfig {
     pub hls: Option<RawHls>,
     pub limits: Option<RawLimits>,
     pub transcode: Option<RawTranscode>,
+    pub resolvers: Option<RawResolvers>,
 }
 
 /// Top-level keys, for the message about a document that is not a mapping.
 const SECTIONS: &str =
-    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode";
+    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +75,14 @@ pub(super) struct RawTranscode {
     pub device: Leaf<String>,
     pub max_processes: Leaf<Scalar>,
     pub profiles: Option<Vec<RawProfile>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawResolvers {
+    pub streamlink: Leaf<String>,
+    pub yt_dlp: Leaf<String>,
+    pub cookies_dir: Leaf<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -162,6 +162,8 @@ fn commented_examples_in_the_example_config_parse() {
     assert_eq!(s.provider.as_deref(), Some("my-iptv"));
     assert_eq!(s.metadata["channel_number"], "101");
     assert_eq!(s.live, None);
+    assert_eq!(c.transcode.profiles.len(), 1);
+    assert_eq!(c.transcode.profiles[0].defaults["video_bitrate"], "1200k");
 }
 
 #[test]
@@ -302,7 +304,7 @@ fn unknown_key_at_top_level() {
     assert_eq!(
         error("servr:\n  listen: 127.0.0.1:1\n"),
         "conf/test.yaml:1:1: servr: unknown field `servr`, expected one of: \
-         server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode \
+         server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers \
          (did you mean `server`?)"
     );
 }
@@ -405,7 +407,7 @@ fn wrong_types() {
 #[test]
 fn top_level_must_be_a_mapping() {
     let expected = "conf/test.yaml:1:1: the file must be a mapping of sections \
-                    (server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode)";
+                    (server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers)";
     assert_eq!(error("- server\n"), expected);
     assert_eq!(error("hello\n"), expected);
 }

@@ -17,13 +17,13 @@ use url::Url;
 
 use super::raw::{
     push_key, spanned_at, Leaf, RawApi, RawConfig, RawEvents, RawHeaders, RawHls, RawLimits,
-    RawLive, RawLog, RawMetrics, RawProvider, RawServer, RawStream, RawTranscode, RawUpstream,
-    RawWebhook, Scalar,
+    RawLive, RawLog, RawMetrics, RawProvider, RawResolvers, RawServer, RawStream, RawTranscode,
+    RawUpstream, RawWebhook, Scalar,
 };
 use super::{
     ApiConfig, Config, EventsConfig, HlsConfig, HwAccel, LimitsConfig, LiveConfig, LogConfig,
-    MetricsConfig, Problem, ProviderConfig, ServerConfig, StreamConfig, TranscodeConfig,
-    UpstreamConfig, WebhookConfig,
+    MetricsConfig, Problem, ProviderConfig, ResolversConfig, ServerConfig, StreamConfig,
+    TranscodeConfig, UpstreamConfig, WebhookConfig,
 };
 use crate::events::EventType;
 use crate::transcode::profiles::Profile;
@@ -112,6 +112,7 @@ impl Validator<'_> {
         let hls = self.hls(raw.hls.unwrap_or_default());
         let limits = self.limits(raw.limits.unwrap_or_default());
         let transcode = self.transcode(raw.transcode.unwrap_or_default());
+        let resolvers = self.resolvers(raw.resolvers.unwrap_or_default());
         Config {
             server,
             api,
@@ -125,6 +126,35 @@ impl Validator<'_> {
             hls,
             limits,
             transcode,
+            resolvers,
+        }
+    }
+
+    fn resolvers(&mut self, raw: RawResolvers) -> ResolversConfig {
+        let d = ResolversConfig::default();
+        let program = |s: &String| {
+            if s.trim().is_empty() {
+                Err("empty; remove the key to look it up on PATH".to_owned())
+            } else {
+                Ok(std::path::PathBuf::from(s))
+            }
+        };
+        ResolversConfig {
+            streamlink: self.leaf(
+                &raw.streamlink,
+                "resolvers.streamlink",
+                d.streamlink,
+                program,
+            ),
+            yt_dlp: self.leaf(&raw.yt_dlp, "resolvers.yt_dlp", d.yt_dlp, program),
+            cookies_dir: self.optional(&raw.cookies_dir, "resolvers.cookies_dir", |s| {
+                let p = std::path::PathBuf::from(s);
+                if p.is_absolute() {
+                    Ok(p)
+                } else {
+                    Err("use an absolute path".to_owned())
+                }
+            }),
         }
     }
 
