@@ -83,6 +83,13 @@ pub struct ServerConfig {
     pub stream_idle_ttl: Duration,
     /// How long a graceful shutdown or upgrade waits for clients.
     pub grace_period: Duration,
+    /// After the grace period: how long cutting the remaining viewers, the
+    /// last state save and the webhook flush may take before the process
+    /// exits. > 0, at most 5 minutes.
+    pub shutdown_timeout: Duration,
+    /// Longest time between a change of the persisted state and its write
+    /// (changes within it share one write). At most 1 minute.
+    pub state_save_delay: Duration,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +102,8 @@ impl Default for ServerConfig {
             state_file: PathBuf::from("m3u-edge-state.json"),
             stream_idle_ttl: Duration::from_secs(15 * 60),
             grace_period: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(5),
+            state_save_delay: Duration::from_millis(500),
         }
     }
 }

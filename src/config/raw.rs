@@ -52,6 +52,8 @@ pub(super) struct RawServer {
     pub state_file: Leaf<String>,
     pub stream_idle_ttl: Leaf<Scalar>,
     pub grace_period: Leaf<Scalar>,
+    pub shutdown_timeout: Leaf<Scalar>,
+    pub state_save_delay: Leaf<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -98,6 +98,8 @@ fn example_config_documents_every_key() {
         "state_file:",
         "stream_idle_ttl:",
         "grace_period:",
+        "shutdown_timeout:",
+        "state_save_delay:",
         "token:",
         "user_agent:",
         "connect_timeout:",
@@ -312,7 +314,8 @@ fn unknown_key_nested() {
     assert_eq!(
         error("server:\n  threads: 2\n  listn: 127.0.0.1:1\n"),
         "conf/test.yaml:3:3: server.listn: unknown field `listn`, expected one of: \
-         listen, threads, root_path, public_url, state_file, stream_idle_ttl, grace_period \
+         listen, threads, root_path, public_url, state_file, stream_idle_ttl, grace_period, \
+         shutdown_timeout, state_save_delay \
          (did you mean `listen`?)"
     );
 }
@@ -904,7 +907,8 @@ fn load_reads_a_file() {
         e.messages()[0],
         format!(
             "{}:3:3: server.bogus: unknown field `bogus`, expected one of: listen, threads, \
-             root_path, public_url, state_file, stream_idle_ttl, grace_period",
+             root_path, public_url, state_file, stream_idle_ttl, grace_period, shutdown_timeout, \
+             state_save_delay",
             path.display()
         )
     );
@@ -1120,5 +1124,28 @@ fn hls_section_parses_and_checks_the_key() {
     assert!(
         m.contains("conf/test.yaml:2:") && m.contains("hls.token_key"),
         "{m}"
+    );
+}
+
+#[test]
+fn shutdown_timeout_and_state_save_delay() {
+    let c = parse(
+        "server:\n  shutdown_timeout: 2s\n  state_save_delay: 0\n",
+        Path::new("conf/test.yaml"),
+    )
+    .unwrap();
+    assert_eq!(c.server.shutdown_timeout, Duration::from_secs(2));
+    assert_eq!(c.server.state_save_delay, Duration::ZERO);
+    let d = Config::default();
+    assert_eq!(d.server.shutdown_timeout, Duration::from_secs(5));
+    assert_eq!(d.server.state_save_delay, Duration::from_millis(500));
+    let e = errors("server:\n  shutdown_timeout: 0\n  state_save_delay: 2m\n").join("\n");
+    assert!(
+        e.contains("server.shutdown_timeout: must be greater than zero"),
+        "{e}"
+    );
+    assert!(
+        e.contains("server.state_save_delay: must be at most 1m, got 2m"),
+        "{e}"
     );
 }

@@ -1,0 +1,330 @@
+//! Reliability (issue #15): what a restart, a SIGHUP, a second copy, a burst
+//! of registrations or a broken disk look like from outside — webhooks
+//! received, exit codes, the state file, `/health`, `/stats` and `/metrics`.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use http::Method;
+use serde_json::{json, Value};
+
+use crate::common::{api, config, register, TOKEN};
+use crate::support::client::{self, BodyReader};
+use crate::support::edge::{free_port, run_bin, Edge};
+use crate::support::eventually::assert_eventually;
+use crate::support::provider::Provider;
+use crate::support::webhook::WebhookReceiver;
+
+const T: Duration = Duration::from_secs(15);
+
+fn signal(e: &Edge, sig: &str) {
+    let pid = e.pid().expect("edge running");
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{sig} {pid}");
+}
+
+/// A metric's value from `/metrics` (the first sample whose line starts
+/// with `series`).
+async fn metric(e: &Edge, series: &str) -> Option<f64> {
+    let (_, _, body) = client::get_body(&e.url("/metrics")).await;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn health(e: &Edge) -> Value {
+    api(e, Method::GET, "/health", None).await.1
+}
+
+fn state_streams(e: &Edge) -> Vec<String> {
+    std::fs::read(e.state_file())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| {
+            v["streams"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|s| s["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_the_stop_events_of_the_viewers_it_cuts() {
+    let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let mut e = Edge::start(&config("")).await;
+    let (s, v) = api(
+        &e,
+        Method::POST,
+        "/webhooks",
+        Some(json!({"url": hook.url("/h"), "timeout": 5, "retry_attempts": 2})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let id = register(
+        &e,
+        json!({"url": p.url("live/term.ts?kbps=2000"), "metadata": {"provider_profile_id": 4}}),
+    )
+    .await;
+    let resp = client::get(&e.url(&format!("/stream/{id}?client_id=tv"))).await;
+    assert_eq!(resp.status(), 200);
+    let mut viewer = BodyReader::new(resp);
+    viewer.read_n(188 * 100, T).await;
+    hook.wait_for_events("stream_started", 1, T).await;
+
+    let status = e.stop().await.expect("edge was running");
+    assert!(status.success(), "exit status {status}");
+    // The process exits only after delivering them: no wait needed.
+    let disconnected = hook.events_of("client_disconnected");
+    let stopped = hook.events_of("stream_stopped");
+    assert_eq!(disconnected.len(), 1, "{:?}", hook.received());
+    assert_eq!(stopped.len(), 1, "{:?}", hook.received());
+    assert_eq!(stopped[0]["stream_id"], id.as_str());
+    assert_eq!(stopped[0]["data"]["metadata"]["provider_profile_id"], "4");
+    assert_eq!(stopped[0]["data"]["reason"], "shutdown");
+    assert_eq!(disconnected[0]["data"]["client_id"], "tv");
+    assert!(
+        !e.log().contains("events service stopped\""),
+        "an event was dropped: {}",
+        e.log()
+    );
+    drop(viewer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_webhooks_and_streams_and_keeps_serving() {
+    let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let mut e = Edge::start(&config("log:\n  level: info\n")).await;
+    let id = register(&e, json!({"url": p.url("live/hup.ts")})).await;
+
+    signal(&e, "HUP");
+    assert!(
+        e.wait_for_log("SIGHUP", T).await,
+        "no log line for SIGHUP: {}",
+        e.log()
+    );
+    assert!(e.is_running(), "SIGHUP ended the process: {}", e.log());
+
+    // Add a webhook and a stream in the file, then reload.
+    let yaml = config(&format!(
+        "log:\n  level: debug\nevents:\n  webhooks:\n    - url: \"{}\"\nstreams:\n  - id: from-yaml\n    url: \"{}\"\n",
+        hook.url("/yaml-hook"),
+        p.url("live/yaml.ts")
+    ));
+    std::fs::write(
+        e.config_path(),
+        crate::support::edge::render(&yaml, e.port(), e.dir()),
+    )
+    .expect("write config");
+    signal(&e, "HUP");
+    assert!(
+        e.wait_for_log("config reloaded", T).await,
+        "no reload: {}",
+        e.log()
+    );
+    assert!(e.is_running());
+    let (s, v) = api(&e, Method::GET, "/webhooks", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        v["webhooks"][0]["url"],
+        hook.url("/yaml-hook").as_str(),
+        "{v}"
+    );
+    let (s, _) = api(&e, Method::GET, "/streams/from-yaml", None).await;
+    assert_eq!(s, 200, "the YAML stream was not added");
+    // API streams are kept.
+    let (s, _) = api(&e, Method::GET, &format!("/streams/{id}"), None).await;
+    assert_eq!(s, 200);
+
+    // A broken file changes nothing and ends nothing.
+    std::fs::write(e.config_path(), "server:\n  listn: 1\n").expect("write config");
+    signal(&e, "HUP");
+    assert!(
+        e.wait_for_log("nothing reloaded", T).await,
+        "no error for a broken config: {}",
+        e.log()
+    );
+    assert!(e.is_running());
+    let (s, _) = api(&e, Method::GET, "/streams/from-yaml", None).await;
+    assert_eq!(s, 200);
+}
+
+/// A config on `port` with the state file at `state`.
+fn yaml_at(port: u16, state: &std::path::Path) -> String {
+    format!(
+        "server:\n  listen: \"127.0.0.1:{port}\"\n  state_file: \"{}\"\n  grace_period: \"0s\"\napi:\n  token: \"{TOKEN}\"\n",
+        state.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_copy_on_the_same_state_file_or_port_exits_at_once() {
+    let e = Edge::start(&config("")).await;
+    let pid = e.pid().expect("running");
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    // Same state file, other port.
+    let conf = dir.path().join("same-state.yaml");
+    std::fs::write(&conf, yaml_at(free_port(), &e.state_file())).expect("write");
+    let out = run_bin(&["-c", conf.to_str().expect("utf-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(
+        err.contains(&format!("pid {pid}")),
+        "holder not named: {err}"
+    );
+    assert!(err.contains("state.json"), "{err}");
+
+    // Same port, other state file.
+    let conf = dir.path().join("same-port.yaml");
+    std::fs::write(&conf, yaml_at(e.port(), &dir.path().join("other.json"))).expect("write");
+    let out = run_bin(&["-c", conf.to_str().expect("utf-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(err.contains("in use"), "{err}");
+    assert!(
+        !dir.path().join("other.json").exists(),
+        "the failed copy wrote a state file"
+    );
+
+    // The first one is untouched.
+    let (s, _) = api(&e, Method::GET, "/health", None).await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_are_saved_in_coalesced_writes_and_lists_paginate() {
+    let e = Edge::start(&config("")).await;
+    const N: usize = 200;
+    let before = metric(&e, "m3u_edge_state_saves_total{result=\"ok\"}")
+        .await
+        .expect("state save metric");
+    let mut ids = Vec::new();
+    for i in 0..N {
+        ids.push(
+            register(
+                &e,
+                json!({"url": format!("http://provider.invalid/live/{i}.ts")}),
+            )
+            .await,
+        );
+    }
+    assert_eventually(T, "every registration in the state file", || {
+        state_streams(&e).len() == N
+    })
+    .await;
+    let after = metric(&e, "m3u_edge_state_saves_total{result=\"ok\"}")
+        .await
+        .expect("state save metric");
+    assert!(
+        after - before < (N / 4) as f64,
+        "{N} registrations took {} writes",
+        after - before
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(e.state_file())
+            .expect("state file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "state file mode {:o}", mode & 0o777);
+    }
+
+    // Unpaginated: m3u-proxy's shape, everything.
+    let (s, v) = api(&e, Method::GET, "/streams", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["streams"].as_array().map(Vec::len), Some(N));
+    assert_eq!(v["total"], N);
+    assert!(v.get("limit").is_none(), "{}", v["limit"]);
+    // A page.
+    let (s, v) = api(&e, Method::GET, "/streams?limit=5&offset=10", None).await;
+    assert_eq!(s, 200);
+    let page: Vec<&str> = v["streams"]
+        .as_array()
+        .expect("streams")
+        .iter()
+        .map(|s| s["stream_id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(
+        page,
+        ids[10..15].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert_eq!(v["total"], N);
+    assert_eq!(v["limit"], 5);
+    assert_eq!(v["offset"], 10);
+    let (s, v) = api(&e, Method::GET, "/streams?offset=1000", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["streams"], json!([]));
+    let (s, _) = api(&e, Method::GET, "/streams?limit=-1", None).await;
+    assert_eq!(s, 422);
+    let (s, v) = api(&e, Method::GET, "/clients?limit=1", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["total_clients"], 0);
+    assert_eq!(v["clients"], json!([]));
+    let (s, _) = api(&e, Method::GET, "/clients?offset=x", None).await;
+    assert_eq!(s, 422);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_save_shows_in_health_stats_and_metrics_and_is_retried() {
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n  state_save_delay: 100ms\napi:\n  token: \"{TOKEN}\"\n"
+    );
+    let e = Edge::start(&yaml).await;
+    assert_eventually(T, "first state write", || e.state_file().exists()).await;
+    // A directory where the file should be: every write fails, root or not.
+    std::fs::remove_file(e.state_file()).expect("remove state file");
+    std::fs::create_dir(e.state_file()).expect("mkdir");
+
+    let (s, v) = api(
+        &e,
+        Method::POST,
+        "/streams",
+        Some(json!({"url": "http://provider.invalid/live/keep.ts"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["stream_id"].as_str().expect("id").to_owned();
+    let mut h = Value::Null;
+    for _ in 0..150 {
+        h = health(&e).await;
+        if h["status"] == "degraded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["state_file"]["ok"], false, "{h}");
+    assert!(h["state_file"]["last_error"].is_string(), "{h}");
+    assert_eq!(metric(&e, "m3u_edge_state_save_failing").await, Some(1.0));
+    assert!(metric(&e, "m3u_edge_state_saves_total{result=\"failed\"}").await >= Some(1.0));
+    let (_, stats) = api(&e, Method::GET, "/stats", None).await;
+    assert!(
+        stats["proxy_stats"]["state_save_failures"].as_u64() >= Some(1),
+        "{stats}"
+    );
+
+    // The disk comes back: the retry writes the stream, health recovers.
+    std::fs::remove_dir(e.state_file()).expect("rmdir");
+    for _ in 0..200 {
+        if state_streams(&e).contains(&id) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(state_streams(&e).contains(&id), "not retried");
+    let h = health(&e).await;
+    assert_eq!(h["status"], "healthy", "{h}");
+    assert_eq!(metric(&e, "m3u_edge_state_save_failing").await, Some(0.0));
+}
