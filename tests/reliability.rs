@@ -13,6 +13,7 @@ use crate::support::client::{self, BodyReader};
 use crate::support::edge::{free_port, run_bin, Edge};
 use crate::support::eventually::assert_eventually;
 use crate::support::provider::Provider;
+use crate::support::ts_check::is_valid_ts;
 use crate::support::webhook::WebhookReceiver;
 
 const T: Duration = Duration::from_secs(15);
@@ -327,4 +328,42 @@ async fn a_failing_save_shows_in_health_stats_and_metrics_and_is_retried() {
     let h = health(&e).await;
     assert_eq!(h["status"], "healthy", "{h}");
     assert_eq!(metric(&e, "m3u_edge_state_save_failing").await, Some(0.0));
+}
+
+/// A primary that answers 200 but never sends valid TS: the hub must count
+/// it as stalled after `stall_timeout` and move the viewer to the backup.
+async fn bad_primary_fails_over(primary: &str) {
+    let p = Provider::start().await;
+    let e = Edge::start(&config(
+        "live:\n  stall_timeout: \"1s\"\n  give_up_after: \"20s\"\n  retry_backoff: \"1s\"\n",
+    ))
+    .await;
+    let id = register(
+        &e,
+        json!({"url": p.url(primary), "failover_urls": [p.url("live/good.ts?kbps=4000")]}),
+    )
+    .await;
+    let resp = client::get(&e.url(&format!("/stream/{id}?client_id=v"))).await;
+    assert_eq!(resp.status(), 200);
+    let mut viewer = BodyReader::new(resp);
+    let got = viewer.read_n(188 * 2000, T).await;
+    assert!(got.len() >= 188 * 2000, "viewer got {} bytes", got.len());
+    is_valid_ts(&got).expect("the viewer got valid TS");
+    assert!(p.hits("/live/good.ts") >= 1, "backup never asked");
+    let (_, s) = api(&e, Method::GET, &format!("/streams/{id}"), None).await;
+    assert_eq!(s["stream"]["current_failover_index"], 0, "{s}");
+    assert!(
+        metric(&e, "m3u_edge_failovers_total{reason=\"stall\"}").await >= Some(1.0),
+        "not counted as a stall"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_sending_garbage_at_full_speed_fails_over() {
+    bad_primary_fails_over("live/junk.ts?kbps=4000&garbage=1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_trickling_single_bytes_fails_over() {
+    bad_primary_fails_over("live/drip.ts?trickle_ms=300").await;
 }
