@@ -367,3 +367,122 @@ async fn a_source_sending_garbage_at_full_speed_fails_over() {
 async fn a_source_trickling_single_bytes_fails_over() {
     bad_primary_fails_over("live/drip.ts?trickle_ms=300").await;
 }
+
+/// Sends `request` as raw bytes and returns the response head (status line
+/// and headers, lowercase names) once it arrived, or panics after `T`.
+async fn raw(e: &Edge, request: &[u8]) -> (u16, Vec<(String, String)>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", e.port()))
+        .await
+        .expect("connect");
+    sock.write_all(request).await.expect("write");
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = sock.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(T, read)
+        .await
+        .expect("no answer in time");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let mut lines = text.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let headers = lines
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers)
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_get_4xx_allow_and_no_error_log() {
+    let p = Provider::start().await;
+    let e = Edge::start(&config("")).await;
+
+    // A broken chunked body: 400, connection closed.
+    let req = format!(
+        "POST /streams HTTP/1.1\r\nHost: x\r\nX-API-Token: {TOKEN}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n{{}}\r\n0\r\n\r\n"
+    );
+    let (status, h) = raw(&e, req.as_bytes()).await;
+    assert_eq!(status, 400, "{h:?}");
+    assert_eq!(header(&h, "connection"), Some("close"), "{h:?}");
+
+    // HTTP/1.1 without Host: 400.
+    let (status, _) = raw(&e, b"GET /health HTTP/1.1\r\nUser-Agent: t\r\n\r\n").await;
+    assert_eq!(status, 400);
+    let (status, _) = raw(&e, b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").await;
+    assert_eq!(status, 400);
+    // HTTP/1.0 needs none.
+    let (status, _) = raw(&e, b"GET /health HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status, 200);
+
+    // 405s name what is allowed; /metrics is read-only.
+    for m in ["PUT", "DELETE", "TRACE"] {
+        let req = format!("{m} /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+        let (status, h) = raw(&e, req.as_bytes()).await;
+        assert_eq!(status, 405, "{m} /metrics");
+        assert_eq!(header(&h, "allow"), Some("GET, HEAD"), "{m}: {h:?}");
+    }
+    let req = format!("DELETE /health HTTP/1.1\r\nHost: x\r\nX-API-Token: {TOKEN}\r\n\r\n");
+    let (status, h) = raw(&e, req.as_bytes()).await;
+    assert_eq!(status, 405);
+    assert_eq!(header(&h, "allow"), Some("GET, HEAD, OPTIONS"), "{h:?}");
+    let (status, h) = raw(
+        &e,
+        b"PUT /stream/abc HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 405);
+    assert_eq!(header(&h, "allow"), Some("GET, HEAD"), "{h:?}");
+
+    // A body that stops arriving: 408 (after the 10 s body timeout).
+    let req = format!(
+        "POST /streams HTTP/1.1\r\nHost: x\r\nX-API-Token: {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"url\":"
+    );
+    let (status, h) = raw(&e, req.as_bytes()).await;
+    assert_eq!(status, 408, "{h:?}");
+    assert_eq!(header(&h, "connection"), Some("close"), "{h:?}");
+
+    // Clients aborting file downloads mid-body: no ERROR line for any of it.
+    let id = register(
+        &e,
+        json!({"url": p.url("live/abort.ts?kbps=8000"), "live": false}),
+    )
+    .await;
+    for i in 0..5 {
+        let resp = client::get(&e.url(&format!("/stream/{id}?client_id=a{i}"))).await;
+        assert_eq!(resp.status(), 200);
+        let mut r = BodyReader::new(resp);
+        r.read_n(188 * 100, T).await;
+        drop(r);
+    }
+    assert_eventually(T, "the aborted downloads are over", || {
+        p.open_streams("/live/abort.ts") == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = e.log();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "ERROR lines: {errors:#?}");
+}

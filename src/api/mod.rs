@@ -127,6 +127,21 @@ pub async fn handle(app: &App, api: &Api, req: &ApiRequest) -> ApiReply {
     }
 }
 
+/// The `Allow` header of a 405 on `api` (HEAD wherever GET is; OPTIONS is
+/// the CORS preflight every route answers).
+pub fn allowed_methods(api: &Api) -> &'static str {
+    match api {
+        Api::Health | Api::Info | Api::Stats | Api::Clients | Api::CountsByMetadata => {
+            "GET, HEAD, OPTIONS"
+        }
+        Api::Streams => "GET, HEAD, POST, OPTIONS",
+        Api::ByMetadata | Api::Stream(_) => "GET, HEAD, DELETE, OPTIONS",
+        Api::OldestByMetadata => "DELETE, OPTIONS",
+        Api::StreamFailover(_) | Api::TestConnection | Api::WebhooksTest => "POST, OPTIONS",
+        Api::Webhooks => "GET, HEAD, POST, DELETE, OPTIONS",
+    }
+}
+
 /// m3u-proxy's query booleans: 1/0/true/false/yes/no/on/off, any case.
 pub fn query_bool(req: &ApiRequest, name: &str, default: bool) -> Result<bool, ApiReply> {
     match req.param(name) {

@@ -19,6 +19,8 @@ use crate::upstream::sources;
 
 /// API bodies are small JSON documents; anything bigger is refused.
 const MAX_API_BODY: usize = 1024 * 1024;
+/// A body that stops arriving for this long is answered 408.
+const API_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Playlist polls are the hot path: Pingora moves this future into a box on
 /// every request, so the larger, colder branches live in boxes of their own.
@@ -69,6 +71,7 @@ pub fn query_param(session: &Session, name: &str) -> Option<String> {
 }
 
 async fn read_body(session: &mut Session) -> Result<Option<Bytes>> {
+    session.set_read_timeout(Some(API_BODY_TIMEOUT));
     let mut buf = BytesMut::new();
     while let Some(chunk) = session.read_request_body().await? {
         if buf.len() + chunk.len() > MAX_API_BODY {
@@ -122,6 +125,9 @@ async fn serve_api(
     };
     let reply = api::handle(app, a, &req).await;
     ctx.local_status = Some(reply.status);
+    if reply.status == 405 {
+        return respond::method_not_allowed(session, api::allowed_methods(a)).await;
+    }
     respond::json(session, reply.status, &reply.body).await
 }
 
@@ -175,6 +181,11 @@ pub fn hello(session: &Session) -> ClientHello {
 
 /// `/metrics`: gauges are read at scrape time, counters were kept as things happened.
 async fn metrics(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    let method = &session.req_header().method;
+    if method != Method::GET && method != Method::HEAD {
+        ctx.local_status = Some(405);
+        return respond::method_not_allowed(session, "GET, HEAD").await;
+    }
     app.refresh_gauges();
     let (content_type, body) = app.metrics.render();
     let mut resp = pingora::http::ResponseHeader::build(200, Some(4))?;
@@ -209,7 +220,11 @@ async fn client_stream(
         return Ok(found);
     };
     ctx.local_status = Some(refusal.0);
-    respond::error(session, refusal.0, refusal.1).await?;
+    if refusal.0 == 405 {
+        respond::method_not_allowed(session, "GET, HEAD").await?;
+    } else {
+        respond::error(session, refusal.0, refusal.1).await?;
+    }
     Ok(None)
 }
 

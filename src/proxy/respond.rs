@@ -10,8 +10,27 @@ use serde_json::{json, Value};
 
 /// Writes a complete JSON response (header only for HEAD).
 pub async fn json(session: &mut Session, status: u16, body: &Value) -> Result<()> {
+    json_with(session, status, body, &[]).await
+}
+
+/// 405 with the `Allow` header listing `allow` (RFC 9110 §15.5.6).
+pub async fn method_not_allowed(session: &mut Session, allow: &'static str) -> Result<()> {
+    let body = json!({ "detail": "Method Not Allowed" });
+    json_with(session, 405, &body, &[(header::ALLOW, allow)]).await
+}
+
+/// Like [`json`] with extra response headers.
+pub async fn json_with(
+    session: &mut Session,
+    status: u16,
+    body: &Value,
+    extra: &[(header::HeaderName, &'static str)],
+) -> Result<()> {
     let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
-    let mut resp = ResponseHeader::build(status, Some(6))?;
+    let mut resp = ResponseHeader::build(status, Some(6 + extra.len()))?;
+    for (name, value) in extra {
+        resp.insert_header(name.clone(), *value)?;
+    }
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(header::CONTENT_LENGTH, bytes.len())?;
     resp.insert_header(header::CACHE_CONTROL, "no-store")?;
