@@ -10,9 +10,12 @@
 //!
 //! 1. `raw` deserializes the *shape* (known keys, mappings vs lists vs
 //!    scalars) with serde. Every leaf keeps its YAML position. serde stops at
-//!    the first shape error, so this pass reports at most one problem.
+//!    the first shape error, so after one the entry it names is blanked out
+//!    (line numbers kept) and the rest read again: every shape problem is
+//!    reported, not only the first. A YAML syntax error still ends pass 1.
 //! 2. `validate` checks the *values* (URLs, durations, header syntax,
-//!    cross references) and collects every problem it finds.
+//!    cross references) of whatever pass 1 could read, and collects every
+//!    problem it finds.
 //!
 //! An empty file (or one with only comments) yields [`Config::default`].
 
@@ -50,8 +53,20 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         file: file.to_path_buf(),
         problems,
     };
-    let raw = raw::deserialize(text).map_err(|problem| invalid(vec![problem]))?;
-    validate::build(raw, text).map_err(invalid)
+    let (raw, text, mut problems) = raw::deserialize_all(text);
+    let Some(raw) = raw else {
+        return Err(invalid(problems));
+    };
+    match validate::build(raw, &text) {
+        Ok(config) if problems.is_empty() => Ok(config),
+        Ok(_) => Err(invalid(problems)),
+        Err(more) => {
+            problems.extend(more);
+            // Stable: problems at one position keep the order they were found.
+            problems.sort_by_key(|p| p.at);
+            Err(invalid(problems))
+        }
+    }
 }
 
 /// The validated configuration.

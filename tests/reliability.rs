@@ -486,3 +486,23 @@ async fn protocol_errors_get_4xx_allow_and_no_error_log() {
     let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
     assert!(errors.is_empty(), "ERROR lines: {errors:#?}");
 }
+
+#[test]
+fn check_mode_reports_every_mistake_in_one_run() {
+    let yaml = "server:\n  listn: \"127.0.0.1:1\"\n  threads: 0\nstreams:\n  - url: \"http://h/a.ts\"\n    bogus: 1\n  - url: \"ftp://h/b.ts\"\nlog:\n  colour: red\n";
+    let out = crate::support::edge::check_config(yaml);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    for (line, key) in [
+        (":2:", "server.listn"),
+        (":3:", "server.threads"),
+        (":6:", "streams[0].bogus"),
+        (":7:", "streams[1].url"),
+        (":9:", "log.colour"),
+    ] {
+        assert!(
+            err.lines().any(|l| l.contains(line) && l.contains(key)),
+            "{key} at {line} missing:\n{err}"
+        );
+    }
+}
