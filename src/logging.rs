@@ -11,10 +11,18 @@ use tracing_subscriber::{reload, EnvFilter, Registry};
 
 static HANDLE: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
+/// RUST_LOG when it is set to something (an empty value counts as unset).
+fn env_directives() -> Option<String> {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
 pub fn init(level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = env_directives()
+        .and_then(|d| EnvFilter::try_new(d).ok())
+        .or_else(|| EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(true)
@@ -46,7 +54,7 @@ pub enum Reload {
 /// Applies `level` (a `log.level` value, already validated) unless RUST_LOG
 /// is set, which wins as it did at start.
 pub fn reload_level(level: &str) -> Result<Reload, String> {
-    if std::env::var_os("RUST_LOG").is_some_and(|v| !v.is_empty()) {
+    if env_directives().is_some() {
         return Ok(Reload::EnvWins);
     }
     let Some(handle) = HANDLE.get() else {
