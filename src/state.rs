@@ -107,6 +107,8 @@ impl StateFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
             Err(e) => return self.move_aside(format!("cannot read: {e}")),
         };
+        // Written world-readable by an older version: it holds secrets.
+        restrict(&self.path);
         match serde_json::from_slice::<StateData>(&text) {
             Ok(d) if d.version <= STATE_VERSION => Loaded::Ok(d),
             Ok(d) => self.move_aside(format!(
@@ -135,6 +137,7 @@ impl StateFile {
             // overwritten (a rename would replace it silently).
             match fs::hard_link(&self.path, &moved_to) {
                 Ok(()) => {
+                    restrict(&moved_to);
                     return match fs::remove_file(&self.path) {
                         Ok(()) => Loaded::Corrupt { moved_to, error },
                         Err(e) => Loaded::Corrupt {
@@ -219,6 +222,28 @@ impl StateFile {
             path: self.path.clone(),
             source,
         })
+    }
+}
+
+/// Makes `path` owner-only (0600) if group or others may read it.
+fn restrict(path: &Path) {
+    let Ok(meta) = fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        match fs::set_permissions(path, fs::Permissions::from_mode(STATE_MODE)) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                was = format!("{:o}", mode & 0o777),
+                "state file made owner-only (0600): it holds secrets"
+            ),
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "state file is readable by others and could not be made 0600"
+            ),
+        }
     }
 }
 
@@ -574,6 +599,21 @@ mod tests {
         s.save(StateData::default()).unwrap();
         let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{mode:o}");
+        // Loading an old world-readable file fixes it too, and a corrupt
+        // one's backup is owner-only.
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(s.load(), Loaded::Ok(_)));
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+        fs::write(&p, b"{bad").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        match s.load() {
+            Loaded::Corrupt { moved_to, .. } => {
+                let mode = fs::metadata(&moved_to).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{mode:o}");
+            }
+            other => panic!("expected corrupt, got {other:?}"),
+        }
         let fresh = StateFile::new(dir.path().join("new/state.json"));
         fresh.save(StateData::default()).unwrap();
         let mode = fs::metadata(fresh.path()).unwrap().permissions().mode() & 0o777;
