@@ -39,5 +39,6 @@ pub mod proxy;
 pub mod registry;
 pub mod route;
 pub mod state;
+pub mod transcode;
 pub mod ts;
 pub mod upstream;
