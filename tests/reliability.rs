@@ -543,3 +543,31 @@ async fn sighup_applies_a_new_log_level() {
     assert!(e.wait_for_log("path=\"/health\"", T).await, "{}", e.log());
     assert!(e.is_running());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_webhook_receiver_delays_shutdown_only_by_shutdown_timeout() {
+    let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n  shutdown_timeout: 1s\napi:\n  token: \"{TOKEN}\"\nevents:\n  webhooks:\n    - url: \"{}\"\n      timeout: 30s\n",
+        hook.url("/dead")
+    );
+    let mut e = Edge::start(&yaml).await;
+    hook.never_answer(true);
+    let id = register(&e, json!({"url": p.url("live/dead.ts?kbps=2000")})).await;
+    let resp = client::get(&e.url(&format!("/stream/{id}?client_id=v"))).await;
+    assert_eq!(resp.status(), 200);
+    let mut viewer = BodyReader::new(resp);
+    viewer.read_n(188 * 100, T).await;
+    // SIGTERM; the harness SIGKILLs after 10 s, which would not be a success.
+    let status = e.stop().await.expect("edge was running");
+    assert!(status.success(), "exit status {status}: {}", e.log());
+    assert!(
+        e.log()
+            .contains("events not flushed within server.shutdown_timeout")
+            || e.log().contains("abandoned"),
+        "{}",
+        e.log()
+    );
+    drop(viewer);
+}
