@@ -211,6 +211,7 @@ async fn registrations_are_saved_in_coalesced_writes_and_lists_paginate() {
     let before = metric(&e, "m3u_edge_state_saves_total{result=\"ok\"}")
         .await
         .expect("state save metric");
+    let started = std::time::Instant::now();
     let mut ids = Vec::new();
     for i in 0..N {
         ids.push(
@@ -228,9 +229,12 @@ async fn registrations_are_saved_in_coalesced_writes_and_lists_paginate() {
     let after = metric(&e, "m3u_edge_state_saves_total{result=\"ok\"}")
         .await
         .expect("state save metric");
+    // Each write waits out the save delay (500 ms) first, so however
+    // loaded the machine, at most one write per delay: coalesced.
+    let bound = (started.elapsed().as_secs_f64() / 0.5).floor() + 2.0;
     assert!(
-        after - before < (N / 4) as f64,
-        "{N} registrations took {} writes",
+        after - before <= bound && after - before < N as f64,
+        "{N} registrations took {} writes (bound {bound})",
         after - before
     );
     #[cfg(unix)]
