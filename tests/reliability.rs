@@ -280,6 +280,10 @@ async fn registrations_are_saved_in_coalesced_writes_and_lists_paginate() {
     assert_eq!(v["clients"], json!([]));
     let (s, _) = api(&e, Method::GET, "/clients?offset=x", None).await;
     assert_eq!(s, 422);
+    let (s, v) = api(&e, Method::GET, "/stats?limit=3", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["streams"].as_array().map(Vec::len), Some(3));
+    assert_eq!(v["proxy_stats"]["total_streams"], N);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

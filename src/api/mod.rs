@@ -108,7 +108,7 @@ pub async fn handle(app: &App, api: &Api, req: &ApiRequest) -> ApiReply {
     match (api, &req.method) {
         (Api::Health, &M::GET) => system::health(app),
         (Api::Info, &M::GET) => system::info(app),
-        (Api::Stats, &M::GET) => system::stats(app),
+        (Api::Stats, &M::GET) => system::stats(app, req),
         (Api::Clients, &M::GET) => system::clients(app, req),
         (Api::TestConnection, &M::POST) => system::test_connection(app, req).await,
         (Api::Streams, &M::GET) => streams::list(app, req),

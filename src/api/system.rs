@@ -145,11 +145,16 @@ pub fn info(app: &App) -> ApiReply {
 }
 
 /// `GET /stats`.
-pub fn stats(app: &App) -> ApiReply {
+/// With `?limit=&offset=`, `streams` and `clients` hold only that page
+/// (the totals in `proxy_stats` stay whole), as for `/streams`.
+pub fn stats(app: &App, req: &ApiRequest) -> ApiReply {
+    let page = match super::Page::from_query(req) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
     let t = totals(app);
-    let streams: Vec<Value> = app
-        .registry
-        .list()
+    let streams: Vec<Value> = page
+        .slice(&app.registry.list())
         .iter()
         .map(|s| super::json::stream(app, s))
         .collect();
@@ -187,7 +192,7 @@ pub fn stats(app: &App) -> ApiReply {
         "slow_viewers_dropped": app.hub.slow_viewers_dropped.load(Ordering::Relaxed),
         "state_file": state_json(app),
         "streams": streams,
-        "clients": app.registry.all_clients().iter().map(|c| j_client(c)).collect::<Vec<_>>(),
+        "clients": page.slice(&app.registry.all_clients()).iter().map(|c| j_client(c)).collect::<Vec<_>>(),
     }))
 }
 
