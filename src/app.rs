@@ -50,6 +50,10 @@ pub struct App {
     pub conns: Arc<ConnCaps>,
     /// Our own provider connections, to catch requests to ourselves.
     pub self_conns: Arc<SelfConns>,
+    /// Running ffmpeg processes (`transcode.max_processes`).
+    pub transcoders: Arc<Caps<()>>,
+    /// The ffmpeg found at start.
+    pub ffmpeg: crate::transcode::source::Ffmpeg,
 }
 
 /// The registry's view of a `streams:` entry.
@@ -65,6 +69,7 @@ fn config_spec(s: &StreamConfig) -> StreamSpec {
         sticky: s.sticky,
         strict_live_ts: false,
         provider: s.provider.clone(),
+        transcode: None,
     }
 }
 
@@ -166,6 +171,8 @@ impl App {
                 config.limits.max_connections_per_address,
             ),
             self_conns: SelfConns::new(),
+            transcoders: Caps::new(config.transcode.max_processes, 0),
+            ffmpeg: crate::transcode::source::probe(&config.transcode),
             config: Arc::new(config),
         };
         for s in &app.config.streams {

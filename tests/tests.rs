@@ -13,4 +13,5 @@ mod hls;
 mod live;
 mod reliability;
 mod security;
+mod transcode;
 mod vod;
