@@ -7,18 +7,18 @@ use std::time::Instant;
 
 use url::Url;
 
-use crate::config::Config;
+use crate::config::{Config, StreamConfig};
 use crate::conn::caps::Caps;
 use crate::conn::selfloop::SelfConns;
 use crate::conn::ConnCaps;
-use crate::events::Events;
+use crate::events::{DeliverySettings, Events, Webhook};
 use crate::hls::fetch::HlsFetcher;
 use crate::hls::token::Signer;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::provider::{Leases, Providers};
 use crate::registry::{Registry, StreamSpec};
-use crate::state::{Loaded, StateData, StateFile};
+use crate::state::{Loaded, Saver, StateData, StateError, StateFile, StateLock};
 use crate::upstream::peer::Timeouts;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -27,6 +27,12 @@ pub struct App {
     pub config: Arc<Config>,
     pub registry: Registry,
     pub state: StateFile,
+    /// Dirty flag and write status of `state` (writes happen in the
+    /// background, never on a request).
+    pub saver: Saver,
+    /// The exclusive lock of the state file, held until exit (or until the
+    /// state file is handed to the process taking over, `-u`).
+    lock: parking_lot::Mutex<Option<StateLock>>,
     pub providers: Providers,
     pub leases: Leases,
     pub hub: Arc<Hub>,
@@ -52,6 +58,23 @@ pub struct App {
     pub packagers: crate::transcode::packager::Packagers,
 }
 
+/// The registry's view of a `streams:` entry.
+fn config_spec(s: &StreamConfig) -> StreamSpec {
+    StreamSpec {
+        url: s.url.to_string(),
+        failover_urls: s.failover_urls.iter().map(|u| u.to_string()).collect(),
+        failover_resolver_url: s.failover_resolver_url.as_ref().map(|u| u.to_string()),
+        user_agent: s.user_agent.clone(),
+        headers: s.headers.clone(),
+        metadata: s.metadata.clone(),
+        live: s.live,
+        sticky: s.sticky,
+        strict_live_ts: false,
+        provider: s.provider.clone(),
+        transcode: None,
+    }
+}
+
 impl App {
     /// Builds the app: YAML streams first, then the state file's API streams.
     pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
@@ -70,7 +93,15 @@ impl App {
                 .iter()
                 .map(|p| (p.name.as_str(), p.max_connections)),
         );
-        let events = Events::from_config(&config.events, metrics.clone());
+        let events = Events::with_settings(
+            config.events.queue_size,
+            config.events.webhooks.iter().map(Webhook::from).collect(),
+            metrics.clone(),
+            DeliverySettings {
+                flush_timeout: config.server.shutdown_timeout,
+                ..DeliverySettings::default()
+            },
+        );
         let state = StateFile::new(config.server.state_file.clone());
         let restored = match state.load() {
             Loaded::Missing => {
@@ -119,6 +150,8 @@ impl App {
             ),
             events,
             state,
+            saver: Saver::new(config.server.state_save_delay),
+            lock: parking_lot::Mutex::new(None),
             providers: Providers::new(&config.providers),
             leases: Leases::new(&config.providers),
             hub: Arc::new(Hub::new()),
@@ -146,22 +179,7 @@ impl App {
             config: Arc::new(config),
         };
         for s in &app.config.streams {
-            app.registry.add_config(
-                s.id.clone(),
-                StreamSpec {
-                    url: s.url.to_string(),
-                    failover_urls: s.failover_urls.iter().map(|u| u.to_string()).collect(),
-                    failover_resolver_url: s.failover_resolver_url.as_ref().map(|u| u.to_string()),
-                    user_agent: s.user_agent.clone(),
-                    headers: s.headers.clone(),
-                    metadata: s.metadata.clone(),
-                    live: s.live,
-                    sticky: s.sticky,
-                    strict_live_ts: false,
-                    provider: s.provider.clone(),
-                    transcode: None,
-                },
-            );
+            app.registry.add_config(s.id.clone(), config_spec(s));
         }
         // After the YAML streams: a YAML stream wins over a persisted one.
         let n = app.registry.restore(restored.streams);
@@ -232,16 +250,138 @@ impl App {
             .set(self.events.webhooks().len() as i64);
     }
 
-    /// Writes the persisted registry; failures are logged, the API keeps working.
+    /// The persisted registry changed: it is written in the background
+    /// within `server.state_save_delay` (see `state::SaverService`), so a
+    /// request never waits for the disk.
     pub fn persist(&self) {
+        self.saver.mark();
+    }
+
+    /// Writes the persisted state now (blocking: call it from a blocking
+    /// thread or the shutdown path) and records the outcome.
+    pub fn save_state(&self) -> Result<(), StateError> {
         let data = StateData {
             version: 0,
             streams: self.registry.persisted(),
             hls_key: Some(hex::encode(&self.hls_key)),
             webhooks: self.events.api_webhooks(),
         };
-        if let Err(e) = self.state.save(data) {
-            tracing::error!(error = %e, "state not saved");
+        let result = self.state.save(data);
+        self.saver.record(&result, &self.metrics);
+        result
+    }
+
+    /// The last write before the state file is closed (shutdown, or the
+    /// hand-over of `-u`): written whether dirty or not, since byte counters
+    /// moved anyway. No write happens after this.
+    pub fn final_save(&self) {
+        self.saver.take_dirty();
+        match self.save_state() {
+            Ok(()) => tracing::info!(path = %self.state.path().display(), "state saved"),
+            Err(e) => tracing::error!(error = %e, "last state save failed"),
+        }
+        self.state.close();
+    }
+
+    /// Keeps the state file's lock for the life of the process.
+    pub fn hold_lock(&self, lock: StateLock) {
+        *self.lock.lock() = Some(lock);
+    }
+
+    /// Rewrites the pid in the lock file (after a daemon fork).
+    pub fn refresh_lock_pid(&self) {
+        if let Some(l) = self.lock.lock().as_mut() {
+            if let Err(e) = l.write_pid() {
+                tracing::warn!(error = %e, "could not write the pid into the state lock file");
+            }
+        }
+    }
+
+    /// Lets go of the state file's lock (`-u`: the new process takes over).
+    pub fn release_lock(&self) {
+        if self.lock.lock().take().is_some() {
+            tracing::info!(path = %self.state.path().display(), "state file released");
+        }
+    }
+
+    /// The shutdown path: every client is dropped (its requests end, the
+    /// live channels close and free their provider connections), each with
+    /// `client_disconnected`, and each stream with a session with
+    /// `stream_stopped`, both with `reason`. Returns how many clients.
+    pub fn cut_viewers(&self, reason: &str) -> usize {
+        let mut n = 0;
+        for s in self.registry.list() {
+            n += s.disconnect_all(reason);
+        }
+        for ch in self.hub.channels() {
+            self.hub.close(&ch.stream.id);
+        }
+        n
+    }
+
+    /// SIGHUP: applies what can change without a restart from the freshly
+    /// loaded and validated `new` config: `log.level`, `events.webhooks`
+    /// and `streams` (a stream whose definition changed is replaced, its
+    /// viewers disconnected; one no longer listed is removed). Everything
+    /// else is logged as needing a restart.
+    pub fn reload(&self, new: &Config) {
+        match crate::logging::reload_level(&new.log.level) {
+            Ok(crate::logging::Reload::EnvWins) => {
+                tracing::info!("reload: RUST_LOG is set and keeps precedence over log.level")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reload: log.level not applied"),
+        }
+        let (hooks_added, hooks_removed) = self
+            .events
+            .replace_config_webhooks(new.events.webhooks.iter().map(Webhook::from).collect());
+        let (mut added, mut changed, mut removed) = (0, 0, 0);
+        for s in &new.streams {
+            let spec = config_spec(s);
+            match self.registry.get(&s.id) {
+                Some(old)
+                    if old.origin == crate::registry::Origin::Config && *old.spec() == spec => {}
+                Some(_) => {
+                    self.remove_stream(&s.id, "config_reload");
+                    self.registry.add_config(s.id.clone(), spec);
+                    changed += 1;
+                }
+                None => {
+                    self.registry.add_config(s.id.clone(), spec);
+                    added += 1;
+                }
+            }
+        }
+        for old in self.registry.list() {
+            if old.origin == crate::registry::Origin::Config
+                && !new.streams.iter().any(|s| s.id == old.id)
+            {
+                self.remove_stream(&old.id, "config_reload");
+                removed += 1;
+            }
+        }
+        if changed > 0 {
+            // An API stream may have been replaced by a YAML one.
+            self.persist();
+        }
+        let mut rest = new.clone();
+        rest.log = self.config.log.clone();
+        rest.events.webhooks = self.config.events.webhooks.clone();
+        rest.streams = self.config.streams.clone();
+        let restart_needed = rest != *self.config;
+        tracing::info!(
+            log_level = %new.log.level,
+            webhooks_added = hooks_added,
+            webhooks_removed = hooks_removed,
+            streams_added = added,
+            streams_changed = changed,
+            streams_removed = removed,
+            "config reloaded (log.level, events.webhooks, streams)"
+        );
+        if restart_needed {
+            tracing::warn!(
+                "reload: other settings changed in the config file; they take effect at the next restart"
+            );
         }
     }
 

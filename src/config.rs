@@ -10,9 +10,12 @@
 //!
 //! 1. `raw` deserializes the *shape* (known keys, mappings vs lists vs
 //!    scalars) with serde. Every leaf keeps its YAML position. serde stops at
-//!    the first shape error, so this pass reports at most one problem.
+//!    the first shape error, so after one the entry it names is blanked out
+//!    (line numbers kept) and the rest read again: every shape problem is
+//!    reported, not only the first. A YAML syntax error still ends pass 1.
 //! 2. `validate` checks the *values* (URLs, durations, header syntax,
-//!    cross references) and collects every problem it finds.
+//!    cross references) of whatever pass 1 could read, and collects every
+//!    problem it finds.
 //!
 //! An empty file (or one with only comments) yields [`Config::default`].
 
@@ -88,8 +91,20 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         file: file.to_path_buf(),
         problems,
     };
-    let raw = raw::deserialize(text).map_err(|problem| invalid(vec![problem]))?;
-    validate::build(raw, text).map_err(invalid)
+    let (raw, text, mut problems) = raw::deserialize_all(text);
+    let Some(raw) = raw else {
+        return Err(invalid(problems));
+    };
+    match validate::build(raw, &text) {
+        Ok(config) if problems.is_empty() => Ok(config),
+        Ok(_) => Err(invalid(problems)),
+        Err(more) => {
+            problems.extend(more);
+            // Stable: problems at one position keep the order they were found.
+            problems.sort_by_key(|p| p.at);
+            Err(invalid(problems))
+        }
+    }
 }
 
 /// The validated configuration.
@@ -124,6 +139,13 @@ pub struct ServerConfig {
     pub stream_idle_ttl: Duration,
     /// How long a graceful shutdown or upgrade waits for clients.
     pub grace_period: Duration,
+    /// After the grace period: how long cutting the remaining viewers, the
+    /// last state save and the webhook flush may take before the process
+    /// exits. > 0, at most 5 minutes.
+    pub shutdown_timeout: Duration,
+    /// Longest time between a change of the persisted state and its write
+    /// (changes within it share one write). At most 1 minute.
+    pub state_save_delay: Duration,
 }
 
 impl Default for ServerConfig {
@@ -136,6 +158,8 @@ impl Default for ServerConfig {
             state_file: PathBuf::from("m3u-edge-state.json"),
             stream_idle_ttl: Duration::from_secs(15 * 60),
             grace_period: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(5),
+            state_save_delay: Duration::from_millis(500),
         }
     }
 }

@@ -14,6 +14,7 @@
 //! | `api`       | management API handlers: request in, status + JSON out |
 //! | `proxy`     | the Pingora `ProxyHttp` implementation (the only user of `Session`) |
 //! | `housekeeping` | background expiry of unwatched API streams |
+//! | `lifecycle` | SIGHUP reload and the order of a graceful shutdown |
 //! | `ts`        | MPEG-TS packet parsing for the live hub, pure |
 //!
 //! Request flow: `proxy::Edge::request_filter` routes every request. API calls
@@ -30,6 +31,7 @@ pub mod events;
 pub mod hls;
 pub mod housekeeping;
 pub mod hub;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod provider;

@@ -13,7 +13,9 @@ use pingora::services::background::background_service;
 use m3u_edge::app::App;
 use m3u_edge::conn::FrontDoor;
 use m3u_edge::housekeeping::Housekeeper;
+use m3u_edge::lifecycle::Lifecycle;
 use m3u_edge::proxy::Edge;
+use m3u_edge::state::{SaverService, StateLock};
 use m3u_edge::{config, logging};
 
 /// Read buffer of a client connection (Pingora's default is 64 KiB). None:
@@ -40,6 +42,25 @@ struct Cli {
     /// Take over the listening sockets of a running instance (Pingora upgrade).
     #[arg(short = 'u', long = "upgrade")]
     upgrade: bool,
+}
+
+/// How long `-u` waits for the running instance to release the state file.
+const UPGRADE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Fails when `addr` cannot be bound (another process listens there), with
+/// the config key to change.
+fn check_free(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<()> {
+    match std::net::TcpListener::bind(addr) {
+        Ok(l) => {
+            drop(l);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
+            "cannot listen on {addr} ({key}): the address is in use by another process \
+             (another m3u-edge? use -u to take over from it)"
+        ),
+        Err(e) => anyhow::bail!("cannot listen on {addr} ({key}): {e}"),
+    }
 }
 
 fn main() -> ExitCode {
@@ -70,7 +91,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
     let listen = config.server.listen;
-    let grace = config.server.grace_period.as_secs();
+    let grace = config.server.grace_period.as_secs_f64().ceil() as u64;
     let threads = config.server.threads;
     match (&config.api.token, config.api.allow_open) {
         (Some(_), _) => {}
@@ -85,7 +106,20 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
     }
     tracing::info!(config = %cli.conf.display(), %listen, root_path = %config.server.root_path, "starting m3u-edge {}", m3u_edge::app::VERSION);
 
-    let app = App::new(config)?;
+    // One process per state file, and a busy port is an error, not an
+    // endless retry: both checked before Pingora starts. With `-u` the
+    // sockets come from the running instance and the state file is free
+    // once it has handed them over (see lifecycle.rs).
+    let state_file = config.server.state_file.clone();
+    let mut lock = None;
+    if !cli.upgrade {
+        lock = Some(StateLock::try_acquire(&state_file)?);
+        check_free(listen, "server.listen")?;
+        if let Some(addr) = config.metrics.listen {
+            check_free(addr, "metrics.listen")?;
+        }
+    }
+    let shutdown_timeout = config.server.shutdown_timeout.as_secs_f64().ceil() as u64;
 
     let opt = Opt {
         upgrade: cli.upgrade,
@@ -96,8 +130,10 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
     };
     let conf = ServerConf {
         threads,
-        grace_period_seconds: Some(grace),
-        graceful_shutdown_timeout_seconds: Some(grace.max(1)),
+        // A backstop only: lifecycle.rs ends the process once viewers are
+        // cut, the state written and the events delivered.
+        grace_period_seconds: Some(grace + shutdown_timeout + 1),
+        graceful_shutdown_timeout_seconds: Some(1),
         // Redirect hops and failover sources each take one attempt.
         max_retries: 64,
         pid_file: format!("/tmp/m3u-edge-{}.pid", listen.port()),
@@ -106,6 +142,14 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
+    let lock = match lock {
+        Some(l) => l,
+        // The old process unlocks once it has handed over its sockets and
+        // stopped accepting (5 s after SIGQUIT, Pingora's close timeout).
+        None => StateLock::acquire_within(&state_file, UPGRADE_LOCK_WAIT)?,
+    };
+    let app = App::new(config)?;
+    app.hold_lock(lock);
 
     let proxy = pingora::proxy::http_proxy(&server.configuration, Edge::new(app.clone()));
     let mut edge = pingora::services::listening::Service::new(
@@ -126,6 +170,18 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
         Housekeeper { app: app.clone() },
     ));
     server.add_service(background_service("events", app.events.service()));
+    server.add_service(background_service(
+        "state",
+        SaverService { app: app.clone() },
+    ));
+    server.add_service(background_service(
+        "lifecycle",
+        Lifecycle::new(
+            app.clone(),
+            cli.conf.clone(),
+            server.watch_execution_phase(),
+        ),
+    ));
     if let Some(addr) = app.config.metrics.listen {
         server.add_service(m3u_edge::metrics::service(app.metrics.clone(), addr));
         tracing::info!(%addr, "metrics listener");

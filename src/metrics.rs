@@ -256,6 +256,12 @@ pub struct Metrics {
     /// `m3u_edge_events_dropped_total`: events lost because the event queue
     /// was full.
     pub events_dropped: IntCounter,
+    /// `m3u_edge_state_saves_total{result}`: state file writes, `ok` or
+    /// `failed`.
+    pub state_saves: IntCounterVec,
+    /// `m3u_edge_state_save_failing`: 1 while the latest state file write
+    /// failed (changes since then would be lost by a crash), else 0.
+    pub state_save_failing: IntGauge,
     /// `m3u_edge_limit_cuts_total{limit}`: requests refused or connections
     /// cut by a limit.
     pub limit_cuts: IntCounterVec,
@@ -376,6 +382,17 @@ impl Metrics {
                 "events_dropped_total",
                 "Events lost because the event queue was full.",
             )?,
+            state_saves: counter_vec(
+                r,
+                "state_saves_total",
+                "State file writes by result: ok or failed (retried with backoff).",
+                "result",
+            )?,
+            state_save_failing: gauge(
+                r,
+                "state_save_failing",
+                "1 while the latest state file write failed, else 0.",
+            )?,
             limit_cuts: counter_vec(
                 r,
                 "limit_cuts_total",
@@ -416,6 +433,9 @@ impl Metrics {
         }
         for result in CacheResult::ALL {
             m.hls_cache.with_label_values(&[result.as_str()]);
+        }
+        for result in ["ok", "failed"] {
+            m.state_saves.with_label_values(&[result]);
         }
         for cut in LimitCut::ALL {
             m.limit_cuts.with_label_values(&[cut.as_str()]);

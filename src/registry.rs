@@ -434,6 +434,22 @@ impl Stream {
         c
     }
 
+    /// Drops every client (their requests end) with `reason` in
+    /// `client_disconnected`, then sends `stream_stopped` with `reason` if
+    /// the session had not stopped yet. Returns how many clients.
+    pub fn disconnect_all(&self, reason: &str) -> usize {
+        let clients: Vec<_> = self.clients.lock().drain().map(|(_, c)| c).collect();
+        for c in &clients {
+            c.cancel.cancel();
+            self.client_left(c, reason);
+        }
+        let started = self.session.lock().started.is_some();
+        if !clients.is_empty() || started {
+            self.stopped(reason);
+        }
+        clients.len()
+    }
+
     /// m3u-proxy's S `stream_type` (API-COMPAT.md §3).
     pub fn display_type(&self) -> &'static str {
         let spec = self.spec();

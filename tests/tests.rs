@@ -12,6 +12,7 @@ mod config;
 mod events;
 mod hls;
 mod live;
+mod reliability;
 mod security;
 mod transcode;
 mod vod;

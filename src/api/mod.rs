@@ -109,10 +109,10 @@ pub async fn handle(app: &App, api: &Api, req: &ApiRequest) -> ApiReply {
     match (api, &req.method) {
         (Api::Health, &M::GET) => system::health(app),
         (Api::Info, &M::GET) => system::info(app),
-        (Api::Stats, &M::GET) => system::stats(app),
-        (Api::Clients, &M::GET) => system::clients(app),
+        (Api::Stats, &M::GET) => system::stats(app, req),
+        (Api::Clients, &M::GET) => system::clients(app, req),
         (Api::TestConnection, &M::POST) => system::test_connection(app, req).await,
-        (Api::Streams, &M::GET) => streams::list(app),
+        (Api::Streams, &M::GET) => streams::list(app, req),
         (Api::Streams, &M::POST) => streams::create(app, req),
         (Api::ByMetadata, &M::GET) => streams::by_metadata(app, req),
         (Api::ByMetadata, &M::DELETE) => streams::delete_by_metadata(app, req),
@@ -139,6 +139,24 @@ pub async fn handle(app: &App, api: &Api, req: &ApiRequest) -> ApiReply {
     }
 }
 
+/// The `Allow` header of a 405 on `api` (HEAD wherever GET is; OPTIONS is
+/// the CORS preflight every route answers).
+pub fn allowed_methods(api: &Api) -> &'static str {
+    match api {
+        Api::Health | Api::Info | Api::Stats | Api::Clients | Api::CountsByMetadata => {
+            "GET, HEAD, OPTIONS"
+        }
+        Api::Streams => "GET, HEAD, POST, OPTIONS",
+        Api::ByMetadata | Api::Stream(_) => "GET, HEAD, DELETE, OPTIONS",
+        Api::OldestByMetadata => "DELETE, OPTIONS",
+        Api::StreamFailover(_) | Api::TestConnection | Api::WebhooksTest | Api::Transcode => {
+            "POST, OPTIONS"
+        }
+        Api::TranscodeProfiles | Api::ValidateCookiesFile => "GET, HEAD, OPTIONS",
+        Api::Webhooks => "GET, HEAD, POST, DELETE, OPTIONS",
+    }
+}
+
 /// m3u-proxy's query booleans: 1/0/true/false/yes/no/on/off, any case.
 pub fn query_bool(req: &ApiRequest, name: &str, default: bool) -> Result<bool, ApiReply> {
     match req.param(name) {
@@ -152,6 +170,53 @@ pub fn query_bool(req: &ApiRequest, name: &str, default: bool) -> Result<bool, A
                 Value::String(v.to_string()),
             )),
         },
+    }
+}
+
+/// Optional pagination of a list (`?limit=&offset=`): absent, the whole
+/// list, as m3u-proxy (and m3u-editor, which sends neither) expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Page {
+    pub limit: Option<usize>,
+    pub offset: Option<usize>,
+}
+
+impl Page {
+    pub fn from_query(req: &ApiRequest) -> Result<Page, ApiReply> {
+        let number = |name: &str| -> Result<Option<usize>, ApiReply> {
+            match req.param(name) {
+                None => Ok(None),
+                Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| {
+                    ApiReply::invalid(
+                        &["query", name],
+                        "Input should be a valid non-negative integer",
+                        Value::String(v.to_string()),
+                    )
+                }),
+            }
+        };
+        Ok(Page {
+            limit: number("limit")?,
+            offset: number("offset")?,
+        })
+    }
+
+    /// The page of `items`.
+    pub fn slice<'a, T>(&self, items: &'a [T]) -> &'a [T] {
+        let start = self.offset.unwrap_or(0).min(items.len());
+        let end = match self.limit {
+            Some(l) => start.saturating_add(l).min(items.len()),
+            None => items.len(),
+        };
+        &items[start..end]
+    }
+
+    /// Adds `limit` and `offset` to a paginated reply.
+    pub fn echo(&self, out: &mut Value) {
+        if *self != Page::default() {
+            out["limit"] = json!(self.limit);
+            out["offset"] = json!(self.offset.unwrap_or(0));
+        }
     }
 }
 

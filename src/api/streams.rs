@@ -71,16 +71,21 @@ pub fn create(app: &App, req: &ApiRequest) -> ApiReply {
     ApiReply::ok(out)
 }
 
-/// `GET /streams`.
-pub fn list(app: &App) -> ApiReply {
-    let streams: Vec<Value> = app
-        .registry
-        .list()
-        .iter()
-        .map(|s| j::stream(app, s))
-        .collect();
-    let total = streams.len();
-    ApiReply::ok(json!({ "streams": streams, "total": total }))
+/// `GET /streams`: every stream, m3u-proxy's shape. With `?limit=` and/or
+/// `?offset=` only that page is listed (oldest first; `total` stays the
+/// total, and `limit` and `offset` are echoed), so a proxy with 200 000
+/// streams need not build one huge reply.
+pub fn list(app: &App, req: &ApiRequest) -> ApiReply {
+    let page = match super::Page::from_query(req) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let all = app.registry.list();
+    let total = all.len();
+    let streams: Vec<Value> = page.slice(&all).iter().map(|s| j::stream(app, s)).collect();
+    let mut out = json!({ "streams": streams, "total": total });
+    page.echo(&mut out);
+    ApiReply::ok(out)
 }
 
 /// `GET /streams/{id}`.

@@ -56,12 +56,35 @@ fn totals(app: &App) -> Totals {
     t
 }
 
-/// `GET /health`.
+/// The state file's status for `/health` and `/stats`.
+fn state_json(app: &App) -> Value {
+    let s = app.saver.status();
+    json!({
+        "path": app.state.path().display().to_string(),
+        "ok": s.ok,
+        "pending": s.pending,
+        "last_saved_at": s.last_saved_at,
+        "last_error": s.last_error,
+        "failing_since": s.failing_since,
+        "consecutive_failures": s.consecutive_failures,
+        "failures_total": s.failures_total,
+    })
+}
+
+/// `GET /health`. `status` is `degraded` (still 200: m3u-editor reads any
+/// 2xx as up, and streaming works) while the state file cannot be written,
+/// so changes since then would be lost by a crash; `state_file` says why.
 pub fn health(app: &App) -> ApiReply {
     let t = totals(app);
     let uptime = app.started.elapsed().as_secs_f64();
+    let status = if app.saver.failing() {
+        "degraded"
+    } else {
+        "healthy"
+    };
     ApiReply::ok(json!({
-        "status": "healthy",
+        "status": status,
+        "state_file": state_json(app),
         "root_path": app.config.server.root_path,
         "version": VERSION,
         "uptime_seconds": uptime,
@@ -136,11 +159,16 @@ pub fn info(app: &App) -> ApiReply {
 }
 
 /// `GET /stats`.
-pub fn stats(app: &App) -> ApiReply {
+/// With `?limit=&offset=`, `streams` and `clients` hold only that page
+/// (the totals in `proxy_stats` stay whole), as for `/streams`.
+pub fn stats(app: &App, req: &ApiRequest) -> ApiReply {
+    let page = match super::Page::from_query(req) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
     let t = totals(app);
-    let streams: Vec<Value> = app
-        .registry
-        .list()
+    let streams: Vec<Value> = page
+        .slice(&app.registry.list())
         .iter()
         .map(|s| super::json::stream(app, s))
         .collect();
@@ -157,6 +185,7 @@ pub fn stats(app: &App) -> ApiReply {
         json!(app.hub.slow_viewers_dropped.load(Ordering::Relaxed));
     proxy_stats["events_dropped"] = json!(app.events.dropped());
     proxy_stats["hls_cached_segment_bytes"] = json!(app.hls.cached_segment_bytes());
+    proxy_stats["state_save_failures"] = json!(app.saver.status().failures_total);
     proxy_stats["hls_sequence_regressions"] =
         json!(app.hls.sequence_regressions.load(Ordering::Relaxed));
     ApiReply::ok(json!({
@@ -175,20 +204,26 @@ pub fn stats(app: &App) -> ApiReply {
             "uptime_seconds": c.created.elapsed().as_secs_f64(),
         })).collect::<Vec<_>>(),
         "slow_viewers_dropped": app.hub.slow_viewers_dropped.load(Ordering::Relaxed),
+        "state_file": state_json(app),
         "streams": streams,
-        "clients": app.registry.all_clients().iter().map(|c| j_client(c)).collect::<Vec<_>>(),
+        "clients": page.slice(&app.registry.all_clients()).iter().map(|c| j_client(c)).collect::<Vec<_>>(),
     }))
 }
 
-/// `GET /clients`.
-pub fn clients(app: &App) -> ApiReply {
-    let clients: Vec<Value> = app
-        .registry
-        .all_clients()
-        .iter()
-        .map(|c| j_client(c))
-        .collect();
-    ApiReply::ok(json!({ "total_clients": clients.len(), "clients": clients }))
+/// `GET /clients`: every client, m3u-proxy's shape. With `?limit=` and/or
+/// `?offset=` only that page is listed (`total_clients` stays the total,
+/// and `limit` and `offset` are echoed).
+pub fn clients(app: &App, req: &ApiRequest) -> ApiReply {
+    let page = match super::Page::from_query(req) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let all = app.registry.all_clients();
+    let total = all.len();
+    let clients: Vec<Value> = page.slice(&all).iter().map(|c| j_client(c)).collect();
+    let mut out = json!({ "total_clients": total, "clients": clients });
+    page.echo(&mut out);
+    ApiReply::ok(out)
 }
 
 /// `POST /test-connection`: always 200; the result is in `success`. The URL

@@ -56,6 +56,8 @@ pub(super) struct RawServer {
     pub state_file: Leaf<String>,
     pub stream_idle_ttl: Leaf<Scalar>,
     pub grace_period: Leaf<Scalar>,
+    pub shutdown_timeout: Leaf<Scalar>,
+    pub state_save_delay: Leaf<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -336,7 +338,113 @@ pub(super) fn spanned_at<T>(spanned: &Spanned<T>) -> Option<(u64, u64)> {
 }
 
 /// Pass 1. `Ok(RawConfig::default())` for an empty document.
-pub(super) fn deserialize(text: &str) -> Result<RawConfig, Problem> {
+/// Pass 1 over `text`, going on after a shape error: the entry the error
+/// points at (its line and every more-indented line after it) is blanked
+/// out, keeping line numbers, and the rest is deserialized again, so one
+/// run reports every unknown key, wrong type or missing field, and pass 2
+/// still checks the values of everything else. Returns what could be read
+/// (`None` after a syntax error, which cannot be stepped over), the text
+/// it was read from, and the shape problems in file order.
+pub(super) fn deserialize_all(text: &str) -> (Option<RawConfig>, String, Vec<Problem>) {
+    /// Bounds the work on a file that is wrong everywhere.
+    const MAX_SHAPE_PROBLEMS: usize = 64;
+    let mut work = text.to_owned();
+    let mut problems: Vec<Problem> = Vec::new();
+    // Key paths already blanked out, whose absence is then no news.
+    let mut blanked: Vec<String> = Vec::new();
+    loop {
+        match deserialize(&work) {
+            Ok(raw) => {
+                problems.sort_by_key(|p: &Problem| p.at);
+                return (Some(raw), work, problems);
+            }
+            Err((problem, recoverable)) => {
+                let next = problem
+                    .at
+                    .filter(|_| recoverable && problems.len() + 1 < MAX_SHAPE_PROBLEMS)
+                    .and_then(|(line, _)| blank_entry(&work, line));
+                let consequence = problem
+                    .message
+                    .strip_prefix("missing required key `")
+                    .and_then(|m| m.strip_suffix('`'))
+                    .is_some_and(|key| {
+                        let full = if problem.path.is_empty() {
+                            key.to_owned()
+                        } else {
+                            format!("{}.{key}", problem.path)
+                        };
+                        blanked.contains(&full)
+                    });
+                if next.is_some() {
+                    blanked.push(problem.path.clone());
+                }
+                // A missing key is reported where serde noticed it (a
+                // key of the entry); blanking walks up the entry, finding
+                // it again: report it once, at its first line.
+                match problems
+                    .iter_mut()
+                    .find(|p| p.path == problem.path && p.message == problem.message)
+                {
+                    _ if consequence => {}
+                    Some(seen) => seen.at = seen.at.min(problem.at).or(problem.at),
+                    None => problems.push(problem),
+                }
+                match next {
+                    Some(next) => work = next,
+                    None => {
+                        problems.sort_by_key(|p: &Problem| p.at);
+                        return (None, work, problems);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `text` with line `line` (1-based) and the more-indented lines that
+/// follow it (its value, or the rest of its list item) replaced by blank
+/// lines. `None` when that changes nothing (no progress possible).
+fn blank_entry(text: &str, line: u64) -> Option<String> {
+    let index = usize::try_from(line).ok()?.checked_sub(1)?;
+    let lines: Vec<&str> = text.split('\n').collect();
+    let first = lines.get(index)?;
+    if first.trim().is_empty() {
+        return None;
+    }
+    let indent = |l: &str| l.len() - l.trim_start_matches(' ').len();
+    let base = indent(first);
+    let mut end = index + 1;
+    while let Some(l) = lines.get(end) {
+        let t = l.trim();
+        if !t.is_empty() && !t.starts_with('#') && indent(l) <= base {
+            break;
+        }
+        end += 1;
+    }
+    // An anchor defined there may be used elsewhere: blanking it would
+    // report a made-up "unknown reference". Stop at the first problem then.
+    let defines_anchor = lines[index..end].iter().any(|l| {
+        l.split_whitespace()
+            .any(|w| w.len() > 1 && w.starts_with('&'))
+    });
+    if defines_anchor {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    for (i, l) in lines.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        if !(index..end).contains(&i) {
+            out.push_str(l);
+        }
+    }
+    Some(out)
+}
+
+/// Pass 1 over `text`; the error says whether going on past it makes sense
+/// (a shape error) or not (YAML syntax).
+pub(super) fn deserialize(text: &str) -> Result<RawConfig, (Problem, bool)> {
     let mut options = serde_saphyr::Options::default();
     // We render our own one-line messages; snippets would only cost time.
     options.with_snippet = false;
@@ -359,10 +467,22 @@ pub(super) fn deserialize(text: &str) -> Result<RawConfig, Problem> {
             // The outer error knows where an alias was used, the inner one
             // only where its anchor was defined.
             let at = outer.location().or_else(|| err.location());
-            Err(Problem::new(
-                at.as_ref().and_then(position),
-                &path,
-                &message,
+            let recoverable = matches!(
+                err,
+                YamlError::SerdeInvalidType { .. }
+                    | YamlError::SerdeInvalidValue { .. }
+                    | YamlError::SerdeInvalidLength { .. }
+                    | YamlError::SerdeUnknownVariant { .. }
+                    | YamlError::SerdeUnknownField { .. }
+                    | YamlError::SerdeMissingField { .. }
+                    | YamlError::DuplicateMappingKey { .. }
+                    | YamlError::NullIntoString { .. }
+                    | YamlError::Unexpected { .. }
+                    | YamlError::InvalidBooleanStrict { .. }
+            );
+            Err((
+                Problem::new(at.as_ref().and_then(position), &path, &message),
+                recoverable,
             ))
         }
     }

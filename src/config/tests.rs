@@ -98,6 +98,8 @@ fn example_config_documents_every_key() {
         "state_file:",
         "stream_idle_ttl:",
         "grace_period:",
+        "shutdown_timeout:",
+        "state_save_delay:",
         "token:",
         "user_agent:",
         "connect_timeout:",
@@ -314,7 +316,8 @@ fn unknown_key_nested() {
     assert_eq!(
         error("server:\n  threads: 2\n  listn: 127.0.0.1:1\n"),
         "conf/test.yaml:3:3: server.listn: unknown field `listn`, expected one of: \
-         listen, threads, root_path, public_url, state_file, stream_idle_ttl, grace_period \
+         listen, threads, root_path, public_url, state_file, stream_idle_ttl, grace_period, \
+         shutdown_timeout, state_save_delay \
          (did you mean `listen`?)"
     );
 }
@@ -701,12 +704,13 @@ providers:
       Multi: \"a\\nb\"
       value: [1]
 ";
-    // The list value stops pass 1 first; fix it to see the value errors.
-    let e = error(yaml);
+    // The list value is a pass-1 error; the value errors come with it.
+    let all = errors(yaml);
     assert_eq!(
-        e,
-        "conf/test.yaml:10:14: providers[0].headers.value: expected a single value, not a list or mapping"
+        all.last().map(String::as_str),
+        Some("conf/test.yaml:10:14: providers[0].headers.value: expected a single value, not a list or mapping")
     );
+    assert_eq!(all.len(), 5, "{all:#?}");
     let yaml = yaml.replace("value: [1]", "value: ok");
     assert_eq!(
         errors(&yaml),
@@ -870,8 +874,11 @@ fn aliases_resolve_and_errors_point_at_the_use() {
     assert_eq!(c.streams[1].url, url("http://a.example/x"));
     // Pass 1 (shape) and pass 2 (value) errors both point at the alias.
     assert_eq!(
-        error("live:\n  linger: &a [1]\nserver:\n  listen: *a\n"),
-        "conf/test.yaml:4:11: server.listen: expected a single value, not a list or mapping"
+        errors("live:\n  linger: &a [1]\nserver:\n  listen: *a\n"),
+        [
+            "conf/test.yaml:2:14: live.linger: invalid type: list, expected a duration, e.g. \"250ms\", \"5s\", \"15m\" or \"1h 30m\"",
+            "conf/test.yaml:4:11: server.listen: expected a single value, not a list or mapping"
+        ]
     );
     assert_eq!(
         errors("streams:\n  - url: &u ftp://a/x\n    id: a\n  - url: *u\n    id: b\n"),
@@ -906,7 +913,8 @@ fn load_reads_a_file() {
         e.messages()[0],
         format!(
             "{}:3:3: server.bogus: unknown field `bogus`, expected one of: listen, threads, \
-             root_path, public_url, state_file, stream_idle_ttl, grace_period",
+             root_path, public_url, state_file, stream_idle_ttl, grace_period, shutdown_timeout, \
+             state_save_delay",
             path.display()
         )
     );
@@ -1123,6 +1131,77 @@ fn hls_section_parses_and_checks_the_key() {
         m.contains("conf/test.yaml:2:") && m.contains("hls.token_key"),
         "{m}"
     );
+}
+
+#[test]
+fn shutdown_timeout_and_state_save_delay() {
+    let c = parse(
+        "server:\n  shutdown_timeout: 2s\n  state_save_delay: 0\n",
+        Path::new("conf/test.yaml"),
+    )
+    .unwrap();
+    assert_eq!(c.server.shutdown_timeout, Duration::from_secs(2));
+    assert_eq!(c.server.state_save_delay, Duration::ZERO);
+    let d = Config::default();
+    assert_eq!(d.server.shutdown_timeout, Duration::from_secs(5));
+    assert_eq!(d.server.state_save_delay, Duration::from_millis(500));
+    let e = errors("server:\n  shutdown_timeout: 0\n  state_save_delay: 2m\n").join("\n");
+    assert!(
+        e.contains("server.shutdown_timeout: must be greater than zero"),
+        "{e}"
+    );
+    assert!(
+        e.contains("server.state_save_delay: must be at most 1m, got 2m"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_mistake_is_reported_not_only_the_first() {
+    let yaml = "\
+server:
+  listn: 1
+  threads: 0
+upstream:
+  connect_timeout: 3 parsecs
+providers:
+  - name: p
+    max_connections: 2
+streams:
+  - url: http://a.example/x
+    bogus: 1
+  - url: ftp://b.example/
+log:
+  level: [1]
+  colour: red
+";
+    let all = errors(yaml);
+    let expect = [
+        "conf/test.yaml:2:3: server.listn: unknown field `listn`",
+        "conf/test.yaml:3:12: server.threads:",
+        "conf/test.yaml:5:20: upstream.connect_timeout: invalid duration",
+        "conf/test.yaml:7:5: providers[0]: missing required key `hosts`",
+        "conf/test.yaml:11:5: streams[0].bogus: unknown field `bogus`",
+        "conf/test.yaml:12:10: streams[1].url:",
+        "log.level:",
+        "conf/test.yaml:15:3: log.colour: unknown field `colour`",
+    ];
+    for e in expect {
+        assert!(
+            all.iter().any(|m| m.starts_with(e) || m.contains(e)),
+            "missing {e:?} in {all:#?}"
+        );
+    }
+    // In file order.
+    let lines: Vec<u64> = all
+        .iter()
+        .filter_map(|m| m.split(':').nth(1).and_then(|l| l.parse().ok()))
+        .collect();
+    let mut sorted = lines.clone();
+    sorted.sort();
+    assert_eq!(lines, sorted, "{all:#?}");
+    // A syntax error still stops at once.
+    assert_eq!(errors("server: [\n").len(), 1);
 }
 
 #[test]

@@ -413,6 +413,18 @@ impl Validator<'_> {
                 d.grace_period,
                 duration,
             ),
+            shutdown_timeout: self.leaf(
+                &raw.shutdown_timeout,
+                "server.shutdown_timeout",
+                d.shutdown_timeout,
+                |s| at_most(non_zero(duration(s)?)?, Duration::from_secs(300)),
+            ),
+            state_save_delay: self.leaf(
+                &raw.state_save_delay,
+                "server.state_save_delay",
+                d.state_save_delay,
+                |s| at_most(duration(s)?, Duration::from_secs(60)),
+            ),
         }
     }
 
@@ -1179,6 +1191,18 @@ fn seconds(s: &Scalar) -> Check<Duration> {
             Duration::try_from_secs_f64(*f).map_err(|_| format!("{f:?} seconds is too long"))
         }
         other => duration(other),
+    }
+}
+
+fn at_most(d: Duration, max: Duration) -> Check<Duration> {
+    if d > max {
+        Err(format!(
+            "must be at most {}, got {}",
+            humantime::format_duration(max),
+            humantime::format_duration(d)
+        ))
+    } else {
+        Ok(d)
     }
 }
 

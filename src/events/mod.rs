@@ -397,6 +397,12 @@ pub struct Events {
     /// For [`Events::test`], which runs on an API request's runtime: a
     /// separate pool keeps connections from crossing runtimes.
     test_http: reqwest::Client,
+    /// Set by [`Events::finish`]: the service drains, flushes and stops.
+    /// Not Pingora's shutdown signal: the events of viewers cut at the end
+    /// of the grace period must still go out.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// Set by the service once it has flushed and stopped.
+    done: tokio::sync::watch::Sender<bool>,
 }
 
 impl Events {
@@ -441,6 +447,8 @@ impl Events {
             settings,
             http: webhook::client(),
             test_http: webhook::client(),
+            stop: tokio::sync::watch::Sender::new(false),
+            done: tokio::sync::watch::Sender::new(false),
         };
         for hook in config_hooks {
             if let Err(error) = events.insert(hook, false) {
@@ -465,6 +473,29 @@ impl Events {
             .take()
             .expect("Events::service() may be called only once");
         EventsService::new(self.clone(), rx)
+    }
+
+    /// The stop signal the Pingora service runs on ([`Events::finish`]).
+    pub(crate) fn stop_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Called by the service when it has flushed and stopped.
+    pub(crate) fn set_done(&self) {
+        self.done.send_replace(true);
+    }
+
+    /// The shutdown path, once no more events are coming (viewers and
+    /// channels closed): the service drains the queue, gives the webhooks
+    /// up to its flush timeout (`server.shutdown_timeout`) and stops. Waits
+    /// for that, at most `timeout`; false when it did not finish in time
+    /// (or the service never ran).
+    pub async fn finish(&self, timeout: Duration) -> bool {
+        let mut done = self.done.subscribe();
+        self.stop.send_replace(true);
+        tokio::time::timeout(timeout, done.wait_for(|d| *d))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Queues an event for the webhooks subscribed to its type. Never
@@ -577,6 +608,43 @@ impl Events {
             .filter(|e| e.from_api)
             .map(|e| (*e.hook).clone())
             .collect()
+    }
+
+    /// Replaces the webhooks that came from the YAML with `hooks` (a config
+    /// reload, SIGHUP); API ones stay. A URL now in the YAML that was
+    /// registered through the API becomes a YAML one. Returns (added,
+    /// removed) counts.
+    pub fn replace_config_webhooks(&self, hooks: Vec<Webhook>) -> (usize, usize) {
+        let mut valid = Vec::new();
+        for hook in hooks {
+            match hook.validated() {
+                Ok(h) => valid.push(h),
+                Err(error) => tracing::error!(%error, "configured webhook ignored"),
+            }
+        }
+        let mut hooks = self.hooks.write();
+        let before: Vec<String> = hooks
+            .iter()
+            .filter(|e| !e.from_api)
+            .map(|e| e.hook.url.clone())
+            .collect();
+        hooks.retain(|e| e.from_api && !valid.iter().any(|v| v.url == e.hook.url));
+        let removed = before
+            .iter()
+            .filter(|u| !valid.iter().any(|v| &v.url == *u))
+            .count();
+        let added = valid.iter().filter(|v| !before.contains(&v.url)).count();
+        // YAML ones first, as at start.
+        let api: Vec<Entry> = std::mem::take(&mut *hooks);
+        for hook in valid {
+            hooks.push(Entry {
+                hook: Arc::new(hook),
+                from_api: false,
+            });
+        }
+        hooks.extend(api);
+        self.changed(&hooks);
+        (added, removed)
     }
 
     /// Re-registers the state file's webhooks at start. An invalid entry (a

@@ -753,3 +753,66 @@ fn redacted_urls_drop_query_and_userinfo() {
     );
     assert_eq!(redact_url("not a url"), "<invalid url>");
 }
+
+#[test]
+fn a_reload_replaces_the_config_webhooks_and_keeps_the_api_ones() {
+    let events = Events::with_settings(
+        4,
+        vec![hook("http://old.example/"), hook("http://kept.example/")],
+        Metrics::new(),
+        fast(),
+    );
+    events
+        .add_webhook(hook("http://api.example/"))
+        .expect("valid");
+    events
+        .add_webhook(hook("http://moved.example/"))
+        .expect("valid");
+    let (added, removed) = events.replace_config_webhooks(vec![
+        hook("http://kept.example/"),
+        hook("http://new.example/"),
+        hook("http://moved.example/"),
+    ]);
+    assert_eq!((added, removed), (2, 1));
+    let urls: Vec<String> = events.webhooks().into_iter().map(|h| h.url).collect();
+    assert_eq!(
+        urls,
+        [
+            "http://kept.example/",
+            "http://new.example/",
+            "http://moved.example/",
+            "http://api.example/",
+        ],
+        "YAML ones first, then the API ones"
+    );
+    // Only API ones are persisted; one now in the YAML comes from the YAML.
+    let api: Vec<String> = events.api_webhooks().into_iter().map(|h| h.url).collect();
+    assert_eq!(api, ["http://api.example/"]);
+    assert!(events.wants(EventType::StreamStopped));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_outlives_pingoras_shutdown_until_finish() {
+    use pingora::services::background::BackgroundService;
+    let rx = Receiver::start().await;
+    let events = Events::with_settings(16, vec![hook(&rx.url("/h"))], Metrics::new(), fast());
+    let service = events.service();
+    // Pingora's shutdown is already broadcast when the viewers are cut.
+    let (_pingora, shutdown) = watch::channel(true);
+    let run = tokio::spawn(async move { service.start(shutdown).await });
+    events.emit(
+        EventType::StreamStopped,
+        "s1",
+        json!({"reason": "shutdown"}),
+    );
+    assert!(events.finish(T).await, "the service did not finish");
+    let got = rx.wait_for(1).await;
+    assert_eq!(got[0].json()["data"]["reason"], "shutdown");
+    tokio::time::timeout(T, run)
+        .await
+        .expect("the service ended")
+        .expect("no panic");
+    // After finish, emits are refused (counted), not queued forever.
+    events.emit(EventType::StreamStopped, "s2", json!({}));
+    assert_eq!(events.dropped(), 1);
+}

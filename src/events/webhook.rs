@@ -447,7 +447,12 @@ impl EventsService {
 
 #[async_trait]
 impl BackgroundService for EventsService {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        self.run(shutdown).await;
+    /// Runs until [`Events::finish`], not until Pingora's shutdown signal:
+    /// the viewers cut after the grace period still have their
+    /// `client_disconnected` and `stream_stopped` to send (m3u-editor frees
+    /// its provider slot on `stream_stopped`).
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        self.run(self.events.stop_signal()).await;
+        self.events.set_done();
     }
 }

@@ -184,7 +184,7 @@ async fn connect_once(
 
 /// The metric labels of a failure reason.
 fn classify(reason: &str) -> (FailoverReason, UpstreamErrorKind) {
-    if reason.starts_with("no bytes") {
+    if reason.starts_with("no bytes") || reason.starts_with("no valid TS") {
         (FailoverReason::Stall, UpstreamErrorKind::Timeout)
     } else if reason.starts_with("provider closed") {
         (FailoverReason::Eof, UpstreamErrorKind::Read)
@@ -762,7 +762,12 @@ impl Reader {
     ) -> Outcome {
         let live = self.app.config.live.clone();
         let mut flush_at: Option<tokio::time::Instant> = None;
+        // Valid TS arrived from this source (not just bytes): what resets
+        // the stall timer and, in `run`, the `give_up_after` clock.
         let mut got_bytes = false;
+        let mut any_bytes = false;
+        let mut progress_at = tokio::time::Instant::now();
+        let mut last_byte_at = progress_at;
         let mut standby: Option<Standby> = None;
         let mut standby_retry = tokio::time::Instant::now();
         let mut probe: Option<JoinHandle<Result<Prepared, String>>> = None;
@@ -835,16 +840,25 @@ impl Reader {
                     self.flush(&mut pending);
                     flush_at = None;
                 }
-                r = tokio::time::timeout(live.stall_timeout, body.next()) => {
+                r = tokio::time::timeout_at(progress_at + live.stall_timeout, body.next()) => {
                     let reason = match r {
+                        Err(_) if last_byte_at > progress_at => format!(
+                            "no valid TS for {:?} (garbage, or too slow for whole packets)",
+                            live.stall_timeout
+                        ),
                         Err(_) => format!("no bytes for {:?}", live.stall_timeout),
                         Ok(None) => "provider closed the stream".into(),
                         Ok(Some(Err(e))) => format!("read error: {}", e.without_url()),
                         Ok(Some(Ok(b))) => {
                             self.app.metrics.bytes_in.inc_by(b.len() as u64);
-                            let first = !got_bytes;
-                            got_bytes = true;
+                            let first = !any_bytes;
+                            any_bytes = true;
+                            last_byte_at = tokio::time::Instant::now();
                             let aligned = self.aligner.push_bytes(b);
+                            if self.is_progress(&aligned) {
+                                got_bytes = true;
+                                progress_at = last_byte_at;
+                            }
                             pending.extend_from_slice(&aligned);
                             if pending.len() >= CHUNK_TARGET || first {
                                 self.flush(&mut pending);
@@ -864,6 +878,19 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// Whether newly aligned bytes show the source is working: whole
+    /// sync-aligned packets, the program's PAT/PMT known, and a packet of
+    /// something other than PAT or padding (elementary stream payload or
+    /// PCR). Garbage at full speed and a trickle of bytes that never makes
+    /// a packet are not progress, so they stall and fail over.
+    fn is_progress(&self, aligned: &[u8]) -> bool {
+        self.psi.is_some()
+            && aligned.chunks_exact(PACKET_LEN).any(|p| {
+                let pid = (u16::from(p[1] & 0x1f) << 8) | u16::from(p[2]);
+                pid != crate::ts::PAT_PID && pid != crate::ts::NULL_PID
+            })
     }
 
     /// Publishes the pending bytes as one ring chunk.

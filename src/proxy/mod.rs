@@ -8,6 +8,7 @@ mod ctx;
 mod hls;
 mod live;
 mod packaged;
+mod protocol;
 mod request;
 pub mod respond;
 mod response;
@@ -45,6 +46,10 @@ impl ProxyHttp for Edge {
     /// Routes the request: API and errors are answered here (`Ok(true)`);
     /// `/stream/{id}` continues into the proxy phases with its sources chosen.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if let Some(msg) = protocol::host_problem(session.req_header()) {
+            protocol::reject(session, ctx, 400, msg).await?;
+            return Ok(true);
+        }
         request::route(&self.app, session, ctx).await
     }
 
@@ -144,6 +149,17 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         response::fail(&self.app, session, e, ctx).await
+    }
+
+    /// A client that goes away, or sends a bad or stalled request, is
+    /// normal: a debug line instead of Pingora's ERROR (which a
+    /// `pingora=warn` filter cannot silence).
+    fn suppress_error_log(&self, session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        if protocol::is_client_side(e, ctx) {
+            tracing::debug!(error = %e, request = %self.request_summary(session, ctx), "request ended by the client");
+            return true;
+        }
+        false
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

@@ -18,6 +18,9 @@ use crate::registry::{ClientHello, Stream};
 use crate::route::{self, Route};
 use crate::upstream::sources;
 
+/// An API body that stops arriving for this long is answered 408.
+const API_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Playlist polls are the hot path: Pingora moves this future into a box on
 /// every request, so the larger, colder branches live in boxes of their own.
 pub async fn route(app: &Arc<App>, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -98,6 +101,7 @@ fn self_depth(app: &App, session: &Session) -> Option<usize> {
 }
 
 async fn read_body(session: &mut Session, max: usize) -> Result<Option<Bytes>> {
+    session.set_read_timeout(Some(API_BODY_TIMEOUT));
     let mut buf = BytesMut::new();
     while let Some(chunk) = session.read_request_body().await? {
         if buf.len() + chunk.len() > max {
@@ -187,6 +191,9 @@ async fn serve_api(
     };
     let reply = api::handle(app, a, &req).await;
     ctx.local_status = Some(reply.status);
+    if reply.status == 405 {
+        return respond::method_not_allowed(session, api::allowed_methods(a), cors).await;
+    }
     respond::json_with(session, reply.status, &reply.body, cors).await
 }
 
@@ -240,6 +247,11 @@ pub fn hello(session: &Session) -> ClientHello {
 
 /// `/metrics`: gauges are read at scrape time, counters were kept as things happened.
 async fn metrics(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    let method = &session.req_header().method;
+    if method != Method::GET && method != Method::HEAD {
+        ctx.local_status = Some(405);
+        return respond::method_not_allowed(session, "GET, HEAD", respond::Cors::Only(None)).await;
+    }
     app.refresh_gauges();
     let (content_type, body) = app.metrics.render();
     let mut resp = pingora::http::ResponseHeader::build(200, Some(4))?;
@@ -274,7 +286,11 @@ async fn client_stream(
         return Ok(found);
     };
     ctx.local_status = Some(refusal.0);
-    respond::error(session, refusal.0, refusal.1).await?;
+    if refusal.0 == 405 {
+        respond::method_not_allowed(session, "GET, HEAD", respond::Cors::Open).await?;
+    } else {
+        respond::error(session, refusal.0, refusal.1).await?;
+    }
     Ok(None)
 }
 

@@ -51,6 +51,16 @@ pub async fn json(session: &mut Session, status: u16, body: &Value) -> Result<()
     json_with(session, status, body, Cors::Open).await
 }
 
+/// 405 with the `Allow` header listing `allow` (RFC 9110 §15.5.6).
+pub async fn method_not_allowed(
+    session: &mut Session,
+    allow: &'static str,
+    cors: Cors<'_>,
+) -> Result<()> {
+    let body = json!({ "detail": "Method Not Allowed" });
+    json_full(session, 405, &body, cors, &[(header::ALLOW, allow)]).await
+}
+
 /// Writes a complete JSON response with the given CORS policy.
 pub async fn json_with(
     session: &mut Session,
@@ -58,8 +68,22 @@ pub async fn json_with(
     body: &Value,
     cors: Cors<'_>,
 ) -> Result<()> {
+    json_full(session, status, body, cors, &[]).await
+}
+
+/// Like [`json_with`] with extra response headers.
+pub async fn json_full(
+    session: &mut Session,
+    status: u16,
+    body: &Value,
+    cors: Cors<'_>,
+    extra: &[(header::HeaderName, &'static str)],
+) -> Result<()> {
     let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
-    let mut resp = ResponseHeader::build(status, Some(6))?;
+    let mut resp = ResponseHeader::build(status, Some(6 + extra.len()))?;
+    for (name, value) in extra {
+        resp.insert_header(name.clone(), *value)?;
+    }
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(header::CONTENT_LENGTH, bytes.len())?;
     resp.insert_header(header::CACHE_CONTROL, "no-store")?;

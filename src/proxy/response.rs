@@ -56,6 +56,15 @@ pub async fn fail(
             can_reuse_downstream: false,
         };
     }
+    if let Some((code, msg)) = super::protocol::body_error_status(e, ctx) {
+        if let Err(err) = super::protocol::reject(session, ctx, code, msg).await {
+            tracing::debug!(error = %err, "could not send the error response");
+        }
+        return FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        };
+    }
     if let Some(full) = ctx.full.clone() {
         ctx.local_status = Some(503);
         app.metrics

@@ -138,6 +138,11 @@ pub struct LiveOpts {
     pub stall_after: Option<u64>,
     /// `?delay_ms=N`: wait before sending the response head.
     pub delay_ms: u64,
+    /// `?garbage=1`: send pseudo-random bytes (never a sync-aligned packet)
+    /// instead of the fixture, at the same pace.
+    pub garbage: bool,
+    /// `?trickle_ms=N`: send the fixture one byte every N ms.
+    pub trickle_ms: Option<u64>,
 }
 
 impl LiveOpts {
@@ -147,6 +152,8 @@ impl LiveOpts {
             drop_after: None,
             stall_after: None,
             delay_ms: 0,
+            garbage: false,
+            trickle_ms: None,
         };
         for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
             let Ok(n) = v.parse::<u64>() else { continue };
@@ -155,6 +162,8 @@ impl LiveOpts {
                 "drop_after" => opts.drop_after = Some(n),
                 "stall_after" => opts.stall_after = Some(n),
                 "delay_ms" => opts.delay_ms = n,
+                "garbage" => opts.garbage = n != 0,
+                "trickle_ms" => opts.trickle_ms = Some(n.max(1)),
                 _ => {}
             }
         }
@@ -1090,6 +1099,38 @@ async fn pace_live(
     if data.is_empty() {
         return;
     }
+    if let Some(every) = opts.trickle_ms {
+        // One byte at a time: never a whole packet in any useful time.
+        for b in data.iter().cycle() {
+            if tx.send(Ok(Bytes::copy_from_slice(&[*b]))).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(every)) => {}
+            }
+        }
+        return;
+    }
+    let data = if opts.garbage {
+        // xorshift bytes with every 0x47 replaced: no sync byte at all, so
+        // no alignment can ever lock on.
+        let mut x: u32 = 0x9e37_79b9;
+        let junk: Vec<u8> = (0..data.len())
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                match (x >> 24) as u8 {
+                    0x47 => 0,
+                    b => b,
+                }
+            })
+            .collect();
+        Bytes::from(junk)
+    } else {
+        data
+    };
     let rate = opts.kbps.saturating_mul(1000) / 8; // bytes per second
     let limit = match (opts.drop_after, opts.stall_after) {
         (Some(d), Some(s)) => Some(d.min(s)),
