@@ -10,5 +10,6 @@ mod common;
 mod config;
 mod events;
 mod hls;
+mod hls_security;
 mod live;
 mod vod;
