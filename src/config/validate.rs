@@ -16,11 +16,11 @@ use url::Url;
 
 use super::raw::{
     push_key, spanned_at, Leaf, RawConfig, RawEvents, RawHeaders, RawHls, RawLive, RawLog,
-    RawMetrics, RawProvider, RawServer, RawStream, RawUpstream, RawWebhook, Scalar,
+    RawMetrics, RawProvider, RawSecurity, RawServer, RawStream, RawUpstream, RawWebhook, Scalar,
 };
 use super::{
     ApiConfig, Config, EventsConfig, HlsConfig, LiveConfig, LogConfig, MetricsConfig, Problem,
-    ProviderConfig, ServerConfig, StreamConfig, UpstreamConfig, WebhookConfig,
+    ProviderConfig, SecurityConfig, ServerConfig, StreamConfig, UpstreamConfig, WebhookConfig,
 };
 use crate::events::EventType;
 
@@ -110,6 +110,7 @@ impl Validator<'_> {
         let events = self.events(raw.events.unwrap_or_default());
         let metrics = self.metrics(raw.metrics.unwrap_or_default(), &server);
         let hls = self.hls(raw.hls.unwrap_or_default());
+        let security = self.security(raw.security.unwrap_or_default());
         Config {
             server,
             api,
@@ -121,6 +122,33 @@ impl Validator<'_> {
             events,
             metrics,
             hls,
+            security,
+        }
+    }
+
+    fn security(&mut self, raw: RawSecurity) -> SecurityConfig {
+        let mut allow = Vec::new();
+        for (i, entry) in raw
+            .private_allowlist
+            .iter()
+            .flat_map(|l| l.value.iter())
+            .enumerate()
+        {
+            let path = format!("security.private_allowlist[{i}]");
+            if let Some(net) = self.spanned(entry, &path, None, |s| {
+                crate::upstream::guard::Net::parse(s).map(Some)
+            }) {
+                allow.push(net);
+            }
+        }
+        SecurityConfig {
+            deny_private_upstreams: self.leaf(
+                &raw.deny_private_upstreams,
+                "security.deny_private_upstreams",
+                false,
+                boolean,
+            ),
+            private_allowlist: allow,
         }
     }
 
@@ -518,6 +546,48 @@ impl Validator<'_> {
                         Ok(n)
                     }
                 },
+            ),
+            playlist_max_lines: self.leaf(
+                &raw.playlist_max_lines,
+                "hls.playlist_max_lines",
+                d.playlist_max_lines,
+                |s| usize_at_least(s, 10),
+            ),
+            rendered_max_bytes: self.leaf(
+                &raw.rendered_max_bytes,
+                "hls.rendered_max_bytes",
+                d.rendered_max_bytes,
+                |s| at_least_kib(byte_size(s)?),
+            ),
+            segment_max_bytes: self.leaf(
+                &raw.segment_max_bytes,
+                "hls.segment_max_bytes",
+                d.segment_max_bytes,
+                |s| at_least_kib(byte_size(s)?),
+            ),
+            inflight_max_bytes: self.leaf(
+                &raw.inflight_max_bytes,
+                "hls.inflight_max_bytes",
+                d.inflight_max_bytes,
+                byte_size,
+            ),
+            header_timeout: self.leaf(
+                &raw.header_timeout,
+                "hls.header_timeout",
+                d.header_timeout,
+                |s| non_zero(duration(s)?),
+            ),
+            playlist_timeout: self.leaf(
+                &raw.playlist_timeout,
+                "hls.playlist_timeout",
+                d.playlist_timeout,
+                |s| non_zero(duration(s)?),
+            ),
+            segment_timeout: self.leaf(
+                &raw.segment_timeout,
+                "hls.segment_timeout",
+                d.segment_timeout,
+                |s| non_zero(duration(s)?),
             ),
             token_key: self.optional(&raw.token_key, "hls.token_key", |s| {
                 match hex::decode(s.trim()) {
@@ -945,6 +1015,14 @@ fn byte_size(s: &Scalar) -> Check<usize> {
     }
     // Truncation is intended: a fractional byte cannot be buffered.
     Ok(bytes as usize)
+}
+
+fn at_least_kib(n: usize) -> Check<usize> {
+    if n < 1024 {
+        Err("must be at least 1KiB".to_owned())
+    } else {
+        Ok(n)
+    }
 }
 
 fn boolean(s: &Scalar) -> Check<bool> {
