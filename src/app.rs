@@ -42,10 +42,12 @@ pub struct App {
 impl App {
     /// Builds the app: YAML streams first, then the state file's API streams.
     pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
+        crate::upstream::guard::configure(&config.security);
         let http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(config.upstream.connect_timeout)
-            .redirect(reqwest::redirect::Policy::limited(
+            .dns_resolver(Arc::new(crate::upstream::guard::Resolver))
+            .redirect(crate::upstream::guard::redirect_policy(
                 config.upstream.max_redirects,
             ))
             .user_agent(config.upstream.user_agent.clone())
