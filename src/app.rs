@@ -37,6 +37,9 @@ pub struct App {
     pub started: Instant,
     /// For calls that are not relayed bytes: failover resolver, test-connection.
     pub http: reqwest::Client,
+    /// For HLS playlists, segments, keys and init maps: redirects are followed
+    /// hop by hop (`hls::fetch::open`) and sockets are not kept.
+    pub hls_http: reqwest::Client,
 }
 
 impl App {
@@ -50,6 +53,14 @@ impl App {
             .redirect(crate::upstream::guard::redirect_policy(
                 config.upstream.max_redirects,
             ))
+            .user_agent(config.upstream.user_agent.clone())
+            .build()?;
+        let hls_http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(config.upstream.connect_timeout)
+            .dns_resolver(Arc::new(crate::upstream::guard::Resolver))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(0)
             .user_agent(config.upstream.user_agent.clone())
             .build()?;
         let metrics = Metrics::new();
@@ -102,16 +113,13 @@ impl App {
             providers: Providers::new(&config.providers),
             leases: Leases::new(&config.providers),
             hub: Arc::new(Hub::new()),
-            hls: HlsFetcher::new(
-                config.hls.segment_cache_bytes,
-                config.hls.playlist_max_bytes,
-                metrics.clone(),
-            ),
+            hls: HlsFetcher::new(config.hls.segment_cache_bytes, metrics.clone()),
             signer: Signer::new(&hls_key),
             hls_key,
             metrics,
             started: Instant::now(),
             http,
+            hls_http,
             config: Arc::new(config),
         };
         for s in &app.config.streams {

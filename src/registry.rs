@@ -128,17 +128,6 @@ pub struct Client {
     /// HLS viewers have no connection to watch: they stay listed until they
     /// have asked for nothing for this long.
     pub idle_timeout: Option<Duration>,
-    /// The last playlist rewritten for this viewer (its minted references
-    /// carry the client id): reused while the upstream copy is unchanged.
-    pub rendered: Mutex<Option<Rendered>>,
-}
-
-/// A playlist as rewritten for one viewer.
-#[derive(Debug, Clone)]
-pub struct Rendered {
-    pub generation: u64,
-    pub discontinuity: bool,
-    pub body: bytes::Bytes,
 }
 
 impl Client {
@@ -701,7 +690,6 @@ impl Registry {
             connections: AtomicU64::new(1),
             cancel: stream.closed.child_token(),
             idle_timeout,
-            rendered: Mutex::new(None),
         });
         clients.insert(id, c.clone());
         let count = clients.len();
