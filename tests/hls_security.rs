@@ -287,6 +287,9 @@ async fn a_big_playlist_is_rendered_once_for_all_viewers() {
         .collect();
     let bodies = futures::future::join_all(queries.iter().map(|q| playlist(&e, &id, q))).await;
     let after = rss_kib(&e);
+    eprintln!(
+        "RSS {before} -> {after} KiB for {viewers} viewers of a {rendered} KiB rewritten playlist"
+    );
     for (s, b) in &bodies {
         assert_eq!(*s, 200);
         assert_eq!(uris(b).len(), 40000);
@@ -415,6 +418,7 @@ async fn large_segments_stream_through_without_a_copy_per_request() {
     // Every provider answer is now parked at its half-way gate.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let grown = rss_kib(&e).saturating_sub(before);
+    eprintln!("RSS {before} KiB, +{grown} KiB with 6 ranged requests of a {n}-byte segment");
     assert!(
         grown < 64 * 1024,
         "RSS grew by {grown} KiB for 6 ranged requests"
@@ -448,4 +452,76 @@ async fn a_segment_fetch_is_bounded_in_time_and_counted() {
         "the whole body arrived through a closed gate"
     );
     assert!(limit_cuts(&e, "segment_timeout").await >= 1.0);
+}
+
+/// Measurement for the README/report (run with `--ignored --nocapture`): the
+/// proxy's peak RSS while 6 viewers fetch different ranges of one 40 MB segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_peak_rss_of_six_ranged_requests() {
+    let p = Provider::start().await;
+    let e = Edge::start(&config("")).await;
+    let n = 40_000_000;
+    let (_, seg) = gen_stream(&e, &p, &format!("uri={}", enc(&format!("/blob/{n}")))).await;
+    let before = rss_kib(&e);
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let pid_peak = peak.clone();
+    let pid = e.pid().expect("pid");
+    let sampler = tokio::spawn(async move {
+        loop {
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                if let Some(v) = s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                {
+                    pid_peak.fetch_max(v, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let urls: Vec<(String, String)> = (0..6usize)
+        .map(|k| (e.url(&seg), format!("bytes={}-", k * 1000)))
+        .collect();
+    let got = futures::future::join_all(
+        urls.iter()
+            .map(|(u, r)| async move { get_body_with(u, &[("range", r.as_str())]).await }),
+    )
+    .await;
+    sampler.abort();
+    for (s, _, b) in &got {
+        assert_eq!(*s, 206);
+        assert!(b.len() > n - 10_000);
+    }
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "RSS {before} KiB before, peak {peak} KiB (+{} KiB) for 6 ranged requests of a {n}-byte segment; provider requests: {}",
+        peak - before,
+        p.hits("/blob/")
+    );
+}
+
+/// Measurement (run with `--ignored --nocapture`): the proxy's RSS after 12
+/// viewers, one after the other, fetched a 40 000-segment playlist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_rss_of_twelve_viewers_of_a_big_playlist() {
+    let p = Provider::start().await;
+    let e = Edge::start(&config("")).await;
+    let id = register(&e, json!({"url": p.url("/gen-playlist?segs=40000&live=1")})).await;
+    let (s, first) = playlist(&e, &id, "?client_id=warmup").await;
+    assert_eq!(s, 200);
+    let before = rss_kib(&e);
+    let started = std::time::Instant::now();
+    for i in 0..12 {
+        let (s, _) = playlist(&e, &id, &format!("?client_id=viewer-{i}")).await;
+        assert_eq!(s, 200);
+    }
+    eprintln!(
+        "RSS {before} -> {} KiB after 12 viewers of a {} KiB rewritten playlist ({:?})",
+        rss_kib(&e),
+        first.len() / 1024,
+        started.elapsed()
+    );
 }
