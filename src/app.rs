@@ -50,6 +50,7 @@ impl App {
             .no_proxy()
             .connect_timeout(config.upstream.connect_timeout)
             .dns_resolver(Arc::new(crate::upstream::guard::Resolver))
+            .connector_layer(crate::upstream::guard::CheckConnected)
             .redirect(crate::upstream::guard::redirect_policy(
                 config.upstream.max_redirects,
             ))
@@ -59,6 +60,7 @@ impl App {
             .no_proxy()
             .connect_timeout(config.upstream.connect_timeout)
             .dns_resolver(Arc::new(crate::upstream::guard::Resolver))
+            .connector_layer(crate::upstream::guard::CheckConnected)
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(0)
             .user_agent(config.upstream.user_agent.clone())

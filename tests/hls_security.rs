@@ -525,3 +525,36 @@ async fn measure_rss_of_twelve_viewers_of_a_big_playlist() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_streams_and_webhooks_to_private_addresses_are_refused() {
+    let p = Provider::start().await;
+    let hook = crate::support::webhook::WebhookReceiver::start().await;
+    let e = Edge::start(&config(&format!(
+        "security:\n  deny_private_upstreams: true\nlive:\n  give_up_after: 2s\nevents:\n  webhooks:\n    - url: \"{}\"\n      retry_attempts: 0\n",
+        hook.url("/hook")
+    )))
+    .await;
+    // A live channel (the hub's own client) on an IP literal.
+    let id = register(&e, json!({"url": p.url("/live/x.ts")})).await;
+    let resp = client::client()
+        .get(e.url(&format!("/stream/{id}")))
+        .timeout(Duration::from_secs(8))
+        .send()
+        .await;
+    if let Ok(r) = resp {
+        let _ = r.bytes().await;
+    }
+    assert_eq!(p.hits("/live/"), 0, "{:?}", p.requests());
+    // A webhook on a private address is not sent to, and says why.
+    let (s, v) = api(
+        &e,
+        Method::POST,
+        "/webhooks/test",
+        Some(json!({"webhook_url": hook.url("/hook")})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("private"), "{v}");
+    assert_eq!(hook.count(), 0);
+}

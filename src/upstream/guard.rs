@@ -11,7 +11,8 @@
 //! resolving to 127.0.0.1 is refused, and only the public addresses of a name are
 //! ever connected to, so DNS rebinding gains nothing), and by [`check_url`] for
 //! URLs whose host is an IP literal (reqwest connects to those without asking a
-//! resolver), before each request and on each redirect hop ([`redirect_policy`]).
+//! resolver), before each request and on each redirect hop ([`redirect_policy`]);
+//! and, for any reqwest connection, on the address it reached ([`CheckConnected`]).
 //!
 //! The option is off by default: many providers, and most home setups, are on a
 //! LAN. The policy is process-wide ([`configure`], called once when the app is
@@ -230,6 +231,65 @@ pub fn redirect_policy(max: usize) -> reqwest::redirect::Policy {
             Err(refused) => attempt.error(refused),
         }
     })
+}
+
+/// A reqwest connector layer refusing a connection whose remote address the
+/// policy does not allow. The resolver and the URL checks refuse before
+/// connecting; this catches what reaches a connect without them (an IP
+/// literal in a URL that no caller checked), right after the TCP handshake
+/// and before any request byte is sent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckConnected;
+
+impl<S> tower_layer::Layer<S> for CheckConnected {
+    type Service = Checked<S>;
+
+    fn layer(&self, inner: S) -> Checked<S> {
+        Checked(inner)
+    }
+}
+
+/// The service of [`CheckConnected`].
+#[derive(Debug, Clone)]
+pub struct Checked<S>(S);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S, R> tower_service::Service<R> for Checked<S>
+where
+    S: tower_service::Service<R>,
+    S::Response: hyper_util::client::legacy::connect::Connection + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        let connecting = self.0.call(req);
+        Box::pin(async move {
+            let conn = connecting.await.map_err(Into::into)?;
+            if policy().is_some() {
+                let mut extras = http::Extensions::new();
+                hyper_util::client::legacy::connect::Connection::connected(&conn)
+                    .get_extras(&mut extras);
+                let info = extras.get::<hyper_util::client::legacy::connect::HttpInfo>();
+                if let Some(info) = info {
+                    check_addr(info.remote_addr())?;
+                }
+            }
+            Ok(conn)
+        })
+    }
 }
 
 #[cfg(test)]
