@@ -397,6 +397,30 @@ async fn ranged_segment_requests_share_one_provider_fetch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_without_a_content_length_are_shared_too() {
+    let p = Provider::start().await;
+    let e = Edge::start(&config("")).await;
+    let n = 1_500_000;
+    let uri = format!("/blob/{n}?chunked=1");
+    let (_, seg) = gen_stream(&e, &p, &format!("uri={}", enc(&uri))).await;
+    let (s, h, body) = get_body(&e.url(&seg)).await;
+    assert_eq!(s, 200);
+    assert!(!h.contains_key("content-length") || h["content-length"] == n.to_string().as_str());
+    assert_eq!(body.as_ref(), &blob_bytes(0..n)[..]);
+    let (s, h, body) = get_body_with(&e.url(&seg), &[("range", "bytes=-100")]).await;
+    assert_eq!(s, 206);
+    assert_eq!(
+        h["content-range"],
+        format!("bytes {}-{}/{n}", n - 100, n - 1).as_str()
+    );
+    assert_eq!(body.as_ref(), &blob_bytes(n - 100..n)[..]);
+    let (s, h, _) = get_body_with(&e.url(&seg), &[("range", &format!("bytes={n}-"))]).await;
+    assert_eq!(s, 416);
+    assert_eq!(h["content-range"], format!("bytes */{n}").as_str());
+    assert_eq!(p.hits("/blob/"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_segments_stream_through_without_a_copy_per_request() {
     let p = Provider::start().await;
     let e = Edge::start(&config("")).await;
