@@ -12,4 +12,5 @@ mod events;
 mod hls;
 mod hls_security;
 mod live;
+mod security;
 mod vod;

@@ -35,7 +35,7 @@ use crate::hls::render;
 use crate::hls::rewrite::{self, Kind};
 use crate::hls::token::Claims;
 use crate::metrics::HlsLimit;
-use crate::registry::{ClientGuard, Stream};
+use crate::registry::{ClientGuard, Refused, Stream};
 use crate::upstream::sources;
 
 const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
@@ -77,6 +77,7 @@ async fn start(
         Some(n) => resp.insert_header(header::CONTENT_LENGTH, n)?,
         None => resp.insert_header(header::TRANSFER_ENCODING, "chunked")?,
     }
+    respond::open_cors(&mut resp)?;
     for (k, v) in extra {
         resp.insert_header(k.clone(), v.as_str())?;
     }
@@ -118,10 +119,10 @@ fn attach(
     stream: &Arc<Stream>,
     claims: Option<&Claims>,
     idle: Duration,
-) -> ClientGuard {
+) -> Result<ClientGuard, Refused> {
     let id = request::client_id(session).or_else(|| claims.and_then(|c| c.client_id.clone()));
     if let Some(guard) = id.as_deref().and_then(|id| app.registry.rejoin(stream, id)) {
-        return guard;
+        return Ok(guard);
     }
     let mut hello = request::hello(session);
     if hello.explicit_id.is_none() {
@@ -303,7 +304,13 @@ async fn playlist(
         }
     };
     stream.started(|| serde_json::json!({ "mode": "hls" }));
-    let guard = attach(app, session, stream, claims.as_ref(), idle_for(Some(&p)));
+    let guard = match attach(app, session, stream, claims.as_ref(), idle_for(Some(&p))) {
+        Ok(g) => g,
+        Err(why) => {
+            respond::refused(app, session, ctx, why).await?;
+            return Ok(true);
+        }
+    };
     let client = guard.client.clone();
     ctx.guard = Some(guard);
     let recently_switched = stream
@@ -430,13 +437,19 @@ async fn segment(
         return Ok(true);
     };
     let spec = stream.spec();
-    let guard = attach(
+    let guard = match attach(
         app,
         session,
         stream,
         Some(&c),
         MIN_IDLE.max(Duration::from_secs(10)),
-    );
+    ) {
+        Ok(g) => g,
+        Err(why) => {
+            respond::refused(app, session, ctx, why).await?;
+            return Ok(true);
+        }
+    };
     ctx.guard = Some(guard);
     let range = session
         .req_header()
