@@ -214,7 +214,14 @@ struct SegmentStore {
     slots: HashMap<String, Arc<Flight>>,
     order: VecDeque<(String, usize)>,
     bytes: usize,
+    /// URLs recently found too big to share: requests for them go straight
+    /// to the provider instead of first starting a shared fetch that is
+    /// abandoned at its Content-Length (one provider request each, not two).
+    oversize: VecDeque<String>,
 }
+
+/// How many too-big-to-share URLs are remembered.
+const OVERSIZE_REMEMBERED: usize = 256;
 
 pub struct HlsFetcher {
     /// stream id → playlist URL → slot; nested so a lookup allocates nothing.
@@ -495,6 +502,10 @@ impl HlsFetcher {
             return direct().await;
         }
         let key = url.to_string();
+        let oversize = self.segments.lock().oversize.contains(&key);
+        if oversize {
+            return direct().await;
+        }
         let flight = {
             let mut store = self.segments.lock();
             match store.slots.get(&key) {
@@ -550,6 +561,16 @@ impl HlsFetcher {
             };
             store.bytes -= n;
             store.slots.remove(&old);
+        }
+    }
+
+    fn remember_oversize(&self, key: &str) {
+        let mut store = self.segments.lock();
+        if !store.oversize.iter().any(|k| k == key) {
+            if store.oversize.len() >= OVERSIZE_REMEMBERED {
+                store.oversize.pop_front();
+            }
+            store.oversize.push_back(key.to_string());
         }
     }
 
@@ -747,6 +768,9 @@ impl FlightTask {
             s.len
         };
         let keep = matches!(end, FlightEnd::Done) && len <= self.shareable;
+        if matches!(end, FlightEnd::Direct) || len > self.shareable {
+            hls.remember_oversize(&self.key);
+        }
         self.flight.update(|s| s.end = Some(end));
         if keep {
             hls.admit(self.key.clone(), len);
