@@ -44,6 +44,10 @@ pub struct App {
     pub conns: Arc<ConnCaps>,
     /// Our own provider connections, to catch requests to ourselves.
     pub self_conns: Arc<SelfConns>,
+    /// Running ffmpeg processes (`transcode.max_processes`).
+    pub transcoders: Arc<Caps<()>>,
+    /// The ffmpeg found at start.
+    pub ffmpeg: crate::transcode::source::Ffmpeg,
     /// For HLS playlists, segments, keys and init maps: redirects are followed
     /// hop by hop (`hls::fetch::open`) and sockets are not kept.
     pub hls_http: reqwest::Client,
@@ -145,6 +149,8 @@ impl App {
                 config.limits.max_connections_per_address,
             ),
             self_conns: SelfConns::new(),
+            transcoders: Caps::new(config.transcode.max_processes, 0),
+            ffmpeg: crate::transcode::source::probe(&config.transcode),
             hls_http,
             config: Arc::new(config),
         };
@@ -162,6 +168,7 @@ impl App {
                     sticky: s.sticky,
                     strict_live_ts: false,
                     provider: s.provider.clone(),
+                    transcode: None,
                 },
             );
         }

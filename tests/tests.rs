@@ -13,4 +13,5 @@ mod hls;
 mod hls_security;
 mod live;
 mod security;
+mod transcode;
 mod vod;

@@ -7,6 +7,7 @@ pub mod body;
 pub mod json;
 pub mod streams;
 pub mod system;
+pub mod transcode;
 pub mod webhooks;
 
 use bytes::Bytes;
@@ -124,6 +125,8 @@ pub async fn handle(app: &App, api: &Api, req: &ApiRequest) -> ApiReply {
         (Api::Webhooks, &M::POST) => webhooks::add(app, req),
         (Api::Webhooks, &M::DELETE) => webhooks::remove(app, req),
         (Api::WebhooksTest, &M::POST) => webhooks::test(app, req).await,
+        (Api::Transcode, &M::POST) => transcode::create(app, req),
+        (Api::TranscodeProfiles, &M::GET) => transcode::profiles(app),
         _ => ApiReply::method_not_allowed(),
     }
 }
