@@ -56,6 +56,9 @@ pub struct App {
     pub ffmpeg: crate::transcode::source::Ffmpeg,
     /// In-memory HLS of transcodes that asked for HLS.
     pub packagers: crate::transcode::packager::Packagers,
+    /// For HLS playlists, segments, keys and init maps: redirects are followed
+    /// hop by hop (`hls::fetch::open`) and sockets are not kept.
+    pub hls_http: reqwest::Client,
 }
 
 /// The registry's view of a `streams:` entry.
@@ -78,12 +81,24 @@ fn config_spec(s: &StreamConfig) -> StreamSpec {
 impl App {
     /// Builds the app: YAML streams first, then the state file's API streams.
     pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
+        crate::upstream::guard::configure(&config.security);
         let http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(config.upstream.connect_timeout)
-            .redirect(reqwest::redirect::Policy::limited(
+            .dns_resolver(Arc::new(crate::upstream::guard::Resolver))
+            .connector_layer(crate::upstream::guard::CheckConnected)
+            .redirect(crate::upstream::guard::redirect_policy(
                 config.upstream.max_redirects,
             ))
+            .user_agent(config.upstream.user_agent.clone())
+            .build()?;
+        let hls_http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(config.upstream.connect_timeout)
+            .dns_resolver(Arc::new(crate::upstream::guard::Resolver))
+            .connector_layer(crate::upstream::guard::CheckConnected)
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(0)
             .user_agent(config.upstream.user_agent.clone())
             .build()?;
         let metrics = Metrics::new();
@@ -155,11 +170,7 @@ impl App {
             providers: Providers::new(&config.providers),
             leases: Leases::new(&config.providers),
             hub: Arc::new(Hub::new()),
-            hls: HlsFetcher::new(
-                config.hls.segment_cache_bytes,
-                config.hls.playlist_max_bytes,
-                metrics.clone(),
-            ),
+            hls: HlsFetcher::new(config.hls.segment_cache_bytes, metrics.clone()),
             signer: Signer::new(&hls_key),
             hls_key,
             metrics,
@@ -176,6 +187,7 @@ impl App {
             transcoders: Caps::new(config.transcode.max_processes, 0),
             ffmpeg: crate::transcode::source::probe(&config.transcode),
             packagers: Default::default(),
+            hls_http,
             config: Arc::new(config),
         };
         for s in &app.config.streams {

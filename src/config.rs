@@ -123,6 +123,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub transcode: TranscodeConfig,
     pub resolvers: ResolversConfig,
+    pub security: SecurityConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,6 +379,22 @@ pub struct HlsConfig {
     pub segment_cache_bytes: usize,
     /// Playlists larger than this are refused with 502. Default 4 MiB.
     pub playlist_max_bytes: usize,
+    /// Playlists with more lines than this are refused with 502. Default 200 000.
+    pub playlist_max_lines: usize,
+    /// Largest rewritten playlist (the shared copy, and each viewer's answer).
+    /// Default 32 MiB.
+    pub rendered_max_bytes: usize,
+    /// Largest segment, key or init map held in memory for sharing. Default 256 MiB.
+    pub segment_max_bytes: usize,
+    /// All segment bytes held by fetches being shared at once; past it new
+    /// fetches stream through unshared. Default 256 MiB.
+    pub inflight_max_bytes: usize,
+    /// Provider response-header time for playlists and segments. Default 10 s.
+    pub header_timeout: Duration,
+    /// Whole playlist fetch. Default 20 s.
+    pub playlist_timeout: Duration,
+    /// Whole segment fetch (and a viewer's answer). Default 60 s.
+    pub segment_timeout: Duration,
     /// Hex key (at least 16 bytes) signing the minted references. Default:
     /// generated once and kept in the state file.
     pub token_key: Option<Vec<u8>>,
@@ -388,6 +405,13 @@ impl Default for HlsConfig {
         HlsConfig {
             segment_cache_bytes: 64 * 1024 * 1024,
             playlist_max_bytes: 4 * 1024 * 1024,
+            playlist_max_lines: 200_000,
+            rendered_max_bytes: 32 * 1024 * 1024,
+            segment_max_bytes: 256 * 1024 * 1024,
+            inflight_max_bytes: 256 * 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+            playlist_timeout: Duration::from_secs(20),
+            segment_timeout: Duration::from_secs(60),
             token_key: None,
         }
     }
@@ -457,6 +481,17 @@ impl HwAccel {
             HwAccel::Nvenc => "nvenc",
         }
     }
+}
+
+/// The `security:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SecurityConfig {
+    /// Refuse provider, redirect, playlist-URI, resolver, webhook and
+    /// test-connection targets whose address (after DNS) is loopback, private,
+    /// link-local or otherwise not public. Default false.
+    pub deny_private_upstreams: bool,
+    /// Networks allowed anyway (`192.168.1.10`, `10.0.0.0/8`). Default none.
+    pub private_allowlist: Vec<crate::upstream::guard::Net>,
 }
 
 /// The `metrics:` section.

@@ -192,6 +192,30 @@ label_enum!(
     }
 );
 
+label_enum!(
+    /// `limit` of `m3u_edge_hls_limits_total`: which HLS bound cut a request.
+    HlsLimit {
+        /// A playlist over `hls.playlist_max_bytes`.
+        PlaylistBytes => "playlist_bytes",
+        /// A playlist over `hls.playlist_max_lines`.
+        PlaylistLines => "playlist_lines",
+        /// A rewritten playlist (shared, or one viewer's) over `hls.rendered_max_bytes`.
+        RenderedBytes => "rendered_bytes",
+        /// A URI too long to sign into a reference (`MAX_URI_LEN` in hls/rewrite.rs).
+        UriLength => "uri_length",
+        /// A shared segment over `hls.segment_max_bytes`.
+        SegmentBytes => "segment_bytes",
+        /// `hls.inflight_max_bytes` reached: a segment streamed through unshared.
+        InflightBytes => "inflight_bytes",
+        /// No provider response header within `hls.header_timeout`.
+        HeaderTimeout => "header_timeout",
+        /// A playlist fetch over `hls.playlist_timeout`.
+        PlaylistTimeout => "playlist_timeout",
+        /// A segment fetch (or a viewer's answer) over `hls.segment_timeout`.
+        SegmentTimeout => "segment_timeout",
+    }
+);
+
 /// Status classes of `m3u_edge_requests_total`.
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -249,6 +273,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// `m3u_edge_hls_cache_total{result}`: playlist/segment lookups.
     pub hls_cache: IntCounterVec,
+    /// `m3u_edge_hls_limits_total{limit}`: HLS requests cut by a limit.
+    pub hls_limits: IntCounterVec,
     /// `m3u_edge_webhook_deliveries_total{result}`.
     pub webhook_deliveries: IntCounterVec,
     /// `m3u_edge_webhooks_registered`.
@@ -369,6 +395,12 @@ impl Metrics {
                 "HLS playlist and segment lookups by cache result.",
                 "result",
             )?,
+            hls_limits: counter_vec(
+                r,
+                "hls_limits_total",
+                "HLS playlist and segment requests cut by a size or time limit.",
+                "limit",
+            )?,
             webhook_deliveries: counter_vec(
                 r,
                 "webhook_deliveries_total",
@@ -439,6 +471,9 @@ impl Metrics {
         }
         for cut in LimitCut::ALL {
             m.limit_cuts.with_label_values(&[cut.as_str()]);
+        }
+        for limit in HlsLimit::ALL {
+            m.hls_limits.with_label_values(&[limit.as_str()]);
         }
         m.upstream_connections.with_label_values(&[NO_PROVIDER]);
         m.build_info
@@ -526,6 +561,10 @@ impl Metrics {
         self.requests
             .with_label_values(&[route.as_str(), status_class(status)])
             .inc();
+    }
+
+    pub fn hls_limit(&self, limit: HlsLimit) {
+        self.hls_limits.with_label_values(&[limit.as_str()]).inc();
     }
 
     pub fn hls_cache_result(&self, result: CacheResult) {
@@ -686,6 +725,7 @@ mod tests {
         m.request(RouteLabel::Stream, 206);
         m.request(RouteLabel::Api, 404);
         m.hls_cache_result(CacheResult::Coalesced);
+        m.hls_limit(HlsLimit::RenderedBytes);
         m.webhook_delivery(WebhookResult::Retry);
         m.webhooks_registered.set(2);
         m.events_dropped.inc();
@@ -734,6 +774,8 @@ mod tests {
             "m3u_edge_requests_total{route=\"api\",status=\"4xx\"} 1",
             "m3u_edge_requests_total{route=\"metrics\",status=\"5xx\"} 0",
             "m3u_edge_hls_cache_total{result=\"coalesced\"} 1",
+            "m3u_edge_hls_limits_total{limit=\"rendered_bytes\"} 1",
+            "m3u_edge_hls_limits_total{limit=\"header_timeout\"} 0",
             "m3u_edge_webhook_deliveries_total{result=\"retry\"} 1",
             "m3u_edge_webhook_deliveries_total{result=\"dropped\"} 0",
             "m3u_edge_webhooks_registered 2",

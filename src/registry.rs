@@ -150,19 +150,8 @@ pub struct Client {
     /// HLS viewers have no connection to watch: they stay listed until they
     /// have asked for nothing for this long.
     pub idle_timeout: Option<Duration>,
-    /// The last playlist rewritten for this viewer (its minted references
-    /// carry the client id): reused while the upstream copy is unchanged.
-    pub rendered: Mutex<Option<Rendered>>,
     /// Counted against the per-address caps while this client exists.
     _slots: Vec<Slot<String>>,
-}
-
-/// A playlist as rewritten for one viewer.
-#[derive(Debug, Clone)]
-pub struct Rendered {
-    pub generation: u64,
-    pub discontinuity: bool,
-    pub body: bytes::Bytes,
 }
 
 impl Client {
@@ -816,7 +805,6 @@ impl Registry {
             connections: AtomicU64::new(1),
             cancel: stream.closed.child_token(),
             idle_timeout,
-            rendered: Mutex::new(None),
             _slots: slots,
         });
         clients.insert(id, c.clone());

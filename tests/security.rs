@@ -216,18 +216,33 @@ async fn the_total_connection_cap_refuses_with_503() {
         "limits:\n  max_connections: 10\n  max_connections_per_address: 0\n  header_timeout: \"30s\"\n",
     ))
     .await;
-    let mut held = Vec::new();
-    for _ in 0..10 {
-        held.push(connect_from("127.0.0.1", &e).await);
+    // Eleven connections from two addresses (no per-address cap): which one
+    // is refused is the scheduler's choice, that one is refused is not. (The
+    // harness's health check may still hold a kept-alive slot: then two.)
+    let mut conns = Vec::new();
+    for i in 0..11 {
+        conns.push(connect_from(if i < 10 { "127.0.0.1" } else { "127.0.0.3" }, &e).await);
     }
-    // Let the proxy accept them all before the eleventh.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut extra = connect_from("127.0.0.3", &e).await;
-    let (reply, closed) = read_reply(&mut extra, Duration::from_secs(5)).await;
-    assert!(closed);
-    assert_eq!(status_of(&reply), Some(503), "{reply:.200}");
-    assert!(reply.contains("too many connections"));
-    drop(held);
+    let replies = futures::future::join_all(
+        conns
+            .iter_mut()
+            .map(|c| read_reply(c, Duration::from_secs(3))),
+    )
+    .await;
+    let refused: Vec<&String> = replies
+        .iter()
+        .filter(|(reply, closed)| *closed && status_of(reply) == Some(503))
+        .map(|(reply, _)| reply)
+        .collect();
+    let open = replies.iter().filter(|(_, closed)| !closed).count();
+    assert!(matches!(refused.len(), 1 | 2), "{} refused", refused.len());
+    assert_eq!(
+        open + refused.len(),
+        11,
+        "every connection is either held or refused"
+    );
+    assert!(refused.iter().all(|r| r.contains("too many connections")));
+    drop(conns);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,7 @@ mod common;
 mod config;
 mod events;
 mod hls;
+mod hls_security;
 mod live;
 mod reliability;
 mod security;

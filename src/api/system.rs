@@ -228,6 +228,8 @@ pub fn clients(app: &App, req: &ApiRequest) -> ApiReply {
 
 /// `POST /test-connection`: always 200; the result is in `success`. The URL
 /// is fetched with the default upstream user agent, nothing of the caller's.
+/// The answer says whether an HTTP server answered (and its status), nothing
+/// about why not; `security.deny_private_upstreams` applies.
 pub async fn test_connection(app: &App, req: &ApiRequest) -> ApiReply {
     let m = match body::object(&req.body) {
         Ok(m) => m,
@@ -249,6 +251,21 @@ pub async fn test_connection(app: &App, req: &ApiRequest) -> ApiReply {
     if let Err(e) = body::check_url("url", &url) {
         return e;
     }
+    let started = tokio::time::Instant::now();
+    let refused = |r: &crate::upstream::guard::Refused| {
+        ApiReply::ok(json!({
+            "success": false,
+            "message": format!("Connection failed: {r}"),
+            "url_tested": url,
+            "error": "refused",
+        }))
+    };
+    if let Some(r) = url::Url::parse(&url)
+        .ok()
+        .and_then(|u| crate::upstream::guard::check_url(&u).err())
+    {
+        return refused(&r);
+    }
     let result = app
         .http
         .get(&url)
@@ -267,18 +284,18 @@ pub async fn test_connection(app: &App, req: &ApiRequest) -> ApiReply {
             }))
         }
         Err(e) => {
-            let kind = if e.is_timeout() {
-                "timeout"
-            } else if e.is_connect() {
-                "connect"
-            } else {
-                "request"
-            };
+            if let Some(r) = crate::upstream::guard::find_refused(&e) {
+                return refused(r);
+            }
+            // One answer for every failure, given after the full timeout: a
+            // closed port, a filtered one and an open one that does not speak
+            // HTTP look the same (issue #14 h: not a port scanner).
+            tokio::time::sleep_until(started + TEST_CONNECTION_TIMEOUT).await;
             ApiReply::ok(json!({
                 "success": false,
-                "message": format!("Connection failed ({kind})"),
+                "message": "Not reachable via HTTP",
                 "url_tested": url,
-                "error": e.without_url().to_string(),
+                "error": "not reachable",
             }))
         }
     }

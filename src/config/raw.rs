@@ -40,11 +40,12 @@ pub(super) struct RawConfig {
     pub limits: Option<RawLimits>,
     pub transcode: Option<RawTranscode>,
     pub resolvers: Option<RawResolvers>,
+    pub security: Option<RawSecurity>,
 }
 
 /// Top-level keys, for the message about a document that is not a mapping.
 const SECTIONS: &str =
-    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers";
+    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -200,7 +201,21 @@ pub(super) struct RawMetrics {
 pub(super) struct RawHls {
     pub segment_cache_bytes: Leaf<Scalar>,
     pub playlist_max_bytes: Leaf<Scalar>,
+    pub playlist_max_lines: Leaf<Scalar>,
+    pub rendered_max_bytes: Leaf<Scalar>,
+    pub segment_max_bytes: Leaf<Scalar>,
+    pub inflight_max_bytes: Leaf<Scalar>,
+    pub header_timeout: Leaf<Scalar>,
+    pub playlist_timeout: Leaf<Scalar>,
+    pub segment_timeout: Leaf<Scalar>,
     pub token_key: Leaf<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSecurity {
+    pub deny_private_upstreams: Leaf<Scalar>,
+    pub private_allowlist: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// A YAML scalar with the type YAML resolved for it, for keys that take a

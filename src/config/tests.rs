@@ -133,6 +133,15 @@ fn example_config_documents_every_key() {
         "retry_attempts:",
         "secret:",
         "metrics:",
+        "playlist_max_lines:",
+        "rendered_max_bytes:",
+        "segment_max_bytes:",
+        "inflight_max_bytes:",
+        "header_timeout:",
+        "playlist_timeout:",
+        "segment_timeout:",
+        "deny_private_upstreams:",
+        "private_allowlist:",
     ];
     for key in keys {
         assert!(text.contains(key), "{key} is not documented");
@@ -306,7 +315,7 @@ fn unknown_key_at_top_level() {
     assert_eq!(
         error("servr:\n  listen: 127.0.0.1:1\n"),
         "conf/test.yaml:1:1: servr: unknown field `servr`, expected one of: \
-         server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers \
+         server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security \
          (did you mean `server`?)"
     );
 }
@@ -410,7 +419,7 @@ fn wrong_types() {
 #[test]
 fn top_level_must_be_a_mapping() {
     let expected = "conf/test.yaml:1:1: the file must be a mapping of sections \
-                    (server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers)";
+                    (server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security)";
     assert_eq!(error("- server\n"), expected);
     assert_eq!(error("hello\n"), expected);
 }
@@ -1230,4 +1239,27 @@ fn limits_and_api_keys() {
     assert_eq!(c.limits.max_connections_per_address, 0);
     let e = errors("api:\n  cors_origins: [\"https://editor.example/path\"]\nlimits:\n  header_timeout: 0s\n  max_headers: 2\n");
     assert_eq!(e.len(), 3, "{e:#?}");
+}
+
+#[test]
+fn hls_limits_and_security_section() {
+    let c = ok("hls:\n  playlist_max_lines: 5000\n  rendered_max_bytes: 1MiB\n  segment_max_bytes: 8MiB\n  inflight_max_bytes: 1\n  header_timeout: 2s\n  playlist_timeout: 5s\n  segment_timeout: 30s\nsecurity:\n  deny_private_upstreams: true\n  private_allowlist: [\"192.168.1.20\", \"10.0.0.0/8\"]\n");
+    assert_eq!(c.hls.playlist_max_lines, 5000);
+    assert_eq!(c.hls.rendered_max_bytes, 1024 * 1024);
+    assert_eq!(c.hls.segment_max_bytes, 8 * 1024 * 1024);
+    assert_eq!(c.hls.inflight_max_bytes, 1);
+    assert_eq!(c.hls.header_timeout, Duration::from_secs(2));
+    assert_eq!(c.hls.playlist_timeout, Duration::from_secs(5));
+    assert_eq!(c.hls.segment_timeout, Duration::from_secs(30));
+    assert!(c.security.deny_private_upstreams);
+    assert_eq!(c.security.private_allowlist.len(), 2);
+    assert!(!Config::default().security.deny_private_upstreams);
+    assert_eq!(
+        error("security:\n  private_allowlist: [\"10.0.0.0/8\", \"lan.example\"]\n"),
+        "conf/test.yaml:2:37: security.private_allowlist[1]: \"lan.example\" is not an IP address or a network such as 10.0.0.0/8"
+    );
+    let m = error("hls:\n  header_timeout: 0s\n");
+    assert!(m.contains("hls.header_timeout"), "{m}");
+    let m = error("security:\n  deny_private_upstream: true\n");
+    assert!(m.contains("deny_private_upstreams"), "{m}");
 }

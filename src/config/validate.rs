@@ -17,13 +17,13 @@ use url::Url;
 
 use super::raw::{
     push_key, spanned_at, Leaf, RawApi, RawConfig, RawEvents, RawHeaders, RawHls, RawLimits,
-    RawLive, RawLog, RawMetrics, RawProvider, RawResolvers, RawServer, RawStream, RawTranscode,
-    RawUpstream, RawWebhook, Scalar,
+    RawLive, RawLog, RawMetrics, RawProvider, RawResolvers, RawSecurity, RawServer, RawStream,
+    RawTranscode, RawUpstream, RawWebhook, Scalar,
 };
 use super::{
     ApiConfig, Config, EventsConfig, HlsConfig, HwAccel, LimitsConfig, LiveConfig, LogConfig,
-    MetricsConfig, Problem, ProviderConfig, ResolversConfig, ServerConfig, StreamConfig,
-    TranscodeConfig, UpstreamConfig, WebhookConfig,
+    MetricsConfig, Problem, ProviderConfig, ResolversConfig, SecurityConfig, ServerConfig,
+    StreamConfig, TranscodeConfig, UpstreamConfig, WebhookConfig,
 };
 use crate::events::EventType;
 use crate::transcode::profiles::Profile;
@@ -113,6 +113,7 @@ impl Validator<'_> {
         let limits = self.limits(raw.limits.unwrap_or_default());
         let transcode = self.transcode(raw.transcode.unwrap_or_default());
         let resolvers = self.resolvers(raw.resolvers.unwrap_or_default());
+        let security = self.security(raw.security.unwrap_or_default());
         Config {
             server,
             api,
@@ -127,6 +128,7 @@ impl Validator<'_> {
             limits,
             transcode,
             resolvers,
+            security,
         }
     }
 
@@ -155,6 +157,32 @@ impl Validator<'_> {
                     Err("use an absolute path".to_owned())
                 }
             }),
+        }
+    }
+
+    fn security(&mut self, raw: RawSecurity) -> SecurityConfig {
+        let mut allow = Vec::new();
+        for (i, entry) in raw
+            .private_allowlist
+            .iter()
+            .flat_map(|l| l.value.iter())
+            .enumerate()
+        {
+            let path = format!("security.private_allowlist[{i}]");
+            if let Some(net) = self.spanned(entry, &path, None, |s| {
+                crate::upstream::guard::Net::parse(s).map(Some)
+            }) {
+                allow.push(net);
+            }
+        }
+        SecurityConfig {
+            deny_private_upstreams: self.leaf(
+                &raw.deny_private_upstreams,
+                "security.deny_private_upstreams",
+                false,
+                boolean,
+            ),
+            private_allowlist: allow,
         }
     }
 
@@ -790,6 +818,48 @@ impl Validator<'_> {
                     }
                 },
             ),
+            playlist_max_lines: self.leaf(
+                &raw.playlist_max_lines,
+                "hls.playlist_max_lines",
+                d.playlist_max_lines,
+                |s| usize_at_least(s, 10),
+            ),
+            rendered_max_bytes: self.leaf(
+                &raw.rendered_max_bytes,
+                "hls.rendered_max_bytes",
+                d.rendered_max_bytes,
+                |s| at_least_kib(byte_size(s)?),
+            ),
+            segment_max_bytes: self.leaf(
+                &raw.segment_max_bytes,
+                "hls.segment_max_bytes",
+                d.segment_max_bytes,
+                |s| at_least_kib(byte_size(s)?),
+            ),
+            inflight_max_bytes: self.leaf(
+                &raw.inflight_max_bytes,
+                "hls.inflight_max_bytes",
+                d.inflight_max_bytes,
+                byte_size,
+            ),
+            header_timeout: self.leaf(
+                &raw.header_timeout,
+                "hls.header_timeout",
+                d.header_timeout,
+                |s| non_zero(duration(s)?),
+            ),
+            playlist_timeout: self.leaf(
+                &raw.playlist_timeout,
+                "hls.playlist_timeout",
+                d.playlist_timeout,
+                |s| non_zero(duration(s)?),
+            ),
+            segment_timeout: self.leaf(
+                &raw.segment_timeout,
+                "hls.segment_timeout",
+                d.segment_timeout,
+                |s| non_zero(duration(s)?),
+            ),
             token_key: self.optional(&raw.token_key, "hls.token_key", |s| {
                 match hex::decode(s.trim()) {
                     Ok(k) if k.len() >= 16 => Ok(k),
@@ -1265,6 +1335,14 @@ fn byte_size(s: &Scalar) -> Check<usize> {
     }
     // Truncation is intended: a fractional byte cannot be buffered.
     Ok(bytes as usize)
+}
+
+fn at_least_kib(n: usize) -> Check<usize> {
+    if n < 1024 {
+        Err("must be at least 1KiB".to_owned())
+    } else {
+        Ok(n)
+    }
 }
 
 fn boolean(s: &Scalar) -> Check<bool> {

@@ -50,10 +50,12 @@ pub const TIMESTAMP_HEADER: &str = "x-m3u-edge-timestamp";
 
 /// The HTTP client for deliveries: no environment proxy (like the rest of
 /// m3u-edge's upstream traffic) and no redirects, because m3u-proxy's httpx
-/// does not follow them either and counts a 3xx as delivered.
+/// does not follow them either and counts a 3xx as delivered. Names resolve
+/// through `security.deny_private_upstreams` (see `upstream::guard`).
 pub(super) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
+        .dns_resolver(std::sync::Arc::new(crate::upstream::guard::Resolver))
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(WEBHOOK_USER_AGENT)
         .build()
@@ -121,6 +123,13 @@ pub(super) async fn send_once(
     hook: &Webhook,
     body: Bytes,
 ) -> Result<u16, String> {
+    // A private IP literal is refused here (names by the client's resolver).
+    if let Some(r) = url::Url::parse(&hook.url)
+        .ok()
+        .and_then(|u| crate::upstream::guard::check_url(&u).err())
+    {
+        return Err(r.to_string());
+    }
     let headers = headers(hook, &body);
     let response = http
         .post(&hook.url)
@@ -135,6 +144,9 @@ pub(super) async fn send_once(
 
 /// A short reason for logs, without the URL reqwest would include.
 fn describe(e: reqwest::Error) -> String {
+    if let Some(r) = crate::upstream::guard::find_refused(&e) {
+        return r.to_string();
+    }
     let kind = if e.is_timeout() {
         "timeout"
     } else if e.is_connect() {

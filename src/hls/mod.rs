@@ -12,12 +12,16 @@
 //!   `{root}/hls/{stream_id}/segment.ts?t={token}`: the proxy only ever fetches
 //!   URLs it found in a playlist of that stream itself.
 //!
+//! * [`render`] — the rewritten playlist all viewers of one playlist generation
+//!   share, with each viewer's identity spliced in as a short query suffix.
+//!
 //! `rewrite` and `token` are pure (no I/O, no async, no pingora). Fetching and
 //! caching are elsewhere: [`fetch`] shares one provider fetch among viewers
 //! (single-flight playlists and segments), and the proxy builds the client-facing
 //! URIs from the tokens and checks tokens on the way back in.
 
 pub mod fetch;
+pub mod render;
 pub mod rewrite;
 pub mod token;
 

@@ -84,7 +84,18 @@ impl Kind {
 pub struct Rewritten {
     pub body: Vec<u8>,
     pub info: PlaylistInfo,
+    /// Where each minted URI ends in `body`, in document order (a caller may
+    /// splice a per-viewer query suffix there).
+    pub minted_ends: Vec<usize>,
 }
+
+/// Longest resolved URI [`rewrite`] accepts. A reference carries its URL in a
+/// signed token (about 4/3 of its length), and the whole request line must
+/// pass the reverse proxies in front (nginx's default `large_client_header_buffers`
+/// is 8 KiB, m3u-editor's included): a 4 KiB URL makes a reference of about
+/// 5.6 KiB. Longer URIs are refused while rewriting, with a clear error,
+/// rather than minted into references that would be refused later.
+pub const MAX_URI_LEN: usize = 4096;
 
 /// Facts about a playlist a proxy needs for caching and liveness decisions.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -150,6 +161,9 @@ pub enum RewriteError {
     /// The mint callback returned text that would change the playlist structure.
     #[error("playlist line {line}: minted URI {reason}")]
     BadMint { line: usize, reason: &'static str },
+    /// A resolved URI longer than [`MAX_URI_LEN`].
+    #[error("playlist line {line}: URI too long to proxy ({len} bytes, at most {MAX_URI_LEN})")]
+    UriTooLong { line: usize, len: usize },
 }
 
 /// How much of an unresolvable URI is kept in [`RewriteError::BadUri`].
@@ -190,6 +204,7 @@ pub fn rewrite(
     let Scan { spans, info } = scan(body)?;
     // Minted URIs are usually longer than the originals (a token carries the URL).
     let mut out = Vec::with_capacity(body.len().saturating_add(spans.len().saturating_mul(96)));
+    let mut minted_ends = Vec::with_capacity(spans.len());
     let mut pos = 0;
     for span in &spans {
         let raw = &body[span.range.clone()];
@@ -202,6 +217,12 @@ pub fn rewrite(
             continue;
         }
         let url = resolve(base, text).ok_or_else(bad_uri)?;
+        if url.as_str().len() > MAX_URI_LEN {
+            return Err(RewriteError::UriTooLong {
+                line: span.line,
+                len: url.as_str().len(),
+            });
+        }
         let minted = mint(&url, span.kind, text);
         check_minted(&minted).map_err(|reason| RewriteError::BadMint {
             line: span.line,
@@ -209,10 +230,15 @@ pub fn rewrite(
         })?;
         out.extend_from_slice(&body[pos..span.range.start]);
         out.extend_from_slice(minted.as_bytes());
+        minted_ends.push(out.len());
         pos = span.range.end;
     }
     out.extend_from_slice(&body[pos..]);
-    Ok(Rewritten { body: out, info })
+    Ok(Rewritten {
+        body: out,
+        info,
+        minted_ends,
+    })
 }
 
 /// Parses a playlist without rewriting it. Errors like [`rewrite`] except that
@@ -1121,6 +1147,21 @@ seg1.ts\n";
 
     /// (e) size: a 100 000-line playlist and a single 1 MB line.
     #[test]
+    fn uris_too_long_to_sign_are_refused() {
+        let fits = format!("s.ts?{}", "a".repeat(MAX_URI_LEN - BASE.len()));
+        let body = format!("#EXTM3U\n#EXTINF:1,\n{fits}\n");
+        assert!(Table::default().rewrite(body.as_bytes()).is_ok());
+        let long = format!("s.ts?{}", "a".repeat(MAX_URI_LEN));
+        let body = format!("#EXTM3U\n#EXT-X-KEY:METHOD=AES-128,URI=\"{long}\"\n");
+        let err = Table::default().rewrite(body.as_bytes()).unwrap_err();
+        assert!(
+            matches!(err, RewriteError::UriTooLong { line: 2, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("too long"));
+    }
+
+    #[test]
     fn large_inputs_are_linear_and_correct() {
         let mut body = String::from("#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:7\n");
         for i in 0..49_998 {
@@ -1147,9 +1188,19 @@ seg1.ts\n";
             started.elapsed()
         );
 
-        // One 1 MB URI line, one 1 MB attribute list full of quoted commas, and a
-        // 1 MB comment.
-        let long_uri = format!("seg.ts?{}", "a".repeat(1 << 20));
+        // A 1 MB URI line is refused (too long to sign), quickly.
+        let huge = format!("#EXTM3U\n#EXTINF:1,\nseg.ts?{}\n", "a".repeat(1 << 20));
+        let started = std::time::Instant::now();
+        let err = Table::default().rewrite(huge.as_bytes()).unwrap_err();
+        assert!(
+            matches!(err, RewriteError::UriTooLong { line: 3, .. }),
+            "{err:?}"
+        );
+        assert!(started.elapsed().as_secs() < 30);
+
+        // The longest URI line accepted, one 1 MB attribute list full of quoted
+        // commas, and a 1 MB comment.
+        let long_uri = format!("seg.ts?{}", "a".repeat(MAX_URI_LEN - 100));
         let junk = "X-A=\"1,2,=\",".repeat((1 << 20) / 12);
         let body = format!(
             "#EXTM3U\n#{}\n#EXT-X-MAP:{junk}URI=\"init.mp4\"\n#EXTINF:1,\n{long_uri}\n",

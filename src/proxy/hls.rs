@@ -1,13 +1,17 @@
 //! HLS through the proxy. Playlists come from the shared fetcher (one provider
-//! fetch for all viewers) and are rewritten per viewer: every URI becomes a
-//! signed `{root}/hls/{id}/playlist.m3u8?t=` or `…/segment.ts?t=` reference
-//! (m3u-editor's nginx forwards only those two names, API-COMPAT.md §5). There
-//! is no endpoint that fetches a URL a client wrote: a request names a token,
-//! and only URLs a playlist of that stream referenced have one.
+//! fetch for all viewers) with every URI a signed `{root}/hls/{id}/playlist.m3u8?t=`
+//! or `…/segment.ts?t=` reference (m3u-editor's nginx forwards only those two
+//! names, API-COMPAT.md §5); one rendering per playlist generation is shared
+//! by all viewers, and each viewer's answer adds its `client_id` after every
+//! reference, so a viewer stays one client. There is no endpoint that fetches
+//! a URL a client wrote: a request names a token, and only URLs a playlist of
+//! that stream referenced have one.
 //!
 //! The rewrite runs on the cached upstream playlist in `request_filter` rather
 //! than in Pingora's response body filter: a body filter runs once per client
-//! request, and R2 wants one provider fetch shared by every viewer.
+//! request, and R2 wants one provider fetch shared by every viewer. Segments
+//! are written as they arrive from the shared fetch (or streamed through for
+//! objects too big to share), never buffered whole first.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,9 +27,14 @@ use url::Url;
 use super::ctx::RequestCtx;
 use super::{request, respond};
 use crate::app::App;
-use crate::hls::fetch::{FetchError, Playlist, MSN_DIRECTIVE, PART_DIRECTIVE};
+use crate::hls::fetch::{
+    FetchError, Flight, Opened, Playlist, Read, SegmentHead, SegmentSource, MSN_DIRECTIVE,
+    PART_DIRECTIVE,
+};
+use crate::hls::render;
 use crate::hls::rewrite::{self, Kind};
 use crate::hls::token::Claims;
+use crate::metrics::HlsLimit;
 use crate::registry::{ClientGuard, Refused, Stream};
 use crate::upstream::sources;
 
@@ -46,11 +55,7 @@ pub enum Asked {
 
 /// `{public_url}{root_path}` or `{root_path}`: the prefix of minted URIs.
 pub(super) fn prefix(app: &App) -> String {
-    let root = &app.config.server.root_path;
-    match &app.config.server.public_url {
-        Some(u) => format!("{}{}", u.as_str().trim_end_matches('/'), root),
-        None => root.clone(),
-    }
+    crate::hls::render::prefix(&app.config)
 }
 
 fn idle_for(playlist: Option<&Playlist>) -> Duration {
@@ -61,6 +66,36 @@ fn idle_for(playlist: Option<&Playlist>) -> Duration {
     target.max(MIN_IDLE)
 }
 
+/// Writes a response header: `len` as Content-Length, or chunked when the
+/// length is not known yet. Returns whether a body follows (not for HEAD).
+async fn start(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    content_type: &str,
+    extra: &[(http::HeaderName, String)],
+    len: Option<usize>,
+) -> Result<bool> {
+    let mut resp = ResponseHeader::build(status, Some(6))?;
+    resp.insert_header(header::CONTENT_TYPE, content_type)?;
+    match len {
+        Some(n) => resp.insert_header(header::CONTENT_LENGTH, n)?,
+        None => resp.insert_header(header::TRANSFER_ENCODING, "chunked")?,
+    }
+    respond::open_cors(&mut resp)?;
+    for (k, v) in extra {
+        resp.insert_header(k.clone(), v.as_str())?;
+    }
+    let head = session.req_header().method == http::Method::HEAD;
+    ctx.local_status = Some(status);
+    session
+        .write_response_header(Box::new(resp), head || len == Some(0))
+        .await?;
+    Ok(!head && len != Some(0))
+}
+
+/// A whole response with a body known in full (the in-memory HLS of a
+/// transcode).
 pub(super) async fn write(
     app: &App,
     session: &mut Session,
@@ -70,34 +105,34 @@ pub(super) async fn write(
     extra: &[(http::HeaderName, String)],
     body: Bytes,
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(6))?;
-    resp.insert_header(header::CONTENT_TYPE, content_type)?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len())?;
-    respond::open_cors(&mut resp)?;
-    for (k, v) in extra {
-        resp.insert_header(k.clone(), v.as_str())?;
-    }
-    let head = session.req_header().method == http::Method::HEAD;
-    ctx.local_status = Some(status);
-    session.write_response_header(Box::new(resp), head).await?;
-    if !head {
-        if !ctx.first_byte {
-            ctx.first_byte = true;
-            app.metrics
-                .join_seconds
-                .observe(ctx.started.elapsed().as_secs_f64());
-        }
-        app.metrics.bytes_out.inc_by(body.len() as u64);
-        ctx.bytes_out += body.len() as u64;
-        if let Some(g) = &ctx.guard {
-            g.client.add_bytes(body.len() as u64);
-            g.stream
-                .bytes
-                .fetch_add(body.len() as u64, Ordering::Relaxed);
-        }
-        session.write_response_body(Some(body), true).await?;
+    if start(session, ctx, status, content_type, extra, Some(body.len())).await? {
+        send(app, session, ctx, body, true).await?;
     }
     Ok(())
+}
+
+/// Writes (and accounts) a piece of the body.
+async fn send(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    body: Bytes,
+    last: bool,
+) -> Result<()> {
+    if !ctx.first_byte && !body.is_empty() {
+        ctx.first_byte = true;
+        app.metrics
+            .join_seconds
+            .observe(ctx.started.elapsed().as_secs_f64());
+    }
+    let n = body.len() as u64;
+    app.metrics.bytes_out.inc_by(n);
+    ctx.bytes_out += n;
+    if let Some(g) = &ctx.guard {
+        g.client.add_bytes(n);
+        g.stream.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    session.write_response_body(Some(body), last).await
 }
 
 pub(super) fn attach(
@@ -307,52 +342,26 @@ async fn playlist(
         .last_failover_time()
         .is_some_and(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default() < SWITCH_WINDOW)
         && !p.info.is_master;
-    let reuse = client
-        .rendered
-        .lock()
-        .as_ref()
-        .filter(|r| r.generation == p.generation && r.discontinuity == recently_switched)
-        .map(|r| r.body.clone());
-    if let Some(body) = reuse {
-        let headers = [(header::CACHE_CONTROL, "no-cache".to_string())];
-        write(app, session, ctx, 200, PLAYLIST_TYPE, &headers, body).await?;
-        return Ok(true);
+    // One rendering per playlist generation for every viewer (issue #14 d);
+    // the viewer's identity is a suffix spliced in while writing.
+    let suffix = render::viewer_suffix(&client.id, client.username.as_deref());
+    let len = p.rendered.len_for(&suffix, recently_switched);
+    let max = app.config.hls.rendered_max_bytes;
+    if len > max {
+        app.metrics.hls_limit(HlsLimit::RenderedBytes);
+        let e = FetchError::Limit(format!(
+            "rewritten playlist too large ({len} bytes, hls.rendered_max_bytes is {max})"
+        ));
+        return refuse(session, ctx, stream, &e).await;
     }
-    let client_id = client.id.clone();
-    let username = client.username.clone();
-    let root = prefix(app);
-    let signer = &app.signer;
-    let id = stream.id.clone();
-    let mut mint = |u: &Url, kind: Kind, _: &str| {
-        let t = signer.mint(&Claims {
-            stream_id: id.clone(),
-            url: u.to_string(),
-            kind,
-            client_id: Some(client_id.clone()),
-            username: username.clone(),
-        });
-        format!("{root}/hls/{id}/{}?t={t}", kind.file_name())
-    };
-    let out = match rewrite::rewrite(&p.body, &p.base, &mut mint) {
-        Ok(r) => r,
-        Err(e) => {
-            ctx.local_status = Some(502);
-            respond::error(session, 502, &format!("Bad playlist from the source: {e}")).await?;
-            return Ok(true);
-        }
-    };
-    let mut body = out.body;
-    if recently_switched {
-        body = with_discontinuity(&body);
-    }
-    let body = Bytes::from(body);
-    *client.rendered.lock() = Some(crate::registry::Rendered {
-        generation: p.generation,
-        discontinuity: recently_switched,
-        body: body.clone(),
-    });
     let headers = [(header::CACHE_CONTROL, "no-cache".to_string())];
-    write(app, session, ctx, 200, PLAYLIST_TYPE, &headers, body).await?;
+    if start(session, ctx, 200, PLAYLIST_TYPE, &headers, Some(len)).await? {
+        let mut pieces = p.rendered.pieces(&suffix, recently_switched).peekable();
+        while let Some(piece) = pieces.next() {
+            let last = pieces.peek().is_none();
+            send(app, session, ctx, piece, last).await?;
+        }
+    }
     Ok(true)
 }
 
@@ -402,31 +411,6 @@ async fn hold_for_reload(
         .unwrap_or(p))
 }
 
-/// Inserts `#EXT-X-DISCONTINUITY` before the first media segment (its EXTINF).
-fn with_discontinuity(body: &[u8]) -> Vec<u8> {
-    let needle = b"#EXTINF";
-    let at = body
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .filter(|&i| i == 0 || body[i - 1] == b'\n');
-    match at {
-        Some(i) if !body[..i].ends_with(b"#EXT-X-DISCONTINUITY\n") => {
-            let eol: &[u8] = if body[..i].ends_with(b"\r\n") {
-                b"\r\n"
-            } else {
-                b"\n"
-            };
-            let mut out = Vec::with_capacity(body.len() + 24);
-            out.extend_from_slice(&body[..i]);
-            out.extend_from_slice(b"#EXT-X-DISCONTINUITY");
-            out.extend_from_slice(eol);
-            out.extend_from_slice(&body[i..]);
-            out
-        }
-        _ => body.to_vec(),
-    }
-}
-
 /// Answers a failed fetch with its status and a JSON error naming the stream.
 async fn refuse(
     session: &mut Session,
@@ -436,7 +420,21 @@ async fn refuse(
 ) -> Result<bool> {
     let code = e.client_status();
     ctx.local_status = Some(code);
-    respond::error(session, code, &format!("{e} (stream {})", stream.id)).await?;
+    let detail = format!("{e} (stream {})", stream.id);
+    match e {
+        FetchError::Full {
+            provider,
+            max_connections,
+        } => {
+            let body = serde_json::json!({
+                "detail": detail,
+                "provider": provider,
+                "max_connections": max_connections,
+            });
+            respond::json(session, code, &body).await?;
+        }
+        _ => respond::error(session, code, &detail).await?,
+    }
     Ok(true)
 }
 
@@ -484,39 +482,221 @@ async fn segment(
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    // A failed segment is tried once more on the same source.
-    let mut result = app.hls.segment(app, &spec, &url, range.as_deref()).await;
-    if result.as_ref().map_or(true, |f| f.status >= 500) {
-        result = app.hls.segment(app, &spec, &url, range.as_deref()).await;
-    }
-    let f = match result {
-        Ok(f) if f.status < 400 => f,
-        result => {
-            fail_over_after_segment(stream);
-            let e = match result {
-                Ok(f) => FetchError::Status(f.status),
-                Err(e) => e,
-            };
-            return refuse(session, ctx, stream, &e).await;
+    // A segment that fails before its first byte is tried once more on the
+    // same source; then the stream fails over.
+    let mut last = FetchError::Connect;
+    for attempt in 0..2 {
+        let source = app
+            .hls
+            .segment(app, &stream.id, &spec, &url, range.as_deref())
+            .await;
+        let direct = match source {
+            Err(e) => Err(e),
+            Ok(SegmentSource::Direct(o)) => Ok(*o),
+            Ok(SegmentSource::Shared(f)) => match f.head().await {
+                Ok(Read::Head(h)) => {
+                    count_segment(ctx, stream);
+                    let ct = h
+                        .content_type
+                        .clone()
+                        .unwrap_or_else(|| default_type(c.kind, &url).to_string());
+                    serve_shared(app, session, ctx, &f, &h, &ct, range.as_deref()).await?;
+                    return Ok(true);
+                }
+                Ok(Read::Direct) => {
+                    crate::hls::fetch::open(
+                        app,
+                        &stream.id,
+                        &spec,
+                        &url,
+                        range.as_deref(),
+                        app.config.hls.header_timeout,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match direct {
+            Ok(o) if o.resp.status().as_u16() < 300 || o.resp.status().as_u16() == 416 => {
+                count_segment(ctx, stream);
+                let ct = header_value(&o.resp, header::CONTENT_TYPE)
+                    .unwrap_or_else(|| default_type(c.kind, &url).to_string());
+                serve_direct(app, session, ctx, o, &ct, range.is_none()).await?;
+                return Ok(true);
+            }
+            Ok(o) => last = FetchError::Status(o.resp.status().as_u16()),
+            Err(e) => last = e,
         }
-    };
+        let retry = last.is_source_failure() && !matches!(last, FetchError::Status(s) if s < 500);
+        if attempt == 0 && retry {
+            continue;
+        }
+        break;
+    }
+    if last.is_source_failure() {
+        fail_over_after_segment(stream);
+    }
+    refuse(session, ctx, stream, &last).await
+}
+
+fn count_segment(ctx: &RequestCtx, stream: &Stream) {
     if let Some(g) = &ctx.guard {
         g.client.segments.fetch_add(1, Ordering::Relaxed);
     }
     stream.segments.fetch_add(1, Ordering::Relaxed);
-    let ct = f
-        .content_type
-        .clone()
-        .unwrap_or_else(|| default_type(c.kind, &url).to_string());
-    let mut extra = vec![(header::CACHE_CONTROL, "no-cache".to_string())];
-    if let Some(cr) = &f.content_range {
-        extra.push((header::CONTENT_RANGE, cr.clone()));
+}
+
+fn header_value(resp: &reqwest::Response, name: http::HeaderName) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// A single `bytes=a-b`, `bytes=a-` or `bytes=-n` range over `total` bytes:
+/// `None` to answer the whole object (no range, several, or not understood,
+/// RFC 9110 §14.2 lets a server ignore it), `Some(None)` when unsatisfiable.
+fn byte_range(value: &str, total: usize) -> Option<Option<(usize, usize)>> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
     }
-    if range.is_none() {
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        let n: usize = b.parse().ok()?;
+        if n == 0 || total == 0 {
+            return Some(None);
+        }
+        return Some(Some((total.saturating_sub(n), total - 1)));
+    }
+    let first: usize = a.parse().ok()?;
+    let last = if b.is_empty() {
+        usize::MAX
+    } else {
+        let l: usize = b.parse().ok()?;
+        if l < first {
+            return None;
+        }
+        l
+    };
+    if first >= total {
+        return Some(None);
+    }
+    Some(Some((first, last.min(total - 1))))
+}
+
+/// Serves a shared fetch, whole or one range of it, as its bytes arrive.
+async fn serve_shared(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    f: &Flight,
+    h: &SegmentHead,
+    content_type: &str,
+    range: Option<&str>,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + app.config.hls.segment_timeout;
+    let mut extra = vec![(header::CACHE_CONTROL, "no-cache".to_string())];
+    let (status, from, to, len) = match range {
+        None => {
+            extra.push((header::ACCEPT_RANGES, "bytes".into()));
+            (200, 0, usize::MAX, h.total)
+        }
+        Some(r) => {
+            let total = match tokio::time::timeout_at(deadline, f.total()).await {
+                Ok(Ok(t)) => t,
+                _ => return Error::e_explain(ErrorType::ReadError, "segment fetch failed"),
+            };
+            match byte_range(r, total) {
+                None => {
+                    extra.push((header::ACCEPT_RANGES, "bytes".into()));
+                    (200, 0, usize::MAX, Some(total))
+                }
+                Some(None) => {
+                    extra.push((header::CONTENT_RANGE, format!("bytes */{total}")));
+                    (416, 0, 0, Some(0))
+                }
+                Some(Some((a, b))) => {
+                    extra.push((header::CONTENT_RANGE, format!("bytes {a}-{b}/{total}")));
+                    (206, a, b + 1, Some(b + 1 - a))
+                }
+            }
+        }
+    };
+    if !start(session, ctx, status, content_type, &extra, len).await? {
+        return Ok(());
+    }
+    let mut pos = from;
+    loop {
+        let pieces = match tokio::time::timeout_at(deadline, f.next(pos, to)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "segment fetch failed mid-body");
+                return Error::e_explain(ErrorType::ReadError, "segment fetch failed");
+            }
+            Err(_) => {
+                app.metrics.hls_limit(HlsLimit::SegmentTimeout);
+                return Error::e_explain(ErrorType::ReadTimedout, "hls.segment_timeout");
+            }
+        };
+        if pieces.is_empty() {
+            return session.write_response_body(None, true).await;
+        }
+        for piece in pieces {
+            pos += piece.len();
+            send(app, session, ctx, piece, false).await?;
+        }
+    }
+}
+
+/// Streams a provider answer through for this request alone (objects too big
+/// to share): one piece in memory at a time.
+async fn serve_direct(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    o: Opened,
+    content_type: &str,
+    whole: bool,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + app.config.hls.segment_timeout;
+    let status = o.resp.status().as_u16();
+    let mut extra = vec![(header::CACHE_CONTROL, "no-cache".to_string())];
+    if let Some(cr) = header_value(&o.resp, header::CONTENT_RANGE) {
+        extra.push((header::CONTENT_RANGE, cr));
+    }
+    if whole {
         extra.push((header::ACCEPT_RANGES, "bytes".into()));
     }
-    write(app, session, ctx, f.status, &ct, &extra, f.body).await?;
-    Ok(true)
+    let len = o.resp.content_length().map(|n| n as usize);
+    if !start(session, ctx, status, content_type, &extra, len).await? {
+        return Ok(());
+    }
+    let Opened { resp, lease, .. } = o;
+    let _lease = lease;
+    let read_timeout = app.config.upstream.read_timeout;
+    let mut body = resp.bytes_stream();
+    loop {
+        let wait = (tokio::time::Instant::now() + read_timeout).min(deadline);
+        match tokio::time::timeout_at(wait, futures::StreamExt::next(&mut body)).await {
+            Ok(None) => return session.write_response_body(None, true).await,
+            Ok(Some(Ok(chunk))) => {
+                app.metrics.bytes_in.inc_by(chunk.len() as u64);
+                send(app, session, ctx, chunk, false).await?;
+            }
+            Ok(Some(Err(_))) => {
+                return Error::e_explain(ErrorType::ReadError, "segment read failed")
+            }
+            Err(_) => {
+                if tokio::time::Instant::now() >= deadline {
+                    app.metrics.hls_limit(HlsLimit::SegmentTimeout);
+                }
+                return Error::e_explain(ErrorType::ReadTimedout, "segment read timed out");
+            }
+        }
+    }
 }
 
 /// A live segment that failed twice moves the stream to its next source; the

@@ -121,6 +121,16 @@ pub async fn fail(
             );
         }
     }
+    // A source refused by security.deny_private_upstreams says so.
+    let refused = ctx
+        .sel
+        .failures
+        .iter()
+        .find(|f| f.2.contains("security.deny_private_upstreams"));
+    let msg = match refused {
+        Some(f) if code >= 500 => f.2.as_str(),
+        _ => msg,
+    };
     if code > 0 {
         let detail = match &ctx.stream_id {
             Some(id) => format!("{msg} (stream {id})"),

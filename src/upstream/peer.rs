@@ -9,6 +9,8 @@ use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 use url::Url;
 
+use super::guard;
+
 /// How long an idle pooled provider connection is kept for reuse.
 const POOL_IDLE: Duration = Duration::from_secs(30);
 
@@ -26,9 +28,13 @@ pub enum PeerError {
     NoHost,
     #[error("cannot resolve {host}: {reason}")]
     Resolve { host: String, reason: String },
+    #[error(transparent)]
+    Refused(#[from] guard::Refused),
 }
 
-/// Resolves the URL's host without blocking. IP literals skip the resolver.
+/// Resolves the URL's host without blocking (IP literals skip the resolver)
+/// to an address `security.deny_private_upstreams` allows: this is the
+/// address connected to.
 pub async fn resolve(url: &Url) -> Result<SocketAddr, PeerError> {
     let tls = match url.scheme() {
         "http" => false,
@@ -36,24 +42,31 @@ pub async fn resolve(url: &Url) -> Result<SocketAddr, PeerError> {
         other => return Err(PeerError::Scheme(other.to_string())),
     };
     let port = url.port().unwrap_or(if tls { 443 } else { 80 });
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => Ok(SocketAddr::new(ip.into(), port)),
-        Some(url::Host::Ipv6(ip)) => Ok(SocketAddr::new(ip.into(), port)),
+    let addr = match url.host() {
+        Some(url::Host::Ipv4(ip)) => SocketAddr::new(ip.into(), port),
+        Some(url::Host::Ipv6(ip)) => SocketAddr::new(ip.into(), port),
         Some(url::Host::Domain(host)) => {
-            let mut addrs =
-                tokio::net::lookup_host((host, port))
-                    .await
-                    .map_err(|e| PeerError::Resolve {
-                        host: host.to_string(),
-                        reason: e.to_string(),
-                    })?;
-            addrs.next().ok_or_else(|| PeerError::Resolve {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|e| PeerError::Resolve {
+                    host: host.to_string(),
+                    reason: e.to_string(),
+                })?
+                .collect();
+            // The first address the policy allows; the first refusal if none.
+            let first = *addrs.first().ok_or_else(|| PeerError::Resolve {
                 host: host.to_string(),
                 reason: "no addresses".into(),
-            })
+            })?;
+            addrs
+                .into_iter()
+                .find(|a| guard::check_addr(*a).is_ok())
+                .unwrap_or(first)
         }
-        None => Err(PeerError::NoHost),
-    }
+        None => return Err(PeerError::NoHost),
+    };
+    guard::check_addr(addr)?;
+    Ok(addr)
 }
 
 /// A peer for `url` with every timeout set.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
+use super::guard;
 use crate::registry::StreamSpec;
 
 /// m3u-proxy gives its resolver 10 s.
@@ -53,6 +54,15 @@ pub async fn ask_resolver(
     status_code: Option<u16>,
     reason: &str,
 ) -> Option<Url> {
+    // The resolver URL is the API caller's: security.deny_private_upstreams
+    // applies to it (names are checked by the client's resolver).
+    if let Err(r) = Url::parse(resolver)
+        .map(|u| guard::check_url(&u))
+        .unwrap_or(Ok(()))
+    {
+        tracing::warn!(error = %r, "failover resolver not asked");
+        return None;
+    }
     let body = ResolverRequest {
         current_url,
         metadata: &spec.metadata,
