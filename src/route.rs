@@ -38,6 +38,8 @@ pub enum Route {
     Api(Api),
     /// `/metrics`: Prometheus text format (no token: no sensitive labels).
     Metrics,
+    /// `/openapi.json`: the API description (no token).
+    OpenApi,
     /// `/stream/{id}`: relays any registered stream.
     Play(String),
     /// `/hls/{id}/playlist.m3u8[?t=]`: the stream's playlist, or a variant by token.
@@ -72,6 +74,7 @@ pub fn decode(path: &str, root_path: &str) -> Route {
         ["webhooks"] => Route::Api(Api::Webhooks),
         ["webhooks", "test"] => Route::Api(Api::WebhooksTest),
         ["metrics"] => Route::Metrics,
+        ["openapi.json"] => Route::OpenApi,
         ["stream", id] if valid_id(id) => Route::Play(id.to_string()),
         ["hls", id, "playlist.m3u8"] if valid_id(id) => Route::HlsPlaylist(id.to_string()),
         ["hls", id, "segment.ts" | "segment"] if valid_id(id) => Route::HlsSegment(id.to_string()),
@@ -126,6 +129,7 @@ mod tests {
             ),
             ("/hls/ab/segment.ts", Route::HlsSegment("ab".into())),
             ("/hls/ab/segment", Route::HlsSegment("ab".into())),
+            ("/m3u-proxy/openapi.json", Route::OpenApi),
             ("/hls/ab/key.bin", Route::NotFound),
             ("/stream/../etc", Route::NotFound),
             ("/m3u-proxyhealth", Route::NotFound),

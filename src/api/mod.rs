@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod json;
+pub mod openapi;
 pub mod streams;
 pub mod system;
 pub mod webhooks;
