@@ -22,6 +22,7 @@ pub fn add(app: &App, req: &ApiRequest) -> ApiReply {
             m.get("url").cloned().unwrap_or(Value::Null),
         );
     }
+    let fields = m.clone();
     let hook: Webhook = match serde_json::from_value(Value::Object(m)) {
         Ok(h) => h,
         Err(e) => return ApiReply::invalid(&["body"], e.to_string(), Value::Null),
@@ -36,7 +37,13 @@ pub fn add(app: &App, req: &ApiRequest) -> ApiReply {
                 "events": hook.events,
             }))
         }
-        Err(e) => ApiReply::invalid(&["body", "url"], e, Value::Null),
+        Err(e) => {
+            // The message names the field first: "timeout: must be at least 1 ...".
+            match e.split_once(':').and_then(|(f, _)| fields.get_key_value(f)) {
+                Some((field, input)) => ApiReply::invalid(&["body", field], e, input.clone()),
+                None => ApiReply::invalid(&["body"], e, Value::Null),
+            }
+        }
     }
 }
 
