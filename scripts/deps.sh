@@ -3,8 +3,11 @@
 # installed here: it comes from rustup) and cmake (Pingora's zlib-ng build).
 # Installs cmake with apt-get when it can, else says exactly what is missing.
 # With --test-tools, also promtool (Debian package `prometheus`), which the
-# metrics tests use to lint /metrics; without it that check is skipped.
+# metrics tests use to lint /metrics, and schemathesis (PyPI, in a private
+# venv under target/), which the API tests run against docs/openapi.json;
+# without them those checks are skipped.
 set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "missing: the Rust toolchain (cargo). Install it with rustup: https://rustup.rs" >&2
@@ -63,7 +66,58 @@ install_promtool() {
     return 0
 }
 
-# Only the test suite needs it: `scripts/test.sh` asks with --test-tools.
+# The schemathesis release the API test is written for (its CLI flags and
+# config file keys).
+SCHEMATHESIS_VERSION=4.32.5
+
+# Installs schemathesis from PyPI into target/schemathesis-venv (where the
+# API test looks for it) if it is missing or another version. Optional:
+# never fails the script, because without it the schemathesis test only
+# prints "SKIPPED: schemathesis not installed".
+install_schemathesis() {
+    local venv="$root/target/schemathesis-venv"
+    if "$venv/bin/st" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then
+        return 0
+    fi
+    if ! command -v python3 >/dev/null 2>&1; then
+        echo "note: schemathesis not installed (optional; needs python3) - the API" \
+             "schemathesis test will be skipped" >&2
+        return 0
+    fi
+    # Debian ships venv support separately (python3-venv); add it when we can.
+    if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+        local sudo=""
+        if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
+            sudo="sudo"
+        fi
+        if [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; then
+            local pkg
+            pkg="python$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv"
+            echo "installing $pkg (for the schemathesis venv)..." >&2
+            $sudo apt-get update -qq >/dev/null 2>&1 || true
+            $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null 2>&1 ||
+                $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null 2>&1 ||
+                true
+        fi
+    fi
+    echo "installing schemathesis $SCHEMATHESIS_VERSION into $venv (optional, for the API test)..." >&2
+    rm -rf "$venv"
+    if mkdir -p "$root/target" &&
+        python3 -m venv "$venv" >/dev/null 2>&1 &&
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+            "schemathesis==$SCHEMATHESIS_VERSION" >/dev/null 2>&1 &&
+        "$venv/bin/st" --version >/dev/null 2>&1; then
+        echo "schemathesis installed" >&2
+    else
+        rm -rf "$venv"
+        echo "note: could not install schemathesis (optional; needs python3 with venv and" \
+             "PyPI); the API schemathesis test will be skipped" >&2
+    fi
+    return 0
+}
+
+# Only the test suite needs them: `scripts/test.sh` asks with --test-tools.
 if [ "${1:-}" = "--test-tools" ]; then
     install_promtool || true
+    install_schemathesis || true
 fi

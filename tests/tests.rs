@@ -11,4 +11,5 @@ mod config;
 mod events;
 mod hls;
 mod live;
+mod openapi;
 mod vod;
