@@ -607,7 +607,7 @@ async fn test_connection_reports_without_failing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn webhook_422_names_the_field() {
+async fn webhook_bodies_422_naming_the_field() {
     let e = Edge::start(&config("")).await;
     for (body, field, input) in [
         (json!({"url": "ftp://x/"}), "url", json!("ftp://x/")),
@@ -627,4 +627,10 @@ async fn webhook_422_names_the_field() {
         assert_eq!(v["detail"][0]["loc"], json!(["body", field]), "{body}: {v}");
         assert_eq!(v["detail"][0]["input"], input, "{body}: {v}");
     }
+    // A whole float is an integer, as pydantic reads it.
+    let hook = json!({"url": "http://127.0.0.1:1/", "retry_attempts": 2.0});
+    let (s, v) = api(&e, Method::POST, "/webhooks", Some(hook)).await;
+    assert_eq!(s, 200, "{v}");
+    let (_, list) = api(&e, Method::GET, "/webhooks", None).await;
+    assert_eq!(list["webhooks"][0]["retry_attempts"], 2, "{list}");
 }

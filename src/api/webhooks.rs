@@ -11,7 +11,7 @@ use crate::events::{TestError, Webhook};
 
 /// `POST /webhooks`.
 pub fn add(app: &App, req: &ApiRequest) -> ApiReply {
-    let m = match body::object(&req.body) {
+    let mut m = match body::object(&req.body) {
         Ok(m) => m,
         Err(e) => return e,
     };
@@ -21,6 +21,12 @@ pub fn add(app: &App, req: &ApiRequest) -> ApiReply {
             "Field required",
             m.get("url").cloned().unwrap_or(Value::Null),
         );
+    }
+    // m3u-proxy (pydantic) takes a whole float for the integer retry_attempts.
+    if let Some(n) = m.get("retry_attempts").and_then(Value::as_f64) {
+        if n.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&n) {
+            m.insert("retry_attempts".into(), json!(n as u64));
+        }
     }
     let fields = m.clone();
     let hook: Webhook = match serde_json::from_value(Value::Object(m)) {
