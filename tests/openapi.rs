@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::common::{config, TOKEN};
 use crate::support::client;
 use crate::support::edge::Edge;
+use crate::support::provider::Provider;
 
 const SPEC_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
 const SAMPLE_ID: &str = "0123456789abcdef0123456789abcdef";
@@ -241,12 +242,26 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     };
     let sink_port = sink().await;
     let sink = format!("http://127.0.0.1:{sink_port}");
-    // A config stream (read-only: DELETE answers 409) and a provider, so the
+    // Config streams (read-only: DELETE answers 409) and a provider, so the
     // lists and /stats have something in them.
+    let provider = Provider::start().await;
+    let live = provider.url("live/fuzz.ts?kbps=500");
     let e = Edge::start(&config(&format!(
-        "providers:\n  - name: loopback\n    hosts: [\"127.0.0.1\"]\n    max_connections: 2\nstreams:\n  - id: yaml-news\n    url: \"{sink}/live/news.ts\"\n    failover_urls: [\"{sink}/live/news-b.ts\"]\n"
+        "providers:\n  - name: loopback\n    hosts: [\"127.0.0.1\"]\n    max_connections: 4\nstreams:\n  - id: yaml-news\n    url: \"{sink}/live/news.ts\"\n    failover_urls: [\"{sink}/live/news-b.ts\"]\n  - id: yaml-live\n    url: \"{live}\"\n    metadata: {{id: \"7\", provider_profile_id: \"1\"}}\n"
     )))
     .await;
+    // A live viewer of a config stream (which the API cannot delete), so
+    // clients, live channels and provider connections are in the replies
+    // too. It comes back whenever the fuzzing drops it.
+    let play = e.url("/stream/yaml-live?client_id=viewer&username=alice");
+    let drain = tokio::spawn(async move {
+        loop {
+            if let Ok(mut viewer) = client::client().get(&play).send().await {
+                while let Ok(Some(_)) = viewer.chunk().await {}
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
 
     // The spec as served, with every URL the proxy would send to pinned to
     // the sink: a fixed scheme, host and port, then path characters only.
@@ -328,6 +343,7 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    drain.abort();
     let output = std::fs::read_to_string(&out_path).unwrap_or_default();
     println!("schemathesis ({:.0?}):\n{output}", started.elapsed());
     let status = status.unwrap_or_else(|| panic!("schemathesis still running after {timeout:?}"));
