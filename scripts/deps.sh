@@ -110,8 +110,8 @@ install_schemathesis() {
         echo "schemathesis installed" >&2
     else
         rm -rf "$venv"
-        echo "note: could not install schemathesis (optional; needs python3 with venv and" \
-             "PyPI); the API schemathesis test will be skipped" >&2
+        echo "note: could not install schemathesis (optional; needs python3 >= 3.11 with" \
+             "venv, and PyPI); the API schemathesis test will be skipped" >&2
     fi
     return 0
 }
