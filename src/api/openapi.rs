@@ -137,6 +137,11 @@ mod tests {
         let version = s["openapi"].as_str().unwrap_or_default();
         assert!(version.starts_with("3.1."), "openapi: {version}");
         assert!(s["info"]["title"].is_string());
+        assert_eq!(
+            s["info"]["version"],
+            crate::app::VERSION,
+            "docs/openapi.json info.version is the crate's version"
+        );
         assert!(s["components"]["securitySchemes"]["ApiTokenHeader"].is_object());
         assert!(s["components"]["securitySchemes"]["ApiTokenQuery"].is_object());
     }
