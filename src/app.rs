@@ -8,6 +8,9 @@ use std::time::Instant;
 use url::Url;
 
 use crate::config::Config;
+use crate::conn::caps::Caps;
+use crate::conn::selfloop::SelfConns;
+use crate::conn::ConnCaps;
 use crate::events::Events;
 use crate::hls::fetch::HlsFetcher;
 use crate::hls::token::Signer;
@@ -37,6 +40,10 @@ pub struct App {
     pub started: Instant,
     /// For calls that are not relayed bytes: failover resolver, test-connection.
     pub http: reqwest::Client,
+    /// Open client connections (`limits.max_connections*`).
+    pub conns: Arc<ConnCaps>,
+    /// Our own provider connections, to catch requests to ourselves.
+    pub self_conns: Arc<SelfConns>,
 }
 
 impl App {
@@ -94,7 +101,16 @@ impl App {
             .or(kept_key)
             .unwrap_or_else(|| Signer::generate_key().to_vec());
         let app = App {
-            registry: Registry::with_events(events.clone()),
+            registry: Registry::with_caps(
+                Some(events.clone()),
+                crate::registry::RegistryLimits {
+                    max_streams: config.limits.max_streams,
+                    per_stream: config.limits.max_viewers_per_stream,
+                    per_address: config.limits.max_viewers_per_address,
+                    hls_per_stream: config.limits.max_hls_clients_per_stream,
+                    hls_per_address: config.limits.max_hls_clients_per_address,
+                },
+            ),
             events,
             state,
             providers: Providers::new(&config.providers),
@@ -110,6 +126,14 @@ impl App {
             metrics,
             started: Instant::now(),
             http,
+            conns: Caps::new(
+                crate::conn::max_connections(
+                    config.limits.max_connections,
+                    crate::conn::raise_open_files_limit(),
+                ),
+                config.limits.max_connections_per_address,
+            ),
+            self_conns: SelfConns::new(),
             config: Arc::new(config),
         };
         for s in &app.config.streams {
@@ -180,6 +204,7 @@ impl App {
             }
         }
         m.streams_active.set(active);
+        m.client_connections.set(self.conns.open() as i64);
         m.clients(ClientKind::Live).set(live);
         m.clients(ClientKind::File).set(file);
         m.clients(ClientKind::Hls).set(hls);

@@ -41,7 +41,45 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         file: path.to_path_buf(),
         error,
     })?;
-    parse(&text, path)
+    let mut config = parse(&text, path)?;
+    config.api.token = token_from_environment(config.api.token.take()).map_err(|message| {
+        ConfigError::Invalid {
+            file: path.to_path_buf(),
+            problems: vec![Problem::new(None, "api.token", &message)],
+        }
+    })?;
+    Ok(config)
+}
+
+/// The environment variable that overrides `api.token`.
+pub const TOKEN_ENV: &str = "M3U_EDGE_API_TOKEN";
+/// The systemd credential (`LoadCredential=api_token:...`) read when neither
+/// the YAML nor the environment sets a token.
+pub const TOKEN_CREDENTIAL: &str = "api_token";
+
+/// `$M3U_EDGE_API_TOKEN` wins over the file's token; without either, a
+/// systemd credential named `api_token` is used. The token never comes from
+/// the command line (it would show in `ps`).
+fn token_from_environment(from_file: Option<String>) -> Result<Option<String>, String> {
+    if let Some(t) = std::env::var_os(TOKEN_ENV).filter(|t| !t.is_empty()) {
+        let t = t
+            .into_string()
+            .map_err(|_| format!("${TOKEN_ENV} is not valid UTF-8"))?;
+        return validate::api_token(&t)
+            .map(Some)
+            .map_err(|e| format!("${TOKEN_ENV}: {e}"));
+    }
+    if from_file.is_some() {
+        return Ok(from_file);
+    }
+    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+        return Ok(None);
+    };
+    let path = Path::new(&dir).join(TOKEN_CREDENTIAL);
+    if !path.exists() {
+        return Ok(None);
+    }
+    validate::token_from_file(&path).map(Some)
 }
 
 /// Parses and validates config text. `file` is only used to label errors.
@@ -67,6 +105,7 @@ pub struct Config {
     pub events: EventsConfig,
     pub metrics: MetricsConfig,
     pub hls: HlsConfig,
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,8 +140,68 @@ impl Default for ServerConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ApiConfig {
-    /// `None` leaves the management API unauthenticated.
+    /// `None` leaves the management API unauthenticated. From `api.token`,
+    /// `api.token_file`, or the environment (see [`load`]).
     pub token: Option<String>,
+    /// Origins whose browser pages may call the management API (CORS).
+    /// None by default: m3u-editor calls it server-side.
+    pub cors_origins: Vec<String>,
+    /// Without a token, answer management calls from any address (else only
+    /// from loopback).
+    pub allow_open: bool,
+}
+
+/// Caps that keep one client, or many, from exhausting the proxy. 0 = off
+/// where the doc says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// A request's header must arrive whole within this.
+    pub header_timeout: Duration,
+    /// An idle keep-alive connection is closed after this.
+    pub keepalive_timeout: Duration,
+    /// Request header bytes (request line included); more is a 431.
+    pub max_header_bytes: usize,
+    /// Request header lines; more is a 431.
+    pub max_headers: usize,
+    /// Request body bytes of an API call; more is a 413.
+    pub max_body_bytes: usize,
+    /// Open client connections; 0 = derived from the open-files limit.
+    pub max_connections: usize,
+    /// Open client connections from one address; 0 = off.
+    pub max_connections_per_address: usize,
+    /// Registered streams (API and YAML); more is a 507 on `POST /streams`.
+    pub max_streams: usize,
+    /// Viewers (any kind) of one stream; 0 = off.
+    pub max_viewers_per_stream: usize,
+    /// Viewers (any kind) from one address across all streams; 0 = off.
+    pub max_viewers_per_address: usize,
+    /// Listed HLS clients of one stream; 0 = off.
+    pub max_hls_clients_per_stream: usize,
+    /// Listed HLS clients from one address across all streams; 0 = off.
+    pub max_hls_clients_per_address: usize,
+    /// Nested requests m3u-edge may make to itself (a stream URL or a
+    /// provider redirect pointing back at this proxy); past this, a 508.
+    pub max_self_hops: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body_bytes: 1024 * 1024,
+            max_connections: 0,
+            max_connections_per_address: 1024,
+            max_streams: 100_000,
+            max_viewers_per_stream: 0,
+            max_viewers_per_address: 0,
+            max_hls_clients_per_stream: 1000,
+            max_hls_clients_per_address: 100,
+            max_self_hops: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -42,6 +42,9 @@ impl Housekeeper {
         if n > 0 {
             self.app.persist();
         }
+        // Freed heap of a burst (an attack, a zapping storm) goes back to
+        // the OS instead of staying as RSS.
+        crate::conn::trim_heap();
         n
     }
 }

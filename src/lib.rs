@@ -9,6 +9,7 @@
 //! | `provider`  | provider host matching and connection leases |
 //! | `hub`       | the live MPEG-TS fan-out: one provider connection per channel |
 //! | `upstream`  | source lists, header allowlist (R7), async DNS → Pingora peers |
+//! | `conn`      | the front door: connection caps, request header deadline and size |
 //! | `route`     | request path → [`route::Route`], pure |
 //! | `api`       | management API handlers: request in, status + JSON out |
 //! | `proxy`     | the Pingora `ProxyHttp` implementation (the only user of `Session`) |
@@ -24,6 +25,7 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod conn;
 pub mod events;
 pub mod hls;
 pub mod housekeeping;
@@ -35,5 +37,6 @@ pub mod proxy;
 pub mod registry;
 pub mod route;
 pub mod state;
+pub mod transcode;
 pub mod ts;
 pub mod upstream;

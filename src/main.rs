@@ -11,6 +11,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::services::background::background_service;
 
 use m3u_edge::app::App;
+use m3u_edge::conn::FrontDoor;
 use m3u_edge::housekeeping::Housekeeper;
 use m3u_edge::proxy::Edge;
 use m3u_edge::{config, logging};
@@ -71,8 +72,16 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
     let listen = config.server.listen;
     let grace = config.server.grace_period.as_secs();
     let threads = config.server.threads;
-    if config.api.token.is_none() {
-        tracing::warn!("api.token is not set: the management API is OPEN to anyone who can reach {listen}; set api.token in the config");
+    match (&config.api.token, config.api.allow_open) {
+        (Some(_), _) => {}
+        (None, false) => tracing::warn!(
+            "api.token is not set: the management API answers only to loopback clients \
+             (Host: localhost or an address); set api.token (or api.allow_open: true)"
+        ),
+        (None, true) => tracing::warn!(
+            "api.token is not set and api.allow_open is true: the management API is OPEN \
+             to anyone who can reach {listen}"
+        ),
     }
     tracing::info!(config = %cli.conf.display(), %listen, root_path = %config.server.root_path, "starting m3u-edge {}", m3u_edge::app::VERSION);
 
@@ -98,10 +107,10 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut edge = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Edge::new(app.clone()),
-        "edge",
+    let proxy = pingora::proxy::http_proxy(&server.configuration, Edge::new(app.clone()));
+    let mut edge = pingora::services::listening::Service::new(
+        "edge".to_string(),
+        FrontDoor::new(proxy, app.clone()),
     );
     edge.add_listener(
         pingora::listeners::ListenerConfig::tcp(listen.to_string()).l4_buffer(

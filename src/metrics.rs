@@ -157,6 +157,41 @@ label_enum!(
     }
 );
 
+label_enum!(
+    /// `limit` of `m3u_edge_limit_cuts_total`: which limit refused or cut a
+    /// client (`limits.*` in the config).
+    LimitCut {
+        /// No whole request header within `limits.header_timeout` (408).
+        HeaderTimeout => "header_timeout",
+        /// Header larger than `limits.max_header_bytes` (431).
+        HeaderBytes => "header_bytes",
+        /// More header lines than `limits.max_headers` (431).
+        HeaderLines => "header_lines",
+        /// A kept-alive connection idle for `limits.keepalive_timeout`.
+        KeepaliveIdle => "keepalive_idle",
+        /// `limits.max_connections` (503).
+        Connections => "connections",
+        /// `limits.max_connections_per_address` (503).
+        ConnectionsPerAddress => "connections_per_address",
+        /// `limits.max_body_bytes` (413).
+        BodyBytes => "body_bytes",
+        /// `limits.max_streams` (507).
+        Streams => "streams",
+        /// `limits.max_viewers_per_stream` (429).
+        ViewersPerStream => "viewers_per_stream",
+        /// `limits.max_viewers_per_address` (429).
+        ViewersPerAddress => "viewers_per_address",
+        /// `limits.max_hls_clients_per_stream` (429).
+        HlsClientsPerStream => "hls_clients_per_stream",
+        /// `limits.max_hls_clients_per_address` (429).
+        HlsClientsPerAddress => "hls_clients_per_address",
+        /// A request m3u-edge made to itself (508).
+        SelfLoop => "self_loop",
+        /// A management call refused by origin, host or address (403).
+        ApiOrigin => "api_origin",
+    }
+);
+
 /// Status classes of `m3u_edge_requests_total`.
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -221,6 +256,11 @@ pub struct Metrics {
     /// `m3u_edge_events_dropped_total`: events lost because the event queue
     /// was full.
     pub events_dropped: IntCounter,
+    /// `m3u_edge_limit_cuts_total{limit}`: requests refused or connections
+    /// cut by a limit.
+    pub limit_cuts: IntCounterVec,
+    /// `m3u_edge_client_connections`: open client connections.
+    pub client_connections: IntGauge,
     /// `m3u_edge_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
 }
@@ -336,6 +376,17 @@ impl Metrics {
                 "events_dropped_total",
                 "Events lost because the event queue was full.",
             )?,
+            limit_cuts: counter_vec(
+                r,
+                "limit_cuts_total",
+                "Requests refused or connections cut by a limit (limits.* in the config).",
+                "limit",
+            )?,
+            client_connections: gauge(
+                r,
+                "client_connections",
+                "Open client connections (live viewers included).",
+            )?,
             build_info: gauge_vec(
                 r,
                 "build_info",
@@ -365,6 +416,9 @@ impl Metrics {
         }
         for result in CacheResult::ALL {
             m.hls_cache.with_label_values(&[result.as_str()]);
+        }
+        for cut in LimitCut::ALL {
+            m.limit_cuts.with_label_values(&[cut.as_str()]);
         }
         m.upstream_connections.with_label_values(&[NO_PROVIDER]);
         m.build_info
@@ -411,6 +465,10 @@ impl Metrics {
     }
 
     // Shorthands so call sites name an enum instead of a label string.
+
+    pub fn cut(&self, limit: LimitCut) {
+        self.limit_cuts.with_label_values(&[limit.as_str()]).inc();
+    }
 
     pub fn clients(&self, kind: ClientKind) -> IntGauge {
         self.clients_active.with_label_values(&[kind.as_str()])
@@ -707,7 +765,7 @@ mod tests {
     fn no_high_cardinality_labels() {
         let t = text(&touched());
         let allowed = [
-            "kind", "provider", "reason", "result", "route", "status", "le", "version",
+            "kind", "provider", "reason", "result", "route", "status", "le", "version", "limit",
         ];
         for line in t.lines().filter(|l| !l.starts_with('#')) {
             let Some(labels) = line.split_once('{').map(|(_, rest)| rest) else {

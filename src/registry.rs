@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::conn::caps::{Caps, Slot};
 use crate::events::{EventType, Events};
 
 /// Lowercase md5 hex of a URL exactly as sent: m3u-proxy's stream id, which
@@ -131,6 +132,8 @@ pub struct Client {
     /// The last playlist rewritten for this viewer (its minted references
     /// carry the client id): reused while the upstream copy is unchanged.
     pub rendered: Mutex<Option<Rendered>>,
+    /// Counted against the per-address caps while this client exists.
+    _slots: Vec<Slot<String>>,
 }
 
 /// A playlist as rewritten for one viewer.
@@ -503,12 +506,52 @@ pub struct PersistedStream {
     pub total_segments_served: u64,
 }
 
-#[derive(Default)]
+/// Caps on streams and new clients (`limits.*` in the config); 0 = no cap.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RegistryLimits {
+    pub max_streams: usize,
+    pub per_stream: usize,
+    pub per_address: usize,
+    pub hls_per_stream: usize,
+    pub hls_per_address: usize,
+}
+
+/// Why a new client was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    ViewersPerStream,
+    ViewersPerAddress,
+    HlsPerStream,
+    HlsPerAddress,
+}
+
+impl Refused {
+    pub fn message(self) -> &'static str {
+        match self {
+            Refused::ViewersPerStream => "Too many viewers of this stream",
+            Refused::ViewersPerAddress => "Too many viewers from your address",
+            Refused::HlsPerStream => "Too many HLS clients of this stream",
+            Refused::HlsPerAddress => "Too many HLS clients from your address",
+        }
+    }
+}
+
 pub struct Registry {
     streams: RwLock<HashMap<String, Arc<Stream>>>,
     events: Option<Arc<Events>>,
     /// Woken whenever the persisted part changes.
     pub changed: Notify,
+    caps: RegistryLimits,
+    /// Clients of every kind, and HLS clients, by address (as listed: the
+    /// first `X-Forwarded-For` entry, else the peer).
+    by_address: Arc<Caps<String>>,
+    hls_by_address: Arc<Caps<String>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::with_caps(None, RegistryLimits::default())
+    }
 }
 
 impl Registry {
@@ -518,10 +561,28 @@ impl Registry {
 
     /// A registry whose streams and clients report to `events`.
     pub fn with_events(events: Arc<Events>) -> Self {
+        Self::with_caps(Some(events), RegistryLimits::default())
+    }
+
+    /// A registry with caps on new clients.
+    pub fn with_caps(events: Option<Arc<Events>>, caps: RegistryLimits) -> Self {
         Registry {
-            events: Some(events),
-            ..Self::default()
+            streams: RwLock::default(),
+            events,
+            changed: Notify::new(),
+            caps,
+            by_address: Caps::new(0, caps.per_address),
+            hls_by_address: Caps::new(0, caps.hls_per_address),
         }
+    }
+
+    /// Registered streams (API and YAML).
+    pub fn len(&self) -> usize {
+        self.streams.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Adds a stream from the YAML. Config streams are read-only for the API.
@@ -540,16 +601,18 @@ impl Registry {
     /// `POST /streams`, with the re-POST rule of API-COMPAT.md §8: while a stream
     /// has clients it stays unchanged (only last_access moves); otherwise the
     /// request replaces it, keeping totals and `created_at`.
-    pub fn register(&self, spec: StreamSpec) -> Registered {
+    ///
+    /// A new stream beyond `limits.max_streams` is refused (`Err` with the cap).
+    pub fn register(&self, spec: StreamSpec) -> Result<Registered, usize> {
         let id = stream_id_for(&spec.url);
         let mut map = self.streams.write();
         if let Some(old) = map.get(&id).cloned() {
             old.touch();
             if old.origin == Origin::Config || old.client_count() > 0 || *old.spec() == spec {
-                return Registered {
+                return Ok(Registered {
                     stream: old,
                     replaced: false,
-                };
+                });
             }
             let fresh = Stream::new(
                 id.clone(),
@@ -568,10 +631,14 @@ impl Registry {
             map.insert(id, fresh.clone());
             drop(map);
             self.changed.notify_one();
-            return Registered {
+            return Ok(Registered {
                 stream: fresh,
                 replaced: true,
-            };
+            });
+        }
+        let max = self.caps.max_streams;
+        if max > 0 && map.len() >= max {
+            return Err(max);
         }
         let s = Arc::new(Stream::new(
             id.clone(),
@@ -583,10 +650,10 @@ impl Registry {
         map.insert(id, s.clone());
         drop(map);
         self.changed.notify_one();
-        Registered {
+        Ok(Registered {
             stream: s,
             replaced: true,
-        }
+        })
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Stream>> {
@@ -635,7 +702,11 @@ impl Registry {
     /// Attaches a request to a client of `stream`, creating the client when needed.
     /// The id is the explicit one, else derived as m3u-proxy does (API-COMPAT.md §5),
     /// with a random suffix when a different live connection already holds it.
-    pub fn attach(&self, stream: &Arc<Stream>, hello: &ClientHello) -> ClientGuard {
+    pub fn attach(
+        &self,
+        stream: &Arc<Stream>,
+        hello: &ClientHello,
+    ) -> Result<ClientGuard, Refused> {
         self.attach_with(stream, hello, None)
     }
 
@@ -646,7 +717,7 @@ impl Registry {
         stream: &Arc<Stream>,
         hello: &ClientHello,
         idle: Duration,
-    ) -> ClientGuard {
+    ) -> Result<ClientGuard, Refused> {
         self.attach_with(stream, hello, Some(idle))
     }
 
@@ -665,7 +736,7 @@ impl Registry {
         stream: &Arc<Stream>,
         hello: &ClientHello,
         idle_timeout: Option<Duration>,
-    ) -> ClientGuard {
+    ) -> Result<ClientGuard, Refused> {
         stream.touch();
         let mut clients = stream.clients.lock();
         let id = match &hello.explicit_id {
@@ -681,8 +752,9 @@ impl Registry {
             }
         };
         if let Some(guard) = rejoin_locked(&clients, stream, &id) {
-            return guard;
+            return Ok(guard);
         }
+        let slots = self.admit(&clients, hello, idle_timeout.is_some())?;
         if clients.is_empty() {
             // A new viewing session: its stop must be reported again.
             stream.session.lock().stop_sent = false;
@@ -702,6 +774,7 @@ impl Registry {
             cancel: stream.closed.child_token(),
             idle_timeout,
             rendered: Mutex::new(None),
+            _slots: slots,
         });
         clients.insert(id, c.clone());
         let count = clients.len();
@@ -715,11 +788,50 @@ impl Registry {
                 "stream_client_count": count,
             }),
         );
-        ClientGuard {
+        Ok(ClientGuard {
             stream: stream.clone(),
             client: c,
             first: true,
+        })
+    }
+
+    /// Checks the caps for a new client of a stream whose clients are
+    /// `clients`; its per-address slots on success.
+    fn admit(
+        &self,
+        clients: &HashMap<String, Arc<Client>>,
+        hello: &ClientHello,
+        hls: bool,
+    ) -> Result<Vec<Slot<String>>, Refused> {
+        let caps = self.caps;
+        if caps.per_stream > 0 && clients.len() >= caps.per_stream {
+            return Err(Refused::ViewersPerStream);
         }
+        if hls && caps.hls_per_stream > 0 {
+            let listed = clients
+                .values()
+                .filter(|c| c.idle_timeout.is_some())
+                .count();
+            if listed >= caps.hls_per_stream {
+                return Err(Refused::HlsPerStream);
+            }
+        }
+        let mut slots = Vec::with_capacity(2);
+        if caps.per_address > 0 {
+            let slot = self
+                .by_address
+                .take(Some(hello.ip.clone()))
+                .map_err(|_| Refused::ViewersPerAddress)?;
+            slots.push(slot);
+        }
+        if hls && caps.hls_per_address > 0 {
+            let slot = self
+                .hls_by_address
+                .take(Some(hello.ip.clone()))
+                .map_err(|_| Refused::HlsPerAddress)?;
+            slots.push(slot);
+        }
+        Ok(slots)
     }
 
     /// Removes HLS clients idle past their timeout; returns them with their stream.
@@ -853,30 +965,67 @@ mod tests {
     #[test]
     fn repost_with_clients_keeps_record() {
         let r = Registry::new();
-        let a = r.register(spec("http://h/a.ts"));
-        let g = r.attach(&a.stream, &ClientHello::default());
+        let a = r.register(spec("http://h/a.ts")).unwrap();
+        let g = r.attach(&a.stream, &ClientHello::default()).unwrap();
         let mut changed = spec("http://h/a.ts");
         changed.user_agent = Some("x".into());
-        let b = r.register(changed.clone());
+        let b = r.register(changed.clone()).unwrap();
         assert!(!b.replaced);
         assert!(b.stream.spec().user_agent.is_none());
         drop(g);
-        let c = r.register(changed);
+        let c = r.register(changed).unwrap();
         assert!(c.replaced);
         assert_eq!(c.stream.spec().user_agent.as_deref(), Some("x"));
         assert_eq!(c.stream.created_at, a.stream.created_at);
     }
 
     #[test]
+    fn viewer_caps_per_stream_and_per_address_and_slots_come_back() {
+        let r = Registry::with_caps(
+            None,
+            RegistryLimits {
+                max_streams: 2,
+                per_stream: 2,
+                per_address: 3,
+                ..Default::default()
+            },
+        );
+        let a = r.register(spec("http://h/a.ts")).unwrap().stream;
+        let b = r.register(spec("http://h/b.ts")).unwrap().stream;
+        assert_eq!(r.register(spec("http://h/c.ts")).unwrap_err(), 2);
+        let hello = |id: &str, ip: &str| ClientHello {
+            explicit_id: Some(id.into()),
+            ip: ip.into(),
+            ..Default::default()
+        };
+        let a1 = r.attach(&a, &hello("1", "10.0.0.1")).unwrap();
+        let a2 = r.attach(&a, &hello("2", "10.0.0.1")).unwrap();
+        assert_eq!(
+            r.attach(&a, &hello("3", "10.0.0.2")).unwrap_err(),
+            Refused::ViewersPerStream
+        );
+        // A listed client rejoins past the cap.
+        assert!(r.attach(&a, &hello("1", "10.0.0.1")).is_ok());
+        let b1 = r.attach(&b, &hello("4", "10.0.0.1")).unwrap();
+        assert_eq!(
+            r.attach(&b, &hello("5", "10.0.0.1")).unwrap_err(),
+            Refused::ViewersPerAddress
+        );
+        drop((a1, a2, b1));
+        assert_eq!(a.client_count() + b.client_count(), 0);
+        assert!(r.attach(&b, &hello("5", "10.0.0.1")).is_ok());
+    }
+
+    #[test]
     fn clients_leave_with_last_guard() {
         let r = Registry::new();
-        let s = r.register(spec("http://h/a.ts")).stream;
+        let s = r.register(spec("http://h/a.ts")).unwrap().stream;
         let hello = ClientHello {
             explicit_id: Some("c1".into()),
             ..Default::default()
         };
-        let g1 = r.attach(&s, &hello);
-        let g2 = r.attach(&s, &hello);
+        let g1 = r.attach(&s, &hello).unwrap();
+        let g2 = r.attach(&s, &hello).unwrap();
         assert!(g1.first && !g2.first);
         assert_eq!(s.client_count(), 1);
         drop(g1);

@@ -12,4 +12,5 @@ mod events;
 mod hls;
 mod live;
 mod openapi;
+mod security;
 mod vod;

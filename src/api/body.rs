@@ -197,6 +197,13 @@ pub fn create_stream(body: &[u8]) -> Result<CreateStream, ApiReply> {
                 if HeaderName::from_bytes(k.as_bytes()).is_err() {
                     return Err(wrong(&field, "not a valid HTTP header name", v));
                 }
+                if crate::upstream::headers::is_reserved(k) {
+                    return Err(wrong(
+                        &field,
+                        "hop-by-hop and framing headers are set by m3u-edge itself",
+                        v,
+                    ));
+                }
                 // m3u-editor sends empty custom values; m3u-proxy 422s the whole
                 // join for it. An empty value is simply not sent.
                 if s.trim().is_empty() {
@@ -276,6 +283,21 @@ mod tests {
         assert_eq!(e.body["detail"][0]["loc"], json!(["body", "metadata.a"]));
         let e = create_stream(br#"{"url":"http://x/a","headers":{"a":null}}"#).unwrap_err();
         assert_eq!(e.status, 422);
+        for framing in [
+            "Transfer-Encoding",
+            "content-length",
+            "Connection",
+            "TE",
+            "Upgrade",
+        ] {
+            let body = format!(r#"{{"url":"http://x/a","headers":{{"{framing}":"chunked"}}}}"#);
+            let e = create_stream(body.as_bytes()).unwrap_err();
+            assert_eq!(e.status, 422, "{framing}");
+            assert_eq!(
+                e.body["detail"][0]["loc"],
+                json!(["body", format!("headers.{framing}")])
+            );
+        }
         let ok =
             create_stream(br#"{"url":"http://x/a","unknown":1,"headers":{"X-A":""}}"#).unwrap();
         assert!(ok.spec.headers.is_empty());

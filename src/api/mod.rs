@@ -2,6 +2,7 @@
 //! ../shared/API-COMPAT.md). Handlers take an [`ApiRequest`] and return an
 //! [`ApiReply`] (status + JSON); only `proxy` writes them to a client.
 
+pub mod access;
 pub mod body;
 pub mod json;
 pub mod openapi;

@@ -22,7 +22,16 @@ pub fn create(app: &App, req: &ApiRequest) -> ApiReply {
         Err(e) => return e,
     };
     let spec = parsed.spec;
-    let reg = app.registry.register(spec.clone());
+    let reg = match app.registry.register(spec.clone()) {
+        Ok(r) => r,
+        Err(max) => {
+            app.metrics.cut(crate::metrics::LimitCut::Streams);
+            return ApiReply::detail(
+                507,
+                format!("Too many streams: limits.max_streams is {max}; delete some first"),
+            );
+        }
+    };
     if reg.replaced {
         app.persist();
         tracing::info!(stream_id = %reg.stream.id, "stream registered");

@@ -37,10 +37,12 @@ pub(super) struct RawConfig {
     pub events: Option<RawEvents>,
     pub metrics: Option<RawMetrics>,
     pub hls: Option<RawHls>,
+    pub limits: Option<RawLimits>,
 }
 
 /// Top-level keys, for the message about a document that is not a mapping.
-const SECTIONS: &str = "server, api, upstream, providers, streams, live, log, events, metrics, hls";
+const SECTIONS: &str =
+    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +60,27 @@ pub(super) struct RawServer {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawApi {
     pub token: Leaf<String>,
+    pub token_file: Leaf<String>,
+    pub cors_origins: Option<Spanned<Vec<Spanned<String>>>>,
+    pub allow_open: Leaf<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub header_timeout: Leaf<Scalar>,
+    pub keepalive_timeout: Leaf<Scalar>,
+    pub max_header_bytes: Leaf<Scalar>,
+    pub max_headers: Leaf<Scalar>,
+    pub max_body_bytes: Leaf<Scalar>,
+    pub max_connections: Leaf<Scalar>,
+    pub max_connections_per_address: Leaf<Scalar>,
+    pub max_streams: Leaf<Scalar>,
+    pub max_viewers_per_stream: Leaf<Scalar>,
+    pub max_viewers_per_address: Leaf<Scalar>,
+    pub max_hls_clients_per_stream: Leaf<Scalar>,
+    pub max_hls_clients_per_address: Leaf<Scalar>,
+    pub max_self_hops: Leaf<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]

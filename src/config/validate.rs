@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use md5::{Digest, Md5};
@@ -15,12 +16,13 @@ use serde_saphyr::Spanned;
 use url::Url;
 
 use super::raw::{
-    push_key, spanned_at, Leaf, RawConfig, RawEvents, RawHeaders, RawHls, RawLive, RawLog,
-    RawMetrics, RawProvider, RawServer, RawStream, RawUpstream, RawWebhook, Scalar,
+    push_key, spanned_at, Leaf, RawApi, RawConfig, RawEvents, RawHeaders, RawHls, RawLimits,
+    RawLive, RawLog, RawMetrics, RawProvider, RawServer, RawStream, RawUpstream, RawWebhook,
+    Scalar,
 };
 use super::{
-    ApiConfig, Config, EventsConfig, HlsConfig, LiveConfig, LogConfig, MetricsConfig, Problem,
-    ProviderConfig, ServerConfig, StreamConfig, UpstreamConfig, WebhookConfig,
+    ApiConfig, Config, EventsConfig, HlsConfig, LimitsConfig, LiveConfig, LogConfig, MetricsConfig,
+    Problem, ProviderConfig, ServerConfig, StreamConfig, UpstreamConfig, WebhookConfig,
 };
 use crate::events::EventType;
 
@@ -97,11 +99,7 @@ impl Validator<'_> {
 
     fn config(&mut self, raw: RawConfig) -> Config {
         let server = self.server(raw.server.unwrap_or_default());
-        let api = ApiConfig {
-            token: self.optional(&raw.api.unwrap_or_default().token, "api.token", |s| {
-                api_token(s)
-            }),
-        };
+        let api = self.api(raw.api.unwrap_or_default());
         let upstream = self.upstream(raw.upstream.unwrap_or_default());
         let providers = self.providers(raw.providers.unwrap_or_default());
         let streams = self.streams(raw.streams.unwrap_or_default(), &providers);
@@ -110,6 +108,7 @@ impl Validator<'_> {
         let events = self.events(raw.events.unwrap_or_default());
         let metrics = self.metrics(raw.metrics.unwrap_or_default(), &server);
         let hls = self.hls(raw.hls.unwrap_or_default());
+        let limits = self.limits(raw.limits.unwrap_or_default());
         Config {
             server,
             api,
@@ -121,6 +120,135 @@ impl Validator<'_> {
             events,
             metrics,
             hls,
+            limits,
+        }
+    }
+
+    fn api(&mut self, raw: RawApi) -> ApiConfig {
+        let mut token = self.optional(&raw.token, "api.token", |s| api_token(s));
+        if let Some(file) = &raw.token_file {
+            if raw.token.is_some() {
+                self.report(
+                    spanned_at(file),
+                    "api.token_file",
+                    "set api.token or api.token_file, not both",
+                );
+            }
+            token = self.spanned(file, "api.token_file", None, |path| {
+                token_from_file(Path::new(path)).map(Some)
+            });
+        }
+        let mut cors_origins = Vec::new();
+        if let Some(list) = &raw.cors_origins {
+            for (i, o) in list.value.iter().enumerate() {
+                let path = format!("api.cors_origins[{i}]");
+                if let Some(o) = self.spanned(o, &path, None, |s| cors_origin(s).map(Some)) {
+                    cors_origins.push(o);
+                }
+            }
+        }
+        ApiConfig {
+            token,
+            cors_origins,
+            allow_open: self.leaf(&raw.allow_open, "api.allow_open", false, boolean),
+        }
+    }
+
+    fn limits(&mut self, raw: RawLimits) -> LimitsConfig {
+        let d = LimitsConfig::default();
+        let count = |s: &Scalar| usize_at_least(s, 0);
+        let positive = |s: &Scalar| usize_at_least(s, 1);
+        LimitsConfig {
+            header_timeout: self.leaf(
+                &raw.header_timeout,
+                "limits.header_timeout",
+                d.header_timeout,
+                |s| non_zero(duration(s)?),
+            ),
+            keepalive_timeout: self.leaf(
+                &raw.keepalive_timeout,
+                "limits.keepalive_timeout",
+                d.keepalive_timeout,
+                |s| non_zero(duration(s)?),
+            ),
+            max_header_bytes: self.leaf(
+                &raw.max_header_bytes,
+                "limits.max_header_bytes",
+                d.max_header_bytes,
+                |s| {
+                    let n = byte_size(s)?;
+                    if n < 1024 {
+                        Err("must be at least 1KiB".to_owned())
+                    } else {
+                        Ok(n)
+                    }
+                },
+            ),
+            max_headers: self.leaf(&raw.max_headers, "limits.max_headers", d.max_headers, |s| {
+                usize_at_least(s, 8)
+            }),
+            max_body_bytes: self.leaf(
+                &raw.max_body_bytes,
+                "limits.max_body_bytes",
+                d.max_body_bytes,
+                byte_size,
+            ),
+            max_connections: self.leaf(
+                &raw.max_connections,
+                "limits.max_connections",
+                d.max_connections,
+                count,
+            ),
+            max_connections_per_address: self.leaf(
+                &raw.max_connections_per_address,
+                "limits.max_connections_per_address",
+                d.max_connections_per_address,
+                count,
+            ),
+            max_streams: self.leaf(
+                &raw.max_streams,
+                "limits.max_streams",
+                d.max_streams,
+                positive,
+            ),
+            max_viewers_per_stream: self.leaf(
+                &raw.max_viewers_per_stream,
+                "limits.max_viewers_per_stream",
+                d.max_viewers_per_stream,
+                count,
+            ),
+            max_viewers_per_address: self.leaf(
+                &raw.max_viewers_per_address,
+                "limits.max_viewers_per_address",
+                d.max_viewers_per_address,
+                count,
+            ),
+            max_hls_clients_per_stream: self.leaf(
+                &raw.max_hls_clients_per_stream,
+                "limits.max_hls_clients_per_stream",
+                d.max_hls_clients_per_stream,
+                count,
+            ),
+            max_hls_clients_per_address: self.leaf(
+                &raw.max_hls_clients_per_address,
+                "limits.max_hls_clients_per_address",
+                d.max_hls_clients_per_address,
+                count,
+            ),
+            max_self_hops: self.leaf(
+                &raw.max_self_hops,
+                "limits.max_self_hops",
+                d.max_self_hops,
+                |s| {
+                    usize_at_least(s, 0).and_then(|n| {
+                        if n > 8 {
+                            Err(format!("must be at most 8, got {n}"))
+                        } else {
+                            Ok(n)
+                        }
+                    })
+                },
+            ),
         }
     }
 
@@ -563,6 +691,13 @@ impl Validator<'_> {
                 self.report(key_at, &key_path, &msg);
                 continue;
             }
+            if crate::upstream::headers::is_reserved(name) {
+                let msg = format!(
+                    "header {name:?} is a hop-by-hop or framing header, which m3u-edge sets itself"
+                );
+                self.report(key_at, &key_path, &msg);
+                continue;
+            }
             let lower = name.to_ascii_lowercase();
             if let Some(first) = seen.get(&lower) {
                 let msg = format!(
@@ -777,7 +912,7 @@ fn user_agent(s: &str) -> Check<String> {
     header_value(s, "remove the key to use the default")
 }
 
-fn api_token(s: &str) -> Check<String> {
+pub(super) fn api_token(s: &str) -> Check<String> {
     if s.is_empty() {
         return Err(
             "empty token; use null or remove the key to leave the API without a token".to_owned(),
@@ -790,6 +925,36 @@ fn api_token(s: &str) -> Check<String> {
         return Err("the token may only contain visible ASCII characters (no spaces)".to_owned());
     }
     Ok(s.to_owned())
+}
+
+/// The token kept in a file (e.g. a systemd credential): its first line,
+/// trimmed, checked like `api.token`.
+pub(super) fn token_from_file(path: &Path) -> Check<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let first = text.lines().next().unwrap_or("").trim();
+    api_token(first).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A browser origin: `scheme://host[:port]`, nothing after it, or `*`.
+fn cors_origin(s: &str) -> Check<String> {
+    if s == "*" {
+        return Ok(s.to_owned());
+    }
+    let u = Url::parse(s).map_err(|e| format!("invalid origin {s:?}: {e}"))?;
+    let plain = matches!(u.scheme(), "http" | "https")
+        && u.host_str().is_some()
+        && u.path() == "/"
+        && u.query().is_none()
+        && u.fragment().is_none()
+        && !s.ends_with('/');
+    if !plain {
+        return Err(format!(
+            "invalid origin {s:?}: write scheme://host[:port] with nothing after it, \
+             e.g. \"https://editor.example.com\""
+        ));
+    }
+    Ok(u.origin().ascii_serialization())
 }
 
 fn log_level(s: &str) -> Check<String> {

@@ -133,6 +133,11 @@ pub struct RequestCtx {
     /// A live viewer now served off the session (proxy/live.rs), which logs
     /// the request itself when the viewer leaves.
     pub detached: bool,
+    /// How deep this request is in a chain m3u-edge made to itself (0 = a
+    /// real client); see `conn::selfloop`.
+    pub self_depth: usize,
+    /// The current provider connection listed as ours while it is in use.
+    pub self_listed: Option<crate::conn::selfloop::Listed>,
 }
 
 impl RequestCtx {
@@ -151,6 +156,8 @@ impl RequestCtx {
             bytes_out: 0,
             first_byte: false,
             detached: false,
+            self_depth: 0,
+            self_listed: None,
         }
     }
 }

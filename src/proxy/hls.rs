@@ -26,7 +26,7 @@ use crate::app::App;
 use crate::hls::fetch::{FetchError, Playlist, MSN_DIRECTIVE, PART_DIRECTIVE};
 use crate::hls::rewrite::{self, Kind};
 use crate::hls::token::Claims;
-use crate::registry::{ClientGuard, Stream};
+use crate::registry::{ClientGuard, Refused, Stream};
 use crate::upstream::sources;
 
 const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
@@ -73,6 +73,7 @@ async fn write(
     let mut resp = ResponseHeader::build(status, Some(6))?;
     resp.insert_header(header::CONTENT_TYPE, content_type)?;
     resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+    respond::open_cors(&mut resp)?;
     for (k, v) in extra {
         resp.insert_header(k.clone(), v.as_str())?;
     }
@@ -105,10 +106,10 @@ fn attach(
     stream: &Arc<Stream>,
     claims: Option<&Claims>,
     idle: Duration,
-) -> ClientGuard {
+) -> Result<ClientGuard, Refused> {
     let id = request::client_id(session).or_else(|| claims.and_then(|c| c.client_id.clone()));
     if let Some(guard) = id.as_deref().and_then(|id| app.registry.rejoin(stream, id)) {
-        return guard;
+        return Ok(guard);
     }
     let mut hello = request::hello(session);
     if hello.explicit_id.is_none() {
@@ -290,7 +291,13 @@ async fn playlist(
         }
     };
     stream.started(|| serde_json::json!({ "mode": "hls" }));
-    let guard = attach(app, session, stream, claims.as_ref(), idle_for(Some(&p)));
+    let guard = match attach(app, session, stream, claims.as_ref(), idle_for(Some(&p))) {
+        Ok(g) => g,
+        Err(why) => {
+            respond::refused(app, session, ctx, why).await?;
+            return Ok(true);
+        }
+    };
     let client = guard.client.clone();
     ctx.guard = Some(guard);
     let recently_switched = stream
@@ -454,13 +461,19 @@ async fn segment(
         return Ok(true);
     };
     let spec = stream.spec();
-    let guard = attach(
+    let guard = match attach(
         app,
         session,
         stream,
         Some(&c),
         MIN_IDLE.max(Duration::from_secs(10)),
-    );
+    ) {
+        Ok(g) => g,
+        Err(why) => {
+            respond::refused(app, session, ctx, why).await?;
+            return Ok(true);
+        }
+    };
     ctx.guard = Some(guard);
     let range = session
         .req_header()

@@ -78,6 +78,7 @@ fn live_header() -> Result<ResponseHeader> {
     resp.insert_header(header::ACCEPT_RANGES, "none")?;
     // Close-delimited body: no chunk framing per write (DESIGN.md measured it cheaper).
     resp.insert_header(header::CONNECTION, "close")?;
+    respond::open_cors(&mut resp)?;
     Ok(resp)
 }
 
@@ -97,7 +98,13 @@ pub async fn serve(
             .await?;
         return Ok(true);
     }
-    let guard = app.registry.attach(stream, &request::hello(session));
+    let guard = match app.registry.attach(stream, &request::hello(session)) {
+        Ok(g) => g,
+        Err(why) => {
+            respond::refused(app, session, ctx, why).await?;
+            return Ok(true);
+        }
+    };
     ctx.guard = Some(guard);
     let viewer = match app.hub.join(app, stream).await {
         Ok(v) => v,
@@ -166,7 +173,11 @@ pub async fn serve(
         ));
     };
     ctx.detached = true;
+    // The front door's slot for this connection ends with Pingora's session;
+    // the viewer keeps the socket, so it keeps a slot of its own.
+    let peer = io.peer_addr().ok().map(|a| a.ip());
     let delivery = Delivery {
+        _conn: app.conns.take_anyway(peer),
         app: app.clone(),
         stream: stream.clone(),
         guard,
@@ -216,6 +227,8 @@ async fn detach(session: &mut Session) -> Option<TcpStream> {
 /// One live viewer off its Pingora session: hub bytes in, one large write per
 /// batch out, until the viewer, the channel or the API ends it.
 struct Delivery {
+    /// Counted as an open client connection while the viewer watches.
+    _conn: crate::conn::caps::Slot<std::net::IpAddr>,
     app: Arc<App>,
     stream: Arc<RegStream>,
     /// Listed as a client until this is dropped (client_disconnected).

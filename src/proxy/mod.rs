@@ -55,6 +55,27 @@ impl ProxyHttp for Edge {
         upstream::peer(&self.app, ctx).await
     }
 
+    /// Lists the provider connection's local address, so a request that
+    /// arrives from it is known to be m3u-edge itself (`conn::selfloop`).
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let local = digest
+            .and_then(|d| d.socket_digest.as_ref())
+            .and_then(|s| s.local_addr())
+            .and_then(|a| a.as_inet())
+            .copied();
+        ctx.self_listed = local.map(|l| self.app.self_conns.list(l, ctx.self_depth));
+        Ok(())
+    }
+
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -81,6 +102,16 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         upstream::response_header(&self.app, upstream_response, ctx)
+    }
+
+    /// Proxied responses go only to client routes (`/stream`): open CORS.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        respond::open_cors(upstream_response)
     }
 
     fn error_while_proxy(
@@ -122,6 +153,7 @@ impl ProxyHttp for Edge {
         // moment the request is over.
         ctx.guard.take();
         ctx.lease.take();
+        ctx.self_listed.take();
     }
 
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {

@@ -13,12 +13,10 @@ use super::live::{self, Mode};
 use super::respond;
 use crate::api::{self, ApiRequest};
 use crate::app::App;
+use crate::metrics::LimitCut;
 use crate::registry::{ClientHello, Stream};
 use crate::route::{self, Route};
 use crate::upstream::sources;
-
-/// API bodies are small JSON documents; anything bigger is refused.
-const MAX_API_BODY: usize = 1024 * 1024;
 
 /// Playlist polls are the hot path: Pingora moves this future into a box on
 /// every request, so the larger, colder branches live in boxes of their own.
@@ -26,6 +24,30 @@ pub async fn route(app: &Arc<App>, session: &mut Session, ctx: &mut RequestCtx) 
     let path = session.req_header().uri.path().to_string();
     let r = route::decode(&path, &app.config.server.root_path);
     ctx.route = Some(r.clone());
+    if let Some(depth) = self_depth(app, session) {
+        ctx.self_depth = depth;
+        if depth > app.config.limits.max_self_hops {
+            app.metrics.cut(LimitCut::SelfLoop);
+            tracing::warn!(path = %path, depth, "request from m3u-edge to itself refused (a stream URL or provider redirect points back at this proxy)");
+            ctx.local_status = Some(508);
+            respond::error(
+                session,
+                508,
+                "Loop Detected: m3u-edge was asked to fetch from itself",
+            )
+            .await?;
+            return Ok(true);
+        }
+    }
+    let client_route = matches!(
+        r,
+        Route::Play(_) | Route::HlsPlaylist(_) | Route::HlsSegment(_)
+    );
+    if client_route && session.req_header().method == Method::OPTIONS {
+        ctx.local_status = Some(200);
+        respond::preflight(session, respond::Cors::Open).await?;
+        return Ok(true);
+    }
     match r {
         Route::NotFound => {
             ctx.local_status = Some(404);
@@ -72,10 +94,17 @@ pub fn query_param(session: &Session, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-async fn read_body(session: &mut Session) -> Result<Option<Bytes>> {
+/// The nesting depth of a request m3u-edge made to itself, or None for a
+/// real client (see `conn::selfloop`).
+fn self_depth(app: &App, session: &Session) -> Option<usize> {
+    let peer = session.client_addr()?.as_inet()?;
+    app.self_conns.depth_of(*peer)
+}
+
+async fn read_body(session: &mut Session, max: usize) -> Result<Option<Bytes>> {
     let mut buf = BytesMut::new();
     while let Some(chunk) = session.read_request_body().await? {
-        if buf.len() + chunk.len() > MAX_API_BODY {
+        if buf.len() + chunk.len() > max {
             return Ok(None);
         }
         buf.extend_from_slice(&chunk);
@@ -90,9 +119,34 @@ async fn serve_api(
     a: &route::Api,
 ) -> Result<()> {
     let method = session.req_header().method.clone();
+    let req = session.req_header();
+    let header_str = |name: header::HeaderName| req.headers.get(name).and_then(|v| v.to_str().ok());
+    let caller = api::access::Caller {
+        peer: session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip()),
+        host: header_str(header::HOST).or(req.uri.authority().map(|a| a.as_str())),
+        origin: header_str(header::ORIGIN),
+    };
+    let cors_origin = match api::access::check(&app.config.api, caller) {
+        Ok(origin) => origin.map(str::to_owned),
+        Err(reply) => {
+            app.metrics.cut(LimitCut::ApiOrigin);
+            ctx.local_status = Some(reply.status);
+            return respond::json_with(
+                session,
+                reply.status,
+                &reply.body,
+                respond::Cors::Only(None),
+            )
+            .await;
+        }
+    };
+    let cors = respond::Cors::Only(cors_origin.as_deref());
     if method == Method::OPTIONS {
         ctx.local_status = Some(200);
-        return respond::preflight(session).await;
+        return respond::preflight(session, cors).await;
     }
     let query = query_pairs(session);
     let header_token = session
@@ -107,12 +161,23 @@ async fn serve_api(
     let auth = api::authorize(app, a, header_token.as_deref(), query_token.as_deref());
     if let Some(reply) = api::auth_reply(auth) {
         ctx.local_status = Some(reply.status);
-        return respond::json(session, reply.status, &reply.body).await;
+        return respond::json_with(session, reply.status, &reply.body, cors).await;
     }
-    let Some(body) = read_body(session).await? else {
+    let Some(body) = read_body(session, app.config.limits.max_body_bytes).await? else {
+        app.metrics.cut(LimitCut::BodyBytes);
         ctx.local_status = Some(413);
-        return respond::error(session, 413, "Request body too large").await;
+        let reply = api::ApiReply::detail(413, "Request body too large");
+        return respond::json_with(session, 413, &reply.body, cors).await;
     };
+    let content_type = session
+        .req_header()
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if let Err(reply) = api::access::check_body(&method, content_type, &body) {
+        ctx.local_status = Some(reply.status);
+        return respond::json_with(session, reply.status, &reply.body, cors).await;
+    }
     // HEAD on an API route answers like GET, without the body.
     let method = if method == Method::HEAD {
         Method::GET
@@ -126,7 +191,7 @@ async fn serve_api(
     };
     let reply = api::handle(app, a, &req).await;
     ctx.local_status = Some(reply.status);
-    respond::json(session, reply.status, &reply.body).await
+    respond::json_with(session, reply.status, &reply.body, cors).await
 }
 
 /// The client's address as m3u-proxy records it: first X-Forwarded-For, else the peer.
@@ -283,7 +348,13 @@ async fn play(
     }
     ctx.sel = Selection::new(candidates);
     ctx.spec = Some(spec);
-    let guard = app.registry.attach(&stream, &hello(session));
+    let guard = match app.registry.attach(&stream, &hello(session)) {
+        Ok(g) => g,
+        Err(why) => {
+            respond::refused(app, session, ctx, why).await?;
+            return Ok(true);
+        }
+    };
     tracing::debug!(stream_id = %stream.id, client = %guard.client.id, "client attached");
     ctx.guard = Some(guard);
     Ok(false)

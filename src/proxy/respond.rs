@@ -1,5 +1,11 @@
 //! Every response m3u-edge writes itself: API replies and JSON errors. Error
 //! bodies name the stream id or the reason, never a provider URL, token or header.
+//!
+//! CORS has two policies. Client routes (`/stream`, `/hls`) are for players,
+//! browsers included, on any origin: `Access-Control-Allow-Origin: *`,
+//! never with credentials. Management routes answer CORS only to the
+//! origins in `api.cors_origins` (none by default: m3u-editor calls them
+//! server-side), so no web page can read `/streams` with its provider URLs.
 
 use bytes::Bytes;
 use http::header;
@@ -8,8 +14,50 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 use serde_json::{json, Value};
 
-/// Writes a complete JSON response (header only for HEAD).
+/// Who may read a response from a browser page.
+#[derive(Debug, Clone, Copy)]
+pub enum Cors<'a> {
+    /// Any origin, without credentials (client routes).
+    Open,
+    /// Only this origin (a management route called from an allowed origin),
+    /// or none.
+    Only(Option<&'a str>),
+}
+
+/// `Access-Control-Allow-Origin: *` for a client route's response.
+pub fn open_cors(resp: &mut ResponseHeader) -> Result<()> {
+    resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")?;
+    resp.insert_header(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        "Content-Length, Content-Range, Accept-Ranges",
+    )?;
+    Ok(())
+}
+
+fn cors_headers(resp: &mut ResponseHeader, cors: Cors) -> Result<()> {
+    match cors {
+        Cors::Open => open_cors(resp),
+        Cors::Only(Some(origin)) => {
+            resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
+            resp.insert_header(header::VARY, "Origin")?;
+            Ok(())
+        }
+        Cors::Only(None) => Ok(()),
+    }
+}
+
+/// Writes a complete JSON response for a client route (header only for HEAD).
 pub async fn json(session: &mut Session, status: u16, body: &Value) -> Result<()> {
+    json_with(session, status, body, Cors::Open).await
+}
+
+/// Writes a complete JSON response with the given CORS policy.
+pub async fn json_with(
+    session: &mut Session,
+    status: u16,
+    body: &Value,
+    cors: Cors<'_>,
+) -> Result<()> {
     let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
     let mut resp = ResponseHeader::build(status, Some(6))?;
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
@@ -18,11 +66,7 @@ pub async fn json(session: &mut Session, status: u16, body: &Value) -> Result<()
     if status == 401 || status == 403 {
         resp.insert_header(header::WWW_AUTHENTICATE, "Bearer")?;
     }
-    if let Some(origin) = session.req_header().headers.get(header::ORIGIN).cloned() {
-        resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
-        resp.insert_header(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true")?;
-        resp.insert_header(header::VARY, "Origin")?;
-    }
+    cors_headers(&mut resp, cors)?;
     let head = session.req_header().method == http::Method::HEAD;
     session.write_response_header(Box::new(resp), head).await?;
     if !head {
@@ -36,17 +80,17 @@ pub async fn error(session: &mut Session, status: u16, msg: &str) -> Result<()> 
     json(session, status, &json!({ "detail": msg })).await
 }
 
-/// CORS preflight: m3u-proxy answers 200 and echoes the Origin.
-pub async fn preflight(session: &mut Session) -> Result<()> {
+/// CORS preflight: 200 (as m3u-proxy), with the policy's headers; a
+/// management route asked from an origin not allowed gets none, so the
+/// browser refuses the real request.
+pub async fn preflight(session: &mut Session, cors: Cors<'_>) -> Result<()> {
     let mut resp = ResponseHeader::build(200, Some(6))?;
-    if let Some(origin) = session.req_header().headers.get(header::ORIGIN).cloned() {
-        resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
-        resp.insert_header(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true")?;
-    }
-    resp.insert_header(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        "GET, POST, DELETE, HEAD, OPTIONS",
-    )?;
+    cors_headers(&mut resp, cors)?;
+    let methods = match cors {
+        Cors::Open => "GET, HEAD, OPTIONS",
+        Cors::Only(_) => "GET, POST, DELETE, HEAD, OPTIONS",
+    };
+    resp.insert_header(header::ACCESS_CONTROL_ALLOW_METHODS, methods)?;
     let asked = session
         .req_header()
         .headers
@@ -59,4 +103,23 @@ pub async fn preflight(session: &mut Session) -> Result<()> {
     resp.insert_header(header::ACCESS_CONTROL_MAX_AGE, "600")?;
     resp.insert_header(header::CONTENT_LENGTH, 0)?;
     session.write_response_header(Box::new(resp), true).await
+}
+
+/// A new client refused by a `limits.*` cap: 429, counted.
+pub async fn refused(
+    app: &crate::app::App,
+    session: &mut Session,
+    ctx: &mut super::RequestCtx,
+    why: crate::registry::Refused,
+) -> Result<()> {
+    use crate::metrics::LimitCut;
+    use crate::registry::Refused;
+    app.metrics.cut(match why {
+        Refused::ViewersPerStream => LimitCut::ViewersPerStream,
+        Refused::ViewersPerAddress => LimitCut::ViewersPerAddress,
+        Refused::HlsPerStream => LimitCut::HlsClientsPerStream,
+        Refused::HlsPerAddress => LimitCut::HlsClientsPerAddress,
+    });
+    ctx.local_status = Some(429);
+    error(session, 429, why.message()).await
 }

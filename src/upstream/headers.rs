@@ -34,6 +34,28 @@ const KEPT: [HeaderName; 12] = [
     header::CONTENT_ENCODING,
 ];
 
+/// Hop-by-hop and framing headers: m3u-edge frames its own requests, so a
+/// stream, provider or webhook header of these names would sit beside ours
+/// and could split or smuggle a request (RFC 9110 §7.6.1, RFC 9112 §6).
+const RESERVED: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "content-length",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// Whether `name` may not be set as an extra request header (see [`RESERVED`]).
+pub fn is_reserved(name: &str) -> bool {
+    RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name))
+}
+
 /// The request to send upstream for `target`: method and allowlisted headers of
 /// the client request, plus the stream's user agent and headers.
 pub fn upstream_request(

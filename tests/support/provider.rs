@@ -15,6 +15,7 @@
 //! | `/files/{name}` | fixture `{FIXTURES}/{name}` (subdirs allowed, `..` refused with 404); Range (RFC 7233, one range), If-Range, ETag, Last-Modified |
 //! | `/status/{code}` | that status, body `PROVIDER-BODY-SECRET {code}` |
 //! | `/redirect/{n}/{rest}` | 302 → `/redirect/{n-1}/{rest}`; at 0 → `/{rest}` (root-relative Locations) |
+//! | `/self/{port}/{name}` | 302 → `http://127.0.0.1:{port}/stream/{md5 of this URL}`: a stream that points back at the proxy |
 //! | `/redirect-abs/{n}/{rest}` | the same with absolute `http://127.0.0.1:PORT/...` Locations |
 //! | `/redirect-rel/{rest}` | 302 with a relative Location without leading slash: one `../` per segment of `{rest}`, then `files/{rest}`; it resolves (RFC 3986 §5.2) to `/files/{rest}`. E.g. `/redirect-rel/sample.mp4` → `../files/sample.mp4`, `/redirect-rel/hls_ts/v0/index.m3u8` → `../../../files/hls_ts/v0/index.m3u8` |
 //! | `/loop/a`, `/loop/b` | 302 to each other forever |
@@ -509,6 +510,14 @@ async fn handle(
     } else if let Some(rest) = path.strip_prefix("/redirect-rel/") {
         let ups = "../".repeat(rest.split('/').count());
         redirect(&with_query(&format!("{ups}files/{rest}"), query), head)
+    } else if let Some(tail) = path.strip_prefix("/self/") {
+        // `/self/{port}/{name}`: 302 to `http://127.0.0.1:{port}/stream/{id}`
+        // where id is the md5 of this very URL, i.e. the m3u-edge stream
+        // registered with it: a provider pointing a stream back at the proxy.
+        let port = tail.split('/').next().unwrap_or("");
+        let own = format!("http://{}{}", st.addr, path);
+        let id = hex::encode(<md5::Md5 as md5::Digest>::digest(own.as_bytes()));
+        redirect(&format!("http://127.0.0.1:{port}/stream/{id}"), head)
     } else if path == "/loop/a" {
         redirect(&with_query("/loop/b", query), head)
     } else if path == "/loop/b" {
