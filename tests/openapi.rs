@@ -47,6 +47,13 @@ async fn served_spec_is_the_file() {
             "application/json",
             "{path}"
         );
+        assert_eq!(
+            headers
+                .get("access-control-allow-origin")
+                .and_then(|v| v.to_str().ok()),
+            Some("*"),
+            "{path}: any page may read it"
+        );
         assert!(body[..] == file[..], "{path} is not docs/openapi.json");
     }
 }

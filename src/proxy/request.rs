@@ -261,11 +261,13 @@ async fn metrics(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Resu
 }
 
 /// `/openapi.json`: the API description, byte for byte as in the repository.
+/// Public like the client routes: any page may read it (API explorers).
 async fn openapi(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
     let body = api::openapi::SPEC.as_bytes();
-    let mut resp = pingora::http::ResponseHeader::build(200, Some(3))?;
+    let mut resp = pingora::http::ResponseHeader::build(200, Some(5))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    respond::open_cors(&mut resp)?;
     let head = session.req_header().method == Method::HEAD;
     ctx.local_status = Some(200);
     session.write_response_header(Box::new(resp), head).await?;
