@@ -209,6 +209,26 @@ fn assert_urls_are_pinned(spec: &Value) {
     }
 }
 
+/// No example, default, const or enum holds a URL: schemathesis sends those
+/// values as they are, and they are not pinned to loopback.
+fn assert_no_literal_urls(v: &Value, at: &str) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let literal =
+                    ["example", "examples", "default", "const", "enum"].contains(&k.as_str());
+                assert!(
+                    !(literal && x.to_string().contains("://")),
+                    "{at}/{k} holds a URL, which schemathesis would send off this machine: {x}"
+                );
+                assert_no_literal_urls(x, &format!("{at}/{k}"));
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| assert_no_literal_urls(x, at)),
+        _ => {}
+    }
+}
+
 /// `[[operations]]` entries for the operations whose body holds an
 /// `HttpUrl`: positive data only, since negative data for a URL is any
 /// string, including URLs off this machine.
@@ -275,6 +295,8 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let (status, mut spec) = client::api(&e, Method::GET, "/openapi.json", None, None).await;
     assert_eq!(status, 200);
     assert_urls_are_pinned(&spec);
+    assert_no_literal_urls(&spec["paths"], "#/paths");
+    assert_no_literal_urls(&spec["components"], "#/components");
     let st_config = format!("{ST_CONFIG}{}", positive_only(&spec));
     assert!(spec["components"]["schemas"]["HttpUrl"].is_object());
     spec["components"]["schemas"]["HttpUrl"] = json!({
