@@ -44,6 +44,10 @@ pub struct App {
     pub conns: Arc<ConnCaps>,
     /// Our own provider connections, to catch requests to ourselves.
     pub self_conns: Arc<SelfConns>,
+    /// Running ffmpeg processes (`transcode.max_processes`).
+    pub transcoders: Arc<Caps<()>>,
+    /// The ffmpeg found at start.
+    pub ffmpeg: crate::transcode::source::Ffmpeg,
 }
 
 impl App {
@@ -134,6 +138,8 @@ impl App {
                 config.limits.max_connections_per_address,
             ),
             self_conns: SelfConns::new(),
+            transcoders: Caps::new(config.transcode.max_processes, 0),
+            ffmpeg: crate::transcode::source::probe(&config.transcode),
             config: Arc::new(config),
         };
         for s in &app.config.streams {
@@ -150,6 +156,7 @@ impl App {
                     sticky: s.sticky,
                     strict_live_ts: false,
                     provider: s.provider.clone(),
+                    transcode: None,
                 },
             );
         }

@@ -106,6 +106,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub hls: HlsConfig,
     pub limits: LimitsConfig,
+    pub transcode: TranscodeConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -363,6 +364,53 @@ impl Default for HlsConfig {
             segment_cache_bytes: 64 * 1024 * 1024,
             playlist_max_bytes: 4 * 1024 * 1024,
             token_key: None,
+        }
+    }
+}
+
+/// The `transcode:` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TranscodeConfig {
+    /// The ffmpeg binary: a path, or a name looked up on PATH.
+    pub ffmpeg: PathBuf,
+    pub hwaccel: HwAccel,
+    /// The GPU device for `vaapi`/`qsv` (e.g. /dev/dri/renderD128).
+    pub device: Option<String>,
+    /// ffmpeg processes at once; 0 = no cap. A full cap is a 503.
+    pub max_processes: usize,
+    /// Profiles from the YAML (over the built-in ones of the same name).
+    pub profiles: Vec<crate::transcode::profiles::Profile>,
+}
+
+impl Default for TranscodeConfig {
+    fn default() -> Self {
+        Self {
+            ffmpeg: PathBuf::from("ffmpeg"),
+            hwaccel: HwAccel::None,
+            device: None,
+            max_processes: 8,
+            profiles: Vec::new(),
+        }
+    }
+}
+
+/// `transcode.hwaccel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HwAccel {
+    #[default]
+    None,
+    Vaapi,
+    Qsv,
+    Nvenc,
+}
+
+impl HwAccel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HwAccel::None => "none",
+            HwAccel::Vaapi => "vaapi",
+            HwAccel::Qsv => "qsv",
+            HwAccel::Nvenc => "nvenc",
         }
     }
 }

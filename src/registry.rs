@@ -65,6 +65,22 @@ pub struct StreamSpec {
     /// The provider named in the YAML; API streams are matched by host.
     #[serde(default)]
     pub provider: Option<String>,
+    /// A transcoded channel (`POST /transcode`): ffmpeg over another stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transcode: Option<TranscodeSpec>,
+}
+
+/// What a transcoded stream runs: ffmpeg with `args`, fed from the live
+/// channel of stream `source` (one more viewer of it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TranscodeSpec {
+    pub source: String,
+    pub args: Vec<String>,
+    /// The profile's name, or `custom` for a template.
+    pub profile: String,
+    /// The template asked for HLS output.
+    #[serde(default)]
+    pub hls: bool,
 }
 
 /// Failover position of a stream, as `GET /streams` reports it.
@@ -282,6 +298,7 @@ impl Stream {
                 "reason": reason,
                 "duration_seconds": duration,
                 "bytes_served": self.bytes.load(Ordering::Relaxed),
+                "was_transcoded": self.spec().transcode.is_some(),
             }),
         );
     }
@@ -604,7 +621,12 @@ impl Registry {
     ///
     /// A new stream beyond `limits.max_streams` is refused (`Err` with the cap).
     pub fn register(&self, spec: StreamSpec) -> Result<Registered, usize> {
-        let id = stream_id_for(&spec.url);
+        self.register_as(stream_id_for(&spec.url), spec)
+    }
+
+    /// [`Registry::register`] under an id of the caller's (a transcoded
+    /// stream's id is keyed on its ffmpeg argv, not only its URL).
+    pub fn register_as(&self, id: String, spec: StreamSpec) -> Result<Registered, usize> {
         let mut map = self.streams.write();
         if let Some(old) = map.get(&id).cloned() {
             old.touch();
@@ -953,6 +975,7 @@ mod tests {
             sticky: false,
             strict_live_ts: false,
             provider: None,
+            transcode: None,
         }
     }
 

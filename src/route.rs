@@ -31,6 +31,10 @@ pub enum Api {
     Webhooks,
     /// `/webhooks/test`
     WebhooksTest,
+    /// `/transcode`
+    Transcode,
+    /// `/transcode/profiles`
+    TranscodeProfiles,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +77,8 @@ pub fn decode(path: &str, root_path: &str) -> Route {
         ["test-connection"] => Route::Api(Api::TestConnection),
         ["webhooks"] => Route::Api(Api::Webhooks),
         ["webhooks", "test"] => Route::Api(Api::WebhooksTest),
+        ["transcode"] => Route::Api(Api::Transcode),
+        ["transcode", "profiles"] => Route::Api(Api::TranscodeProfiles),
         ["metrics"] => Route::Metrics,
         ["openapi.json"] => Route::OpenApi,
         ["stream", id] if valid_id(id) => Route::Play(id.to_string()),

@@ -147,8 +147,9 @@ async fn sink() -> u16 {
 /// The schemathesis settings beyond the command line: the checks (no 5xx;
 /// status code, content type and body as documented).
 /// `POST /streams/{id}/failover` answers 500 by design when no source is
-/// left, as m3u-proxy does: its responses are checked against the spec,
-/// not for 5xx. [`positive_only`] adds the operations that send to URLs.
+/// left, as m3u-proxy does, and `POST /transcode` 503 when ffmpeg is not
+/// installed: their responses are checked against the spec, not for 5xx.
+/// [`positive_only`] adds the operations that send to URLs.
 const ST_CONFIG: &str = r#"
 [checks]
 enabled = false
@@ -160,20 +161,70 @@ content_type_conformance = { enabled = true }
 [[operations]]
 include-path = "/streams/{stream_id}/failover"
 checks = { not_a_server_error = { enabled = false } }
+
+[[operations]]
+include-path = "/transcode"
+checks = { not_a_server_error = { enabled = false } }
 "#;
 
 const HTTP_URL: &str = "#/components/schemas/HttpUrl";
 
-/// The JSON body schema of an operation, its top-level `$ref` resolved, and
-/// the name of the component it refers to.
-fn body_schema<'a>(spec: &'a Value, op: &'a Value) -> Option<(&'a Value, Option<&'a str>)> {
+/// `v` with every `$ref` replaced by what it points to, except references
+/// to `HttpUrl`, kept as the mark of a pinned URL.
+fn inline(spec: &Value, v: &Value, depth: usize) -> Value {
+    assert!(depth < 16, "$ref cycle in the spec");
+    match v {
+        Value::Object(m) => match m.get("$ref").and_then(Value::as_str) {
+            Some(r) if r != HTTP_URL => {
+                let target = r
+                    .strip_prefix('#')
+                    .and_then(|p| spec.pointer(p))
+                    .unwrap_or_else(|| panic!("dangling $ref {r}"));
+                inline(spec, target, depth + 1)
+            }
+            _ => Value::Object(
+                m.iter()
+                    .map(|(k, x)| (k.clone(), inline(spec, x, depth)))
+                    .collect(),
+            ),
+        },
+        Value::Array(a) => Value::Array(a.iter().map(|x| inline(spec, x, depth)).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The JSON body schema of an operation, inlined, and the name of the
+/// component it is (if it is one).
+fn body_schema(spec: &Value, op: &Value) -> Option<(Value, Option<String>)> {
     let schema = &op["requestBody"]["content"]["application/json"]["schema"];
-    match schema["$ref"].as_str() {
-        Some(r) => {
-            let name = r.rsplit('/').next();
-            Some((spec.pointer(r.strip_prefix('#')?)?, name))
+    if schema.is_null() {
+        return None;
+    }
+    let name = schema["$ref"]
+        .as_str()
+        .and_then(|r| r.rsplit('/').next())
+        .map(str::to_string);
+    Some((inline(spec, schema, 0), name))
+}
+
+/// Every `properties` entry, at any depth, whose name contains "url".
+fn url_fields<'a>(v: &'a Value, out: &mut Vec<(&'a str, &'a Value)>) {
+    match v {
+        Value::Object(m) => {
+            for (name, prop) in m
+                .get("properties")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
+                if name.contains("url") {
+                    out.push((name, prop));
+                }
+            }
+            m.values().for_each(|x| url_fields(x, out));
         }
-        None => (!schema.is_null()).then_some((schema, None)),
+        Value::Array(a) => a.iter().for_each(|x| url_fields(x, out)),
+        _ => {}
     }
 }
 
@@ -196,12 +247,14 @@ fn assert_urls_are_pinned(spec: &Value) {
             let Some((schema, component)) = body_schema(spec, op) else {
                 continue;
             };
-            if component == Some("WebhookTarget") {
+            if component.as_deref() == Some("WebhookTarget") {
                 continue;
             }
-            for (name, prop) in schema["properties"].as_object().into_iter().flatten() {
+            let mut fields = Vec::new();
+            url_fields(&schema, &mut fields);
+            for (name, prop) in fields {
                 assert!(
-                    !name.contains("url") || prop.to_string().contains(HTTP_URL),
+                    prop.to_string().contains(HTTP_URL),
                     "{method} {path}: body field {name} is a URL but not an HttpUrl"
                 );
             }
@@ -248,8 +301,8 @@ fn positive_only(spec: &Value) -> String {
         }
     }
     assert!(
-        out.matches("[[operations]]").count() >= 3,
-        "POST /streams, /webhooks and /test-connection carry URLs: {out}"
+        out.matches("[[operations]]").count() >= 4,
+        "POST /streams, /transcode, /webhooks and /test-connection carry URLs: {out}"
     );
     out
 }

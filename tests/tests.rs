@@ -13,4 +13,5 @@ mod hls;
 mod live;
 mod openapi;
 mod security;
+mod transcode;
 mod vod;

@@ -244,6 +244,7 @@ pub fn create_stream(body: &[u8]) -> Result<CreateStream, ApiReply> {
             sticky,
             strict_live_ts,
             provider: None,
+            transcode: None,
         },
         raw_metadata: m.get("metadata").filter(|v| !v.is_null()).cloned(),
     })

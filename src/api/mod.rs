@@ -8,6 +8,7 @@ pub mod json;
 pub mod openapi;
 pub mod streams;
 pub mod system;
+pub mod transcode;
 pub mod webhooks;
 
 use bytes::Bytes;
@@ -125,6 +126,8 @@ pub async fn handle(app: &App, api: &Api, req: &ApiRequest) -> ApiReply {
         (Api::Webhooks, &M::POST) => webhooks::add(app, req),
         (Api::Webhooks, &M::DELETE) => webhooks::remove(app, req),
         (Api::WebhooksTest, &M::POST) => webhooks::test(app, req).await,
+        (Api::Transcode, &M::POST) => transcode::create(app, req),
+        (Api::TranscodeProfiles, &M::GET) => transcode::profiles(app),
         _ => ApiReply::method_not_allowed(),
     }
 }

@@ -53,6 +53,8 @@ mod tests {
                 Api::TestConnection => &["/test-connection"],
                 Api::Webhooks => &["/webhooks"],
                 Api::WebhooksTest => &["/webhooks/test"],
+                Api::Transcode => &["/transcode"],
+                Api::TranscodeProfiles => &["/transcode/profiles"],
             },
             Route::Metrics => &["/metrics"],
             Route::OpenApi => &["/openapi.json"],
@@ -80,6 +82,8 @@ mod tests {
             Api::TestConnection,
             Api::Webhooks,
             Api::WebhooksTest,
+            Api::Transcode,
+            Api::TranscodeProfiles,
         ];
         let mut all: Vec<Route> = apis.into_iter().map(Route::Api).collect();
         all.extend([

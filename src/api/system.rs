@@ -79,14 +79,20 @@ pub fn info(app: &App) -> ApiReply {
     let c = &app.config;
     ApiReply::ok(json!({
         "version": VERSION,
-        "ffmpeg_version": null,
+        "ffmpeg_version": app.ffmpeg.version,
         "streamlink_version": null,
         "ytdlp_version": null,
         "hardware_acceleration": {
-            "enabled": false,
-            "type": null,
-            "device": null,
-            "ffmpeg_args": [],
+            "enabled": app.ffmpeg.hwaccel_available,
+            "type": match c.transcode.hwaccel {
+                crate::config::HwAccel::None => serde_json::Value::Null,
+                h => json!(h.as_str()),
+            },
+            "device": c.transcode.device,
+            "ffmpeg_args": crate::transcode::source::with_hwaccel(&["-i".to_string()], &c.transcode)
+                .into_iter()
+                .filter(|a| a != "-i")
+                .collect::<Vec<_>>(),
         },
         "redis": {
             "enabled": false,
@@ -99,7 +105,15 @@ pub fn info(app: &App) -> ApiReply {
             "stream_timeout": c.server.stream_idle_ttl.as_secs(),
             "sharing_strategy": "shared_live_hub",
         },
-        "transcoding": { "enabled": false, "profiles": [] },
+        "transcoding": {
+            "enabled": app.ffmpeg.version.is_some(),
+            "profiles": crate::transcode::profiles::all(&c.transcode.profiles)
+                .into_iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>(),
+            "max_processes": c.transcode.max_processes,
+            "running": app.transcoders.open(),
+        },
         "configuration": {
             "root_path": c.server.root_path,
             "public_url": c.server.public_url.as_ref().map(|u| u.to_string()),

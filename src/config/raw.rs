@@ -38,11 +38,12 @@ pub(super) struct RawConfig {
     pub metrics: Option<RawMetrics>,
     pub hls: Option<RawHls>,
     pub limits: Option<RawLimits>,
+    pub transcode: Option<RawTranscode>,
 }
 
 /// Top-level keys, for the message about a document that is not a mapping.
 const SECTIONS: &str =
-    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits";
+    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +64,26 @@ pub(super) struct RawApi {
     pub token_file: Leaf<String>,
     pub cors_origins: Option<Spanned<Vec<Spanned<String>>>>,
     pub allow_open: Leaf<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTranscode {
+    pub ffmpeg: Leaf<String>,
+    pub hwaccel: Leaf<String>,
+    pub device: Leaf<String>,
+    pub max_processes: Leaf<Scalar>,
+    pub profiles: Option<Vec<RawProfile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProfile {
+    pub name: Spanned<String>,
+    pub description: Leaf<String>,
+    pub template: Spanned<String>,
+    /// Default values of the template's placeholders, as a mapping.
+    pub defaults: Option<RawHeaders>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -302,7 +302,7 @@ fn unknown_key_at_top_level() {
     assert_eq!(
         error("servr:\n  listen: 127.0.0.1:1\n"),
         "conf/test.yaml:1:1: servr: unknown field `servr`, expected one of: \
-         server, api, upstream, providers, streams, live, log, events, metrics, hls, limits \
+         server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode \
          (did you mean `server`?)"
     );
 }
@@ -405,7 +405,7 @@ fn wrong_types() {
 #[test]
 fn top_level_must_be_a_mapping() {
     let expected = "conf/test.yaml:1:1: the file must be a mapping of sections \
-                    (server, api, upstream, providers, streams, live, log, events, metrics, hls, limits)";
+                    (server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode)";
     assert_eq!(error("- server\n"), expected);
     assert_eq!(error("hello\n"), expected);
 }
@@ -1121,4 +1121,32 @@ fn hls_section_parses_and_checks_the_key() {
         m.contains("conf/test.yaml:2:") && m.contains("hls.token_key"),
         "{m}"
     );
+}
+
+#[test]
+fn transcode_section_and_profiles() {
+    let c = ok("transcode:\n  ffmpeg: /usr/bin/ffmpeg\n  hwaccel: vaapi\n  device: /dev/dri/renderD128\n  max_processes: 2\n  profiles:\n    - name: small\n      description: tiny\n      template: \"-i {input_url} -c:v libx264 -vf scale={w}:-2 -f mpegts {output_args}\"\n      defaults:\n        w: \"320\"\n");
+    assert_eq!(c.transcode.max_processes, 2);
+    assert_eq!(c.transcode.hwaccel, crate::config::HwAccel::Vaapi);
+    assert_eq!(c.transcode.profiles[0].name, "small");
+    assert_eq!(c.transcode.profiles[0].defaults["w"], "320");
+    let e = errors("transcode:\n  hwaccel: gpu\n  profiles:\n    - name: bad\n      template: \"-i {input_url} -c copy -y /tmp/x.ts\"\n    - name: \"a b\"\n      template: \"-i {input_url}\"\n");
+    assert_eq!(e.len(), 3, "{e:#?}");
+    assert!(e[0].contains("transcode.hwaccel"), "{e:#?}");
+    assert!(
+        e[1].contains("transcode.profiles[0].template") && e[1].contains("/tmp/x.ts"),
+        "{e:#?}"
+    );
+    assert!(e[2].contains("transcode.profiles[1].name"), "{e:#?}");
+}
+
+#[test]
+fn limits_and_api_keys() {
+    let c = ok("api:\n  cors_origins: [\"https://editor.example\"]\n  allow_open: true\nlimits:\n  header_timeout: 5s\n  max_header_bytes: 32KiB\n  max_connections_per_address: 0\n");
+    assert_eq!(c.api.cors_origins, ["https://editor.example"]);
+    assert!(c.api.allow_open);
+    assert_eq!(c.limits.max_header_bytes, 32 * 1024);
+    assert_eq!(c.limits.max_connections_per_address, 0);
+    let e = errors("api:\n  cors_origins: [\"https://editor.example/path\"]\nlimits:\n  header_timeout: 0s\n  max_headers: 2\n");
+    assert_eq!(e.len(), 3, "{e:#?}");
 }

@@ -17,14 +17,16 @@ use url::Url;
 
 use super::raw::{
     push_key, spanned_at, Leaf, RawApi, RawConfig, RawEvents, RawHeaders, RawHls, RawLimits,
-    RawLive, RawLog, RawMetrics, RawProvider, RawServer, RawStream, RawUpstream, RawWebhook,
-    Scalar,
+    RawLive, RawLog, RawMetrics, RawProvider, RawServer, RawStream, RawTranscode, RawUpstream,
+    RawWebhook, Scalar,
 };
 use super::{
-    ApiConfig, Config, EventsConfig, HlsConfig, LimitsConfig, LiveConfig, LogConfig, MetricsConfig,
-    Problem, ProviderConfig, ServerConfig, StreamConfig, UpstreamConfig, WebhookConfig,
+    ApiConfig, Config, EventsConfig, HlsConfig, HwAccel, LimitsConfig, LiveConfig, LogConfig,
+    MetricsConfig, Problem, ProviderConfig, ServerConfig, StreamConfig, TranscodeConfig,
+    UpstreamConfig, WebhookConfig,
 };
 use crate::events::EventType;
+use crate::transcode::profiles::Profile;
 
 type Check<T> = Result<T, String>;
 type At = Option<(u64, u64)>;
@@ -109,6 +111,7 @@ impl Validator<'_> {
         let metrics = self.metrics(raw.metrics.unwrap_or_default(), &server);
         let hls = self.hls(raw.hls.unwrap_or_default());
         let limits = self.limits(raw.limits.unwrap_or_default());
+        let transcode = self.transcode(raw.transcode.unwrap_or_default());
         Config {
             server,
             api,
@@ -121,6 +124,104 @@ impl Validator<'_> {
             metrics,
             hls,
             limits,
+            transcode,
+        }
+    }
+
+    fn transcode(&mut self, raw: RawTranscode) -> TranscodeConfig {
+        let d = TranscodeConfig::default();
+        let mut profiles: Vec<Profile> = Vec::new();
+        for (i, p) in raw.profiles.iter().flatten().enumerate() {
+            let base = format!("transcode.profiles[{i}]");
+            let name = p.name.value.trim();
+            let name_ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !name_ok {
+                self.report(
+                    spanned_at(&p.name),
+                    &format!("{base}.name"),
+                    "use letters, digits, - and _ only",
+                );
+                continue;
+            }
+            if profiles.iter().any(|q| q.name == name) {
+                self.report(
+                    spanned_at(&p.name),
+                    &format!("{base}.name"),
+                    &format!("profile {name:?} is defined twice"),
+                );
+                continue;
+            }
+            let mut defaults = std::collections::BTreeMap::new();
+            for (k, v) in p.defaults.iter().flat_map(|h| h.0.iter()) {
+                match crate::transcode::template::check_variable(k, &v.value) {
+                    Ok(()) => {
+                        defaults.insert(k.clone(), v.value.clone());
+                    }
+                    Err(e) => self.report(
+                        spanned_at(v),
+                        &format!("{base}.defaults.{k}"),
+                        &e.to_string(),
+                    ),
+                }
+            }
+            let template = p.template.value.clone();
+            if let Err(e) = crate::transcode::template::render(
+                &template,
+                &std::collections::BTreeMap::new(),
+                &defaults,
+            ) {
+                self.report(
+                    spanned_at(&p.template),
+                    &format!("{base}.template"),
+                    &e.to_string(),
+                );
+                continue;
+            }
+            profiles.push(Profile {
+                name: name.to_string(),
+                description: p
+                    .description
+                    .as_ref()
+                    .map(|s| s.value.clone())
+                    .unwrap_or_default(),
+                template,
+                defaults,
+            });
+        }
+        TranscodeConfig {
+            ffmpeg: self.leaf(&raw.ffmpeg, "transcode.ffmpeg", d.ffmpeg, |s| {
+                if s.trim().is_empty() {
+                    Err("empty; remove the key to use ffmpeg from PATH".to_owned())
+                } else {
+                    Ok(std::path::PathBuf::from(s))
+                }
+            }),
+            hwaccel: self.leaf(&raw.hwaccel, "transcode.hwaccel", d.hwaccel, |s| {
+                match s.to_ascii_lowercase().as_str() {
+                    "none" => Ok(HwAccel::None),
+                    "vaapi" => Ok(HwAccel::Vaapi),
+                    "qsv" => Ok(HwAccel::Qsv),
+                    "nvenc" | "cuda" => Ok(HwAccel::Nvenc),
+                    _ => Err(format!("{s:?}: use none, vaapi, qsv or nvenc")),
+                }
+            }),
+            device: self.optional(&raw.device, "transcode.device", |s| {
+                if s.starts_with("/dev/") {
+                    Ok(s.clone())
+                } else {
+                    Err("a device path under /dev, e.g. /dev/dri/renderD128".to_owned())
+                }
+            }),
+            max_processes: self.leaf(
+                &raw.max_processes,
+                "transcode.max_processes",
+                d.max_processes,
+                |s| usize_at_least(s, 0),
+            ),
+            profiles,
         }
     }
 

@@ -490,6 +490,10 @@ impl Reader {
     }
 
     fn provider_of(&self, url: &Url) -> Option<String> {
+        // A transcoded channel holds no provider connection: its source does.
+        if self.spec.transcode.is_some() {
+            return None;
+        }
         self.app
             .providers
             .for_stream(&self.spec, url)
@@ -503,6 +507,9 @@ impl Reader {
             got_bytes: false,
             handover: None,
         };
+        if let Some(t) = self.spec.transcode.clone() {
+            return self.serve_transcode(picker, pos, url, &t).await;
+        }
         let provider = self.provider_of(url);
         let lease = match self.app.leases.try_acquire(provider.as_deref()) {
             Ok(l) => l,
@@ -582,6 +589,49 @@ impl Reader {
             },
         )
         .await
+    }
+
+    /// Starts ffmpeg over the source channel and serves its output.
+    async fn serve_transcode(
+        &mut self,
+        picker: &mut Picker,
+        pos: usize,
+        url: &Url,
+        t: &crate::registry::TranscodeSpec,
+    ) -> Outcome {
+        use crate::transcode::source::{self, OpenError};
+        let failed = |reason: String| Outcome::Failed {
+            reason,
+            got_bytes: false,
+            handover: None,
+        };
+        let opened = tokio::select! {
+            _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
+            r = source::open(&self.app, &self.ch.stream.id, t) => r,
+        };
+        let (body, first) = match opened {
+            Ok(o) => o,
+            Err(OpenError::Full(max)) => {
+                if self.ch.phase() == Phase::Connecting {
+                    self.ch.set_phase(Phase::Full(crate::provider::Full {
+                        provider: "ffmpeg (transcode.max_processes)".into(),
+                        max_connections: u32::try_from(max).unwrap_or(u32::MAX),
+                    }));
+                }
+                return failed("transcode.max_processes reached".into());
+            }
+            Err(OpenError::Failed(why)) => return failed(why),
+        };
+        let Ok(lease) = self.app.leases.try_acquire(None) else {
+            return failed("no lease".into());
+        };
+        let up = Upstream {
+            body,
+            lease,
+            backlog: Some(first),
+        };
+        let url = url.clone();
+        self.serve(picker, Prepared { pos, url, up }).await
     }
 
     /// Serves an open connection: the channel's source from now on.

@@ -39,6 +39,13 @@ pub struct Span {
 }
 
 impl Span {
+    /// The span's bytes, copied out (for a reader that is not a socket).
+    pub fn bytes(&self) -> io::Result<bytes::Bytes> {
+        let mut buf = vec![0u8; self.len];
+        self.spool.read_at(&mut buf, self.off)?;
+        Ok(bytes::Bytes::from(buf))
+    }
+
     /// sendfile() of the whole span to `sock`, waiting while it is full.
     pub async fn send(&self, sock: &TcpStream) -> io::Result<()> {
         let mut done = 0;
@@ -111,7 +118,6 @@ impl Spool {
         Ok(())
     }
 
-    #[cfg(test)]
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         self.file.read_exact_at(buf, off)

@@ -5,4 +5,5 @@
 
 pub mod process;
 pub mod profiles;
+pub mod source;
 pub mod template;
