@@ -3,9 +3,11 @@
 # installed here: it comes from rustup) and cmake (Pingora's zlib-ng build).
 # Installs cmake with apt-get when it can, else says exactly what is missing.
 # With --test-tools, also promtool (Debian package `prometheus`), which the
-# metrics tests use to lint /metrics, and schemathesis (PyPI, in a private
-# venv under target/), which the API tests run against docs/openapi.json;
-# without them those checks are skipped.
+# metrics tests use to lint /metrics, ffmpeg, which the transcoding tests
+# run, Chromium, which plays HLS in the browser test, and schemathesis (PyPI,
+# in a private venv under target/), which the API tests run against
+# docs/openapi.json; without them those checks are skipped. m3u-edge itself
+# needs ffmpeg only to transcode (`apt-get install ffmpeg`).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -62,6 +64,37 @@ install_promtool() {
         fi
     else
         echo "note: could not install promtool (optional); the /metrics lint test will be skipped" >&2
+    fi
+    return 0
+}
+
+# Installs Debian package $1 when command $2 is missing; $3 says what for.
+# Optional: never fails the script; without the package the tests that need
+# it print "SKIPPED: ...".
+install_optional() {
+    local pkg=$1 cmd=$2 what=$3
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
+            sudo="sudo"
+        else
+            echo "note: $pkg not installed (apt-get install $pkg as root enables $what)" >&2
+            return 0
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "note: $pkg not installed (install it to enable $what)" >&2
+        return 0
+    fi
+    echo "installing $pkg (Debian package; for $what)..." >&2
+    if $sudo apt-get update -qq >/dev/null 2>&1 &&
+        $sudo env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null 2>&1 &&
+        command -v "$cmd" >/dev/null 2>&1; then
+        echo "$pkg installed" >&2
+    else
+        echo "note: could not install $pkg; $what will be skipped" >&2
     fi
     return 0
 }
@@ -140,8 +173,10 @@ install_schemathesis() {
     return 0
 }
 
-# Only the test suite needs them: `scripts/test.sh` asks with --test-tools.
+# Only the test suite needs these: `scripts/test.sh` asks with --test-tools.
 if [ "${1:-}" = "--test-tools" ]; then
     install_promtool || true
+    install_optional ffmpeg ffprobe "the transcoding tests" || true
+    install_optional chromium chromium "the browser playback test" || true
     install_schemathesis || true
 fi

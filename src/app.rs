@@ -48,6 +48,8 @@ pub struct App {
     pub transcoders: Arc<Caps<()>>,
     /// The ffmpeg found at start.
     pub ffmpeg: crate::transcode::source::Ffmpeg,
+    /// In-memory HLS of transcodes that asked for HLS.
+    pub packagers: crate::transcode::packager::Packagers,
 }
 
 impl App {
@@ -140,6 +142,7 @@ impl App {
             self_conns: SelfConns::new(),
             transcoders: Caps::new(config.transcode.max_processes, 0),
             ffmpeg: crate::transcode::source::probe(&config.transcode),
+            packagers: Default::default(),
             config: Arc::new(config),
         };
         for s in &app.config.streams {

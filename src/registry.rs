@@ -72,7 +72,7 @@ pub struct StreamSpec {
 
 /// What a transcoded stream runs: ffmpeg with `args`, fed from the live
 /// channel of stream `source` (one more viewer of it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TranscodeSpec {
     pub source: String,
     pub args: Vec<String>,
@@ -81,6 +81,11 @@ pub struct TranscodeSpec {
     /// The template asked for HLS output.
     #[serde(default)]
     pub hls: bool,
+    /// HLS segment length (seconds) and playlist length, for HLS output.
+    #[serde(default)]
+    pub hls_time: Option<f64>,
+    #[serde(default)]
+    pub hls_list_size: Option<usize>,
 }
 
 /// Failover position of a stream, as `GET /streams` reports it.

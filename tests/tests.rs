@@ -5,6 +5,7 @@ mod support;
 mod support_selftest;
 
 mod api;
+mod browser;
 mod cli;
 mod common;
 mod config;

@@ -16,6 +16,7 @@ use crate::support::edge::Edge;
 use crate::support::eventually::eventually;
 use crate::support::provider::Provider;
 use crate::support::ts_check::is_valid_ts;
+use crate::support::webhook::WebhookReceiver;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -182,10 +183,23 @@ async fn ffmpeg_killed_from_outside_is_restarted_and_viewers_keep_receiving() {
         return;
     }
     let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
     let e = Edge::start(&transcode_config()).await;
+    let (s, _) = api(
+        &e,
+        Method::POST,
+        "/webhooks",
+        Some(json!({ "url": hook.url("/hook") })),
+    )
+    .await;
+    assert_eq!(s, 200);
     let (s, v) = transcode(
         &e,
-        json!({ "url": p.url("live/k.ts?kbps=800"), "profile": SMALL }),
+        json!({
+            "url": p.url("live/k.ts?kbps=800"),
+            "profile": SMALL,
+            "metadata": {"profile_id": 9},
+        }),
     )
     .await;
     assert_eq!(s, 200, "{v}");
@@ -204,11 +218,45 @@ async fn ffmpeg_killed_from_outside_is_restarted_and_viewers_keep_receiving() {
     let after = viewer.read_n(188 * 700, T).await;
     is_valid_ts(&after).unwrap();
     assert!(eventually(T, || ffmpeg_children(&e) == 1).await);
-    // Deleted through the API as m3u-editor stops it: all gone.
-    let (s, _) = api(&e, Method::DELETE, &format!("/streams/{id}"), None).await;
-    assert_eq!(s, 200);
+    let (_, counts) = api(
+        &e,
+        Method::GET,
+        "/streams/counts-by-metadata?field=profile_id&values=9",
+        None,
+    )
+    .await;
+    assert_eq!(counts["counts"]["9"], 1, "{counts}");
+    // Stopped as m3u-editor stops it, by metadata: all gone, and said so.
+    let (s, v) = api(
+        &e,
+        Method::DELETE,
+        "/streams/by-metadata?field=profile_id&value=9",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
     assert!(eventually(T, || ffmpeg_children(&e) == 0).await);
     assert!(eventually(T, || p.open_streams("/live/") == 0).await);
+    let (_, counts) = api(
+        &e,
+        Method::GET,
+        "/streams/counts-by-metadata?field=profile_id&values=9",
+        None,
+    )
+    .await;
+    assert_eq!(counts["counts"]["9"], 0, "{counts}");
+    let stopped = hook.wait_for_events("stream_stopped", 1, T).await;
+    let ours: Vec<&Value> = stopped
+        .iter()
+        .filter(|ev| ev["stream_id"] == id.as_str())
+        .collect();
+    assert_eq!(ours.len(), 1, "{stopped:?}");
+    assert_eq!(ours[0]["data"]["was_transcoded"], true);
+    assert_eq!(ours[0]["data"]["metadata"]["transcoding"], "true");
+    assert!(!hook
+        .events_of("client_disconnected")
+        .iter()
+        .all(|ev| ev["stream_id"] != id.as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,4 +348,95 @@ async fn without_ffmpeg_transcode_is_a_503_and_info_says_so() {
     let (_, info) = api(&e, Method::GET, "/info", None).await;
     assert_eq!(info["ffmpeg_version"], Value::Null);
     assert_eq!(info["transcoding"]["enabled"], false);
+}
+
+/// m3u-editor's HLS template (API-COMPAT-FFMPEG §3), lighter for CI: no -g,
+/// so x264's default 10 s GOP would hold the first playlist back for 20 s.
+const EDITOR_HLS: &str = "-fflags +genpts+discardcorrupt+igndts -i {input_url} -c:v libx264 -preset ultrafast -vf scale=160:-2 -b:v {bitrate|300k} -maxrate {maxrate|400k} -bufsize {bufsize|400k} -c:a aac -b:a {audio_bitrate|64k} -hls_time 2 -hls_list_size 30 -hls_flags program_date_time -f hls {output_args|index.m3u8}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hls_profile_serves_signed_segments_that_play_and_stops_with_its_viewers() {
+    if !have_ffmpeg() {
+        return;
+    }
+    let p = Provider::start().await;
+    let e = Edge::start(&transcode_config()).await;
+    let (s, v) = transcode(
+        &e,
+        json!({ "url": p.url("live/h.ts?kbps=800"), "profile": EDITOR_HLS }),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["format"], "hls");
+    let id = v["stream_id"].as_str().unwrap().to_string();
+    assert_eq!(v["playlist_url"], format!("/hls/{id}/playlist.m3u8"));
+    let playlist_url = e.url(&format!("/hls/{id}/playlist.m3u8?client_id=hls1"));
+    // As a player does: ask again while it starts (a cold start on a busy
+    // 2-core box: provider, ffmpeg, a first segment).
+    let patient = client::builder()
+        .timeout(Duration::from_secs(40))
+        .build()
+        .unwrap();
+    let mut body = bytes::Bytes::new();
+    for _ in 0..3 {
+        let resp = patient.get(&playlist_url).send().await.expect("playlist");
+        let status = resp.status();
+        body = resp.bytes().await.unwrap_or_default();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    }
+    let text = String::from_utf8_lossy(&body).into_owned();
+    assert!(text.starts_with("#EXTM3U"), "{text}");
+    let segs: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    assert!(!segs.is_empty(), "{text}");
+    for s in &segs {
+        assert!(s.contains(&format!("/hls/{id}/segment.ts?t=")), "{s}");
+        assert!(!s.contains("file:") && !s.contains("/tmp"), "{s}");
+    }
+    // Forced keyframes: 2 s segments, not x264's 10 s GOP.
+    let durations: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("#EXTINF:"))
+        .filter_map(|d| d.trim_end_matches(',').parse().ok())
+        .collect();
+    assert!(durations.iter().all(|d| *d < 5.0), "{durations:?}");
+    let seg_url = format!("http://127.0.0.1:{}{}", e.port(), segs[0]);
+    let (status, _, seg) = client::get_body(&seg_url).await;
+    assert_eq!(status, 200);
+    is_valid_ts(&seg).unwrap();
+    assert_eq!(probe(&seg).0, "h264");
+    // A tampered reference is refused.
+    let (status, _, _) = client::get_body(&seg_url.replace("?t=", "?t=x")).await;
+    assert_eq!(status, 403);
+    // It plays in ffmpeg.
+    let out = Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-i",
+            &playlist_url,
+            "-t",
+            "3",
+            "-f",
+            "null",
+            "-",
+        ])
+        .output()
+        .expect("ffmpeg");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nobody asks any more: the viewers go idle, the packager and ffmpeg stop.
+    assert!(
+        eventually(Duration::from_secs(40), || ffmpeg_children(&e) == 0).await,
+        "ffmpeg still running"
+    );
+    assert!(eventually(T, || p.open_streams("/live/") == 0).await);
 }

@@ -110,18 +110,23 @@ pub fn create(app: &App, req: &ApiRequest) -> ApiReply {
     let mut spec = parsed.spec;
     let variables_json = serde_json::to_string(&variables).unwrap_or_else(|_| "{}".into());
     let args_text = rendered.args.join(" ");
-    spec.metadata.insert("transcoding".into(), "true".into());
-    spec.metadata.insert("profile".into(), name.clone());
-    spec.metadata
-        .insert("profile_variables".into(), variables_json);
-    spec.metadata
-        .insert("ffmpeg_args".into(), args_text.clone());
+    // The contract's fields, with the caller's keys on top (as m3u-proxy).
+    for (k, v) in [
+        ("transcoding", "true".to_string()),
+        ("profile", name.clone()),
+        ("profile_variables", variables_json),
+        ("ffmpeg_args", args_text),
+    ] {
+        spec.metadata.entry(k.into()).or_insert(v);
+    }
     spec.live = Some(true);
     spec.transcode = Some(TranscodeSpec {
         source: source.stream.id.clone(),
         args: rendered.args.clone(),
         profile: name.clone(),
         hls: rendered.hls,
+        hls_time: rendered.hls_time,
+        hls_list_size: rendered.hls_list_size,
     });
     let reg = match app.registry.register_as(id.clone(), spec.clone()) {
         Ok(r) => r,

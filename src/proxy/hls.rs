@@ -45,7 +45,7 @@ pub enum Asked {
 }
 
 /// `{public_url}{root_path}` or `{root_path}`: the prefix of minted URIs.
-fn prefix(app: &App) -> String {
+pub(super) fn prefix(app: &App) -> String {
     let root = &app.config.server.root_path;
     match &app.config.server.public_url {
         Some(u) => format!("{}{}", u.as_str().trim_end_matches('/'), root),
@@ -61,7 +61,7 @@ fn idle_for(playlist: Option<&Playlist>) -> Duration {
     target.max(MIN_IDLE)
 }
 
-async fn write(
+pub(super) async fn write(
     app: &App,
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -100,7 +100,7 @@ async fn write(
     Ok(())
 }
 
-fn attach(
+pub(super) fn attach(
     app: &App,
     session: &Session,
     stream: &Arc<Stream>,
@@ -129,6 +129,9 @@ pub async fn serve(
     stream: &Arc<Stream>,
     asked: Asked,
 ) -> Result<bool> {
+    if let Some(t) = stream.spec().transcode.as_ref().filter(|t| t.hls) {
+        return super::packaged::serve(app, session, ctx, stream, asked, t).await;
+    }
     let claims = match request::query_param(session, "t") {
         Some(t) => match app.signer.verify(&stream.id, &t) {
             Ok(c) => Some(c),

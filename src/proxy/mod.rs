@@ -7,6 +7,7 @@
 mod ctx;
 mod hls;
 mod live;
+mod packaged;
 mod request;
 pub mod respond;
 mod response;

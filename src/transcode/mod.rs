@@ -3,6 +3,7 @@
 //! YAML profiles ([`profiles`]), and ffmpeg as a supervised child
 //! ([`process`]).
 
+pub mod packager;
 pub mod process;
 pub mod profiles;
 pub mod source;

@@ -139,25 +139,31 @@ async fn feed_inner(
             return;
         }
     };
-    let mut viewer = match app.hub.join(&app, &source).await {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!(stream_id = %source.id, error = ?e, "transcode source unavailable");
-            return;
-        }
-    };
+    // ffmpeg may fall behind the ring (a slow start on a busy box): then it
+    // rejoins at the live edge, a jump it decodes through, instead of ending.
     loop {
-        let data = match viewer.next(READ_CHUNK * 2).await {
-            Next::Data(b) => b,
-            Next::Span(span) => match span.bytes() {
-                Ok(b) => b,
-                Err(_) => return,
-            },
-            Next::Lagged | Next::Ended => return,
+        let mut viewer = match app.hub.join(&app, &source).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(stream_id = %source.id, error = ?e, "transcode source unavailable");
+                return;
+            }
         };
-        if stdin.write_all(&data).await.is_err() {
-            return;
+        loop {
+            let data = match viewer.next(READ_CHUNK * 2).await {
+                Next::Data(b) => b,
+                Next::Span(span) => match span.bytes() {
+                    Ok(b) => b,
+                    Err(_) => break,
+                },
+                Next::Lagged => break,
+                Next::Ended => return,
+            };
+            if stdin.write_all(&data).await.is_err() {
+                return;
+            }
         }
+        tracing::debug!(stream_id = %source.id, transcoded = %transcoded, "transcoder fell behind its source: rejoining at the live edge");
     }
 }
 

@@ -19,13 +19,16 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+/// HLS segment length when a template asks for HLS without `-hls_time`.
+pub const DEFAULT_HLS_TIME: f64 = 2.0;
+
 /// The placeholder for the input; ffmpeg reads m3u-edge's pipe instead.
 const INPUT: &str = "input_url";
 /// The placeholder for the output; always m3u-edge's pipe.
 const OUTPUT: &str = "output_args";
 
 /// What a template asked for, once checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rendered {
     /// ffmpeg's argv after the program name: stdin in, MPEG-TS on stdout.
     pub args: Vec<String>,
@@ -35,6 +38,9 @@ pub struct Rendered {
     pub format: String,
     /// The template copies the video (no re-encoding).
     pub copies_video: bool,
+    /// `-hls_time` and `-hls_list_size`, when the template set them.
+    pub hls_time: Option<f64>,
+    pub hls_list_size: Option<usize>,
 }
 
 /// Why a template or variable was refused; the text names the culprit.
@@ -233,6 +239,9 @@ pub fn render(
     let mut format: Option<String> = None;
     let mut maps = false;
     let mut copies_video = false;
+    let mut hls_time = None;
+    let mut hls_list_size = None;
+    let mut force_keys = false;
     let mut i = 0;
     while i < words.len() {
         let raw = &words[i];
@@ -312,11 +321,19 @@ pub fn render(
             "hls_time" | "hls_list_size" | "hls_flags" | "hls_segment_type"
             | "hls_playlist_type" => {
                 hls = true;
+                match base {
+                    "hls_time" => {
+                        hls_time = value.parse::<f64>().ok().filter(|t| *t > 0.0 && *t <= 60.0)
+                    }
+                    "hls_list_size" => hls_list_size = value.parse::<usize>().ok(),
+                    _ => {}
+                }
                 // HLS muxer options mean nothing to the MPEG-TS pipe.
                 out.pop();
                 continue;
             }
             "map" => maps = true,
+            "force_key_frames" => force_keys = true,
             "c" | "codec" | "vcodec" if value == "copy" => {
                 let video =
                     base == "vcodec" || option == base || option.starts_with(&format!("{base}:v"));
@@ -336,9 +353,25 @@ pub fn render(
     if !pre_input.iter().any(|t| t == "-loglevel" || t == "-v") {
         args.extend(["-loglevel".into(), "warning".into()]);
     }
+    // The input starts at PAT/PMT and a keyframe (a hub join): one second of
+    // probing finds every stream, where ffmpeg's default 5 s would delay
+    // every start by as much.
+    if !pre_input.iter().any(|t| t == "-analyzeduration") {
+        args.extend(["-analyzeduration".into(), "1000000".into()]);
+    }
     args.extend(pre_input);
     args.extend(["-i".into(), "pipe:0".into()]);
     args.extend(post_input);
+    if hls && !copies_video && !force_keys {
+        // HLS segments start at keyframes: make one every segment, whatever
+        // the encoder's GOP (x264's default of 10 s would hold the first
+        // playlist back for as long).
+        let every = hls_time.unwrap_or(DEFAULT_HLS_TIME);
+        args.extend([
+            "-force_key_frames".into(),
+            format!("expr:gte(t,n_forced*{every})"),
+        ]);
+    }
     if !maps {
         args.extend(["-map", "0:v:0?", "-map", "0:a:0?"].map(String::from));
     }
@@ -348,6 +381,8 @@ pub fn render(
         hls,
         format: format.unwrap_or_else(|| "mpegts".into()),
         copies_video,
+        hls_time,
+        hls_list_size,
     })
 }
 
@@ -498,13 +533,19 @@ mod tests {
         assert!(!r.hls);
         assert_eq!(
             r.args.join(" "),
-            "-hide_banner -nostdin -loglevel warning -fflags +genpts+discardcorrupt+igndts -i pipe:0 \
+            "-hide_banner -nostdin -loglevel warning -analyzeduration 1000000 \
+             -fflags +genpts+discardcorrupt+igndts -i pipe:0 \
              -c:v libx264 -preset faster -b:v 2000k -maxrate 2500k -bufsize 2500k -c:a aac -b:a 128k \
              -map 0:v:0? -map 0:a:0? -f mpegts pipe:1"
         );
         let hls = "-fflags +genpts+discardcorrupt+igndts -i {input_url} -c:v libx264 -preset faster -b:v {bitrate|2000k} -maxrate {maxrate|2500k} -bufsize {bufsize|2500k} -c:a aac -b:a {audio_bitrate|128k} -hls_time 2 -hls_list_size 30 -hls_flags program_date_time -f hls {output_args|index.m3u8}";
         let r = render(hls, &none(), &none()).unwrap();
         assert!(r.hls);
+        assert_eq!((r.hls_time, r.hls_list_size), (Some(2.0), Some(30)));
+        assert!(r
+            .args
+            .windows(2)
+            .any(|w| w == ["-force_key_frames", "expr:gte(t,n_forced*2)"]));
         assert!(r
             .args
             .ends_with(&["-f".into(), "mpegts".into(), "pipe:1".into()]));
