@@ -3,11 +3,13 @@
 # installed here: it comes from rustup) and cmake (Pingora's zlib-ng build).
 # Installs cmake with apt-get when it can, else says exactly what is missing.
 # With --test-tools, also promtool (Debian package `prometheus`), which the
-# metrics tests use to lint /metrics, and ffmpeg, which the transcoding tests
-# run, and Chromium, which plays HLS in the browser test; without them those
-# checks are skipped. m3u-edge itself needs ffmpeg
-# only to transcode (`apt-get install ffmpeg`).
+# metrics tests use to lint /metrics, ffmpeg, which the transcoding tests
+# run, Chromium, which plays HLS in the browser test, and schemathesis (PyPI,
+# in a private venv under target/), which the API tests run against
+# docs/openapi.json; without them those checks are skipped. m3u-edge itself
+# needs ffmpeg only to transcode (`apt-get install ffmpeg`).
 set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "missing: the Rust toolchain (cargo). Install it with rustup: https://rustup.rs" >&2
@@ -97,9 +99,84 @@ install_optional() {
     return 0
 }
 
+# The schemathesis release the API test is written for (its CLI flags and
+# config file keys).
+SCHEMATHESIS_VERSION=4.32.5
+
+# Makes the venv $1 for schemathesis and prints the pip command that installs
+# into it. Debian's python3 ships venv's own pip separately (python3-venv):
+# it is added when we can, else the venv is made without pip and filled by
+# the system's pip (pip >= 22.3 has --python).
+make_venv() {
+    local venv="$1"
+    if python3 -m venv "$venv" >/dev/null 2>&1 && [ -x "$venv/bin/pip" ]; then
+        echo "$venv/bin/python -m pip"
+        return 0
+    fi
+    rm -rf "$venv"
+    local sudo=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
+        sudo="sudo"
+    fi
+    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; }; then
+        local pkg
+        pkg="python$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"
+        echo "installing $pkg (for the schemathesis venv)..." >&2
+        $sudo apt-get update -qq >/dev/null 2>&1 || true
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null 2>&1 ||
+            $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null 2>&1 ||
+            true
+        if python3 -m venv "$venv" >/dev/null 2>&1 && [ -x "$venv/bin/pip" ]; then
+            echo "$venv/bin/python -m pip"
+            return 0
+        fi
+        rm -rf "$venv"
+    fi
+    if python3 -m venv --without-pip "$venv" >/dev/null 2>&1 &&
+        python3 -m pip --python "$venv/bin/python" --version >/dev/null 2>&1; then
+        echo "python3 -m pip --python $venv/bin/python"
+        return 0
+    fi
+    rm -rf "$venv"
+    return 1
+}
+
+# Installs schemathesis from PyPI into target/schemathesis-venv (where the
+# API test looks for it) if it is missing or another version. Optional:
+# never fails the script, because without it the schemathesis test only
+# prints "SKIPPED: schemathesis not installed".
+install_schemathesis() {
+    local venv="$root/target/schemathesis-venv"
+    if "$venv/bin/st" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then
+        return 0
+    fi
+    if ! command -v python3 >/dev/null 2>&1; then
+        echo "note: schemathesis not installed (optional; needs python3) - the API" \
+             "schemathesis test will be skipped" >&2
+        return 0
+    fi
+    echo "installing schemathesis $SCHEMATHESIS_VERSION into $venv (optional, for the API test)..." >&2
+    rm -rf "$venv"
+    mkdir -p "$root/target"
+    local pip
+    # $pip is a command line: split on purpose.
+    # shellcheck disable=SC2086
+    if pip="$(make_venv "$venv")" &&
+        $pip install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" >/dev/null 2>&1 &&
+        "$venv/bin/st" --version >/dev/null 2>&1; then
+        echo "schemathesis installed" >&2
+    else
+        rm -rf "$venv"
+        echo "note: could not install schemathesis (optional; needs python3 >= 3.11 with" \
+             "venv or pip, and PyPI); the API schemathesis test will be skipped" >&2
+    fi
+    return 0
+}
+
 # Only the test suite needs these: `scripts/test.sh` asks with --test-tools.
 if [ "${1:-}" = "--test-tools" ]; then
     install_promtool || true
     install_optional ffmpeg ffprobe "the transcoding tests" || true
     install_optional chromium chromium "the browser playback test" || true
+    install_schemathesis || true
 fi

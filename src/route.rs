@@ -44,6 +44,8 @@ pub enum Route {
     Api(Api),
     /// `/metrics`: Prometheus text format (no token: no sensitive labels).
     Metrics,
+    /// `/openapi.json`: the API description (no token).
+    OpenApi,
     /// `/stream/{id}`: relays any registered stream.
     Play(String),
     /// `/hls/{id}/playlist.m3u8[?t=]`: the stream's playlist, or a variant by token.
@@ -81,6 +83,7 @@ pub fn decode(path: &str, root_path: &str) -> Route {
         ["transcode", "profiles"] => Route::Api(Api::TranscodeProfiles),
         ["validate-cookies-file"] => Route::Api(Api::ValidateCookiesFile),
         ["metrics"] => Route::Metrics,
+        ["openapi.json"] => Route::OpenApi,
         ["stream", id] if valid_id(id) => Route::Play(id.to_string()),
         ["hls", id, "playlist.m3u8"] if valid_id(id) => Route::HlsPlaylist(id.to_string()),
         ["hls", id, "segment.ts" | "segment"] if valid_id(id) => Route::HlsSegment(id.to_string()),
@@ -135,6 +138,7 @@ mod tests {
             ),
             ("/hls/ab/segment.ts", Route::HlsSegment("ab".into())),
             ("/hls/ab/segment", Route::HlsSegment("ab".into())),
+            ("/m3u-proxy/openapi.json", Route::OpenApi),
             ("/hls/ab/key.bin", Route::NotFound),
             ("/stream/../etc", Route::NotFound),
             ("/m3u-proxyhealth", Route::NotFound),

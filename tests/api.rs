@@ -605,3 +605,32 @@ async fn test_connection_reports_without_failing() {
     assert_eq!(v["success"], false);
     assert!(v["error"].is_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_bodies_422_naming_the_field() {
+    let e = Edge::start(&config("")).await;
+    for (body, field, input) in [
+        (json!({"url": "ftp://x/"}), "url", json!("ftp://x/")),
+        (
+            json!({"url": "http://127.0.0.1:1/", "timeout": 0.5}),
+            "timeout",
+            json!(0.5),
+        ),
+        (
+            json!({"url": "http://127.0.0.1:1/", "headers": {"a b": "c"}}),
+            "headers",
+            json!({"a b": "c"}),
+        ),
+    ] {
+        let (s, v) = api(&e, Method::POST, "/webhooks", Some(body.clone())).await;
+        assert_eq!(s, 422, "{body}: {v}");
+        assert_eq!(v["detail"][0]["loc"], json!(["body", field]), "{body}: {v}");
+        assert_eq!(v["detail"][0]["input"], input, "{body}: {v}");
+    }
+    // A whole float is an integer, as pydantic reads it.
+    let hook = json!({"url": "http://127.0.0.1:1/", "retry_attempts": 2.0});
+    let (s, v) = api(&e, Method::POST, "/webhooks", Some(hook)).await;
+    assert_eq!(s, 200, "{v}");
+    let (_, list) = api(&e, Method::GET, "/webhooks", None).await;
+    assert_eq!(list["webhooks"][0]["retry_attempts"], 2, "{list}");
+}

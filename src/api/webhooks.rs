@@ -11,7 +11,7 @@ use crate::events::{TestError, Webhook};
 
 /// `POST /webhooks`.
 pub fn add(app: &App, req: &ApiRequest) -> ApiReply {
-    let m = match body::object(&req.body) {
+    let mut m = match body::object(&req.body) {
         Ok(m) => m,
         Err(e) => return e,
     };
@@ -22,6 +22,13 @@ pub fn add(app: &App, req: &ApiRequest) -> ApiReply {
             m.get("url").cloned().unwrap_or(Value::Null),
         );
     }
+    // m3u-proxy (pydantic) takes a whole float for the integer retry_attempts.
+    if let Some(n) = m.get("retry_attempts").and_then(Value::as_f64) {
+        if n.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&n) {
+            m.insert("retry_attempts".into(), json!(n as u64));
+        }
+    }
+    let fields = m.clone();
     let hook: Webhook = match serde_json::from_value(Value::Object(m)) {
         Ok(h) => h,
         Err(e) => return ApiReply::invalid(&["body"], e.to_string(), Value::Null),
@@ -36,7 +43,13 @@ pub fn add(app: &App, req: &ApiRequest) -> ApiReply {
                 "events": hook.events,
             }))
         }
-        Err(e) => ApiReply::invalid(&["body", "url"], e, Value::Null),
+        Err(e) => {
+            // The message names the field first: "timeout: must be at least 1 ...".
+            match e.split_once(':').and_then(|(f, _)| fields.get_key_value(f)) {
+                Some((field, input)) => ApiReply::invalid(&["body", field], e, input.clone()),
+                None => ApiReply::invalid(&["body"], e, Value::Null),
+            }
+        }
     }
 }
 

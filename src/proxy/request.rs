@@ -65,6 +65,10 @@ pub async fn route(app: &Arc<App>, session: &mut Session, ctx: &mut RequestCtx) 
             Box::pin(metrics(app, session, ctx)).await?;
             Ok(true)
         }
+        Route::OpenApi => {
+            Box::pin(openapi(session, ctx)).await?;
+            Ok(true)
+        }
         Route::Play(id) => Box::pin(play(app, session, ctx, id)).await,
         Route::HlsPlaylist(id) => hls_route(app, session, ctx, id, hls::Asked::Playlist).await,
         Route::HlsSegment(id) => hls_route(app, session, ctx, id, hls::Asked::Segment).await,
@@ -263,6 +267,25 @@ async fn metrics(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Resu
     if !head {
         session
             .write_response_body(Some(Bytes::from(body)), true)
+            .await?;
+    }
+    Ok(())
+}
+
+/// `/openapi.json`: the API description, byte for byte as in the repository.
+/// Public like the client routes: any page may read it (API explorers).
+async fn openapi(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    let body = api::openapi::SPEC.as_bytes();
+    let mut resp = pingora::http::ResponseHeader::build(200, Some(5))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    respond::open_cors(&mut resp)?;
+    let head = session.req_header().method == Method::HEAD;
+    ctx.local_status = Some(200);
+    session.write_response_header(Box::new(resp), head).await?;
+    if !head {
+        session
+            .write_response_body(Some(Bytes::from_static(body)), true)
             .await?;
     }
     Ok(())
