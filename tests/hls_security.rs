@@ -625,12 +625,9 @@ async fn files_redirected_to_a_providers_host_count_against_it() {
     assert!(ok >= 2);
 }
 
-/// Issue #14 i for live channels: the hub reader leases the provider of the
-/// stream URL's host, and reqwest follows the redirect to another host
-/// unleased. Fixing it belongs to `src/hub/reader.rs` (connect hop by hop and
-/// lease each hop, as `hls::fetch::open` does); ignored until then.
+/// Issue #14 i for live channels: a channel whose URL redirects to a
+/// provider's host holds that provider's lease, so its limit holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
 async fn live_channels_redirected_to_a_providers_host_count_against_it() {
     let p = Provider::start().await;
     let e = Edge::start(&config(

@@ -120,6 +120,7 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
         switched_at: None,
         left_primary: None,
         switch_reason: None,
+        landed: None,
     };
     let outcome = reader.run(&mut picker).await;
     *ch.stream.health.lock() = picker.health.clone();
@@ -330,6 +331,9 @@ struct Reader {
     left_primary: Option<Instant>,
     /// Why the next source is being connected, for `failover_triggered`.
     switch_reason: Option<String>,
+    /// The provider a source's redirects landed on, for the connection
+    /// about to be served (when it differs from the source URL's).
+    landed: Option<Option<String>>,
 }
 
 impl Reader {
@@ -549,6 +553,28 @@ impl Reader {
             Ok(r) => r,
             Err(reason) => return failed(&reason),
         };
+        // Redirects were followed: the connection that stays open is to the
+        // final host, and its provider is the one whose limit counts.
+        let landed = self.provider_of(resp.url());
+        let lease = if landed == provider {
+            lease
+        } else {
+            drop(lease);
+            match self.app.leases.try_acquire(landed.as_deref()) {
+                Ok(l) => l,
+                Err(full) => {
+                    drop(resp);
+                    if let Some(p) = &landed {
+                        self.app.hub.free_idle(p, &self.ch.stream.id);
+                    }
+                    if self.ch.phase() == Phase::Connecting {
+                        self.ch.set_phase(Phase::Full(full));
+                    }
+                    return failed("provider at its connection limit");
+                }
+            }
+        };
+        self.landed = Some(landed);
         let is_playlist = resp
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -638,7 +664,10 @@ impl Reader {
     async fn serve(&mut self, picker: &mut Picker, prep: Prepared) -> Outcome {
         let Prepared { pos, url, up } = prep;
         *self.ch.lease.lock() = Some(up.lease);
-        *self.ch.provider.lock() = self.provider_of(&url);
+        *self.ch.provider.lock() = match self.landed.take() {
+            Some(landed) => landed,
+            None => self.provider_of(&url),
+        };
         let index = picker.index_of(pos);
         if self.ch.stream.failover().current_url != url.as_str() {
             let reason = self
