@@ -491,3 +491,49 @@ async fn cookies_files_are_validated_inside_the_cookies_dir_only() {
         "{v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_process_cap_is_a_clear_503_and_oldest_by_metadata_stops_a_transcode() {
+    if !have_ffmpeg() {
+        return;
+    }
+    let p = Provider::start().await;
+    let e = Edge::start(&config(
+        "live:\n  stall_timeout: \"8s\"\n  give_up_after: \"30s\"\n  retry_backoff: \"1s\"\ntranscode:\n  max_processes: 1\n",
+    ))
+    .await;
+    let mut ids = Vec::new();
+    for (i, name) in ["one", "two"].iter().enumerate() {
+        let (s, v) = transcode(
+            &e,
+            json!({
+                "url": p.url(&format!("live/cap{name}.ts?kbps=800")),
+                "profile": SMALL,
+                "metadata": {"profile_id": 5, "n": i},
+            }),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        ids.push(v["stream_id"].as_str().unwrap().to_string());
+    }
+    let mut first = watch(&e, &ids[0], "a").await;
+    first.read_n(188 * 100, T).await;
+    // The second channel needs a second ffmpeg: refused, saying why.
+    let resp = client::get(&e.url(&format!("/stream/{}?client_id=b", ids[1]))).await;
+    assert_eq!(resp.status(), 503);
+    let body = String::from_utf8_lossy(&client::body(resp).await).into_owned();
+    assert!(body.contains("max_processes"), "{body}");
+    assert_eq!(ffmpeg_children(&e), 1);
+    // m3u-editor frees a slot with oldest-by-metadata on profile_id.
+    let (s, v) = api(
+        &e,
+        Method::DELETE,
+        "/streams/oldest-by-metadata?field=profile_id&value=5",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    drop(first);
+    assert!(eventually(T, || ffmpeg_children(&e) == 0).await);
+    assert!(eventually(T, || p.open_streams("/live/") == 0).await);
+}
