@@ -334,14 +334,7 @@ impl Validator<'_> {
                 &raw.max_header_bytes,
                 "limits.max_header_bytes",
                 d.max_header_bytes,
-                |s| {
-                    let n = byte_size(s)?;
-                    if n < 1024 {
-                        Err("must be at least 1KiB".to_owned())
-                    } else {
-                        Ok(n)
-                    }
-                },
+                size_of_1kib_or_more,
             ),
             max_headers: self.leaf(&raw.max_headers, "limits.max_headers", d.max_headers, |s| {
                 usize_at_least(s, 8)
@@ -809,14 +802,7 @@ impl Validator<'_> {
                 &raw.playlist_max_bytes,
                 "hls.playlist_max_bytes",
                 d.playlist_max_bytes,
-                |s| {
-                    let n = byte_size(s)?;
-                    if n < 1024 {
-                        Err("must be at least 1KiB".to_owned())
-                    } else {
-                        Ok(n)
-                    }
-                },
+                size_of_1kib_or_more,
             ),
             playlist_max_lines: self.leaf(
                 &raw.playlist_max_lines,
@@ -1338,6 +1324,16 @@ fn byte_size(s: &Scalar) -> Check<usize> {
 }
 
 fn at_least_kib(n: usize) -> Check<usize> {
+    if n < 1024 {
+        Err("must be at least 1KiB".to_owned())
+    } else {
+        Ok(n)
+    }
+}
+
+/// A byte size of at least 1 KiB (smaller would refuse every request).
+fn size_of_1kib_or_more(s: &Scalar) -> Check<usize> {
+    let n = byte_size(s)?;
     if n < 1024 {
         Err("must be at least 1KiB".to_owned())
     } else {

@@ -77,32 +77,28 @@ pub async fn serve(
             let wait = app.config.upstream.connect_timeout
                 + app.config.upstream.read_timeout
                 + Duration::from_secs_f64(target * (FIRST_PLAYLIST as f64 + 1.0));
-            if !packager.ready(FIRST_PLAYLIST, wait).await {
-                // The packager keeps running while this client is listed:
-                // a player that retries gets the playlist when it is there.
-                return refuse(
-                    session,
-                    ctx,
-                    503,
-                    "Transcoded HLS is starting; retry shortly",
-                )
-                .await;
+            // Not ready: the packager keeps running while this client is
+            // listed, and a player that retries gets the playlist when it is there.
+            let ready = packager.ready(FIRST_PLAYLIST, wait).await;
+            if ready {
+                stream.started(|| serde_json::json!({ "mode": "transcode_hls" }));
             }
-            stream.started(|| serde_json::json!({ "mode": "transcode_hls" }));
             let root = prefix(app);
             let id = stream.id.clone();
             let signer = &app.signer;
-            let body = packager.playlist(|seq| {
-                let tok = signer.mint(&Claims {
-                    stream_id: id.clone(),
-                    url: format!("{SEGMENT_BASE}{seq}.ts"),
-                    kind: Kind::Segment,
-                    client_id: Some(client_id.clone()),
-                    username: username.clone(),
-                });
-                format!("{root}/hls/{id}/segment.ts?t={tok}")
+            let body = ready.then(|| {
+                packager.playlist(|seq| {
+                    let tok = signer.mint(&Claims {
+                        stream_id: id.clone(),
+                        url: format!("{SEGMENT_BASE}{seq}.ts"),
+                        kind: Kind::Segment,
+                        client_id: Some(client_id.clone()),
+                        username: username.clone(),
+                    });
+                    format!("{root}/hls/{id}/segment.ts?t={tok}")
+                })
             });
-            let Some(body) = body else {
+            let Some(body) = body.flatten() else {
                 return refuse(
                     session,
                     ctx,
