@@ -494,3 +494,26 @@ fn the_shipped_systemd_unit_verifies_and_scores_ok() {
         .unwrap_or_else(|| panic!("no score in: {text}"));
     assert!(score <= 2.0, "exposure {score}: {text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_in_one_write_are_all_answered_in_order() {
+    let e = Edge::start(&config("")).await;
+    let mut conn = connect_from("127.0.0.1", &e).await;
+    let one = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    let three = format!("{}{}{}", one("/health"), one("/nope"), one("/health"));
+    conn.write_all(three.as_bytes()).await.unwrap();
+    let mut got = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.matches("HTTP/1.1 ").count() < 3 && Instant::now() < deadline {
+        let (more, closed) = read_reply(&mut conn, Duration::from_millis(500)).await;
+        got.push_str(&more);
+        if closed {
+            break;
+        }
+    }
+    let statuses: Vec<&str> = got
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &got[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "404", "200"], "{got:.600}");
+}

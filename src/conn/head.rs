@@ -80,6 +80,39 @@ pub async fn read<R: AsyncRead + Unpin>(io: &mut R, limits: HeadLimits) -> Head 
     }
 }
 
+/// Where the first request of `bytes` (a complete header, maybe more) ends,
+/// when it has no body and more bytes follow it: pipelined requests. None
+/// when the bytes after the header may be its body (Pingora reads those).
+pub fn pipelined_split(bytes: &[u8]) -> Option<usize> {
+    let end = header_end(bytes)?;
+    if end >= bytes.len() {
+        return None;
+    }
+    let head = std::str::from_utf8(&bytes[..end]).ok()?;
+    let has_body = head.lines().skip(1).any(|line| {
+        let Some((name, value)) = line.split_once(':') else {
+            return false;
+        };
+        let name = name.trim();
+        name.eq_ignore_ascii_case("transfer-encoding")
+            || (name.eq_ignore_ascii_case("content-length") && value.trim() != "0")
+    });
+    (!has_body).then_some(end)
+}
+
+/// The length of the header block, blank line included.
+fn header_end(bytes: &[u8]) -> Option<usize> {
+    let crlf = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4);
+    let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 enum Scan {
     End,
     Over(Head),
@@ -156,6 +189,20 @@ mod tests {
             feed(&[lf], Duration::ZERO).await,
             Head::Complete(lf.to_vec())
         );
+    }
+
+    #[test]
+    fn pipelined_requests_split_after_a_bodiless_header_only() {
+        let two = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(pipelined_split(two), Some(28));
+        assert_eq!(pipelined_split(&two[..28]), None);
+        let post =
+            b"POST /s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}GET / HTTP/1.1\r\n\r\n";
+        assert_eq!(pipelined_split(post), None);
+        let chunked = b"POST /s HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(pipelined_split(chunked), None);
+        let zero = b"POST /s HTTP/1.1\r\nContent-Length: 0\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        assert_eq!(pipelined_split(zero), Some(39));
     }
 
     #[tokio::test]

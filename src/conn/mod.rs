@@ -73,18 +73,39 @@ impl FrontDoor {
 
     /// Reads the next request header; `Some(stream)` with the header put
     /// back, or None when the connection is done (refusal written).
-    async fn next_request(&self, mut stream: Stream, first: bool) -> Option<Stream> {
+    ///
+    /// Pipelined requests (several in one write) are handed to Pingora one at
+    /// a time: `pending` keeps the bytes of the next ones for the next call,
+    /// so each is answered, in order.
+    async fn next_request(
+        &self,
+        mut stream: Stream,
+        first: bool,
+        pending: &mut Vec<u8>,
+    ) -> Option<Stream> {
         // Only a plain TCP/Unix stream can take bytes back; anything else
         // goes to Pingora as it is, with Pingora's own limits.
         if !stream.as_any().is::<L4Stream>() {
             return Some(stream);
+        }
+        if !pending.is_empty() {
+            let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+            l4.rewind(pending);
+            pending.clear();
+            stream = l4;
         }
         let head = head::read(&mut stream, self.head_limits(first)).await;
         let m = &self.app.metrics;
         let refusal = match head {
             Head::Complete(bytes) => {
                 let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
-                l4.rewind(&bytes);
+                match head::pipelined_split(&bytes) {
+                    Some(end) => {
+                        l4.rewind(&bytes[..end]);
+                        pending.extend_from_slice(&bytes[end..]);
+                    }
+                    None => l4.rewind(&bytes),
+                }
                 return Some(l4);
             }
             Head::Closed | Head::Truncated => return None,
@@ -175,8 +196,9 @@ impl ServerApp for FrontDoor {
         let keepalive = self.app.config.limits.keepalive_timeout.as_secs().max(1);
         let mut first = true;
         let mut settings = None;
+        let mut pending = Vec::new();
         loop {
-            let stream_in = self.next_request(stream, first).await?;
+            let stream_in = self.next_request(stream, first, &mut pending).await?;
             let mut session = ServerSession::new_http1(stream_in);
             if *shutdown.borrow() {
                 session.set_keepalive(None);
