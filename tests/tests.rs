@@ -17,4 +17,5 @@ mod openapi;
 mod reliability;
 mod security;
 mod transcode;
+mod upgrade;
 mod vod;
