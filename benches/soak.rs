@@ -5,8 +5,8 @@
 //! channels and 2 transcoded channels (when ffmpeg is installed); sources
 //! that drop, stall, send garbage, redirect, and answer 429/509/500 at
 //! random; one webhook receiver that records and one that never answers;
-//! API churn (register, by-metadata, delete); a SIGHUP at one third and a
-//! `-u` handover at two thirds. At the end, with the viewers gone: provider
+//! API churn (register, by-metadata, delete); a SIGHUP at a quarter and a
+//! `-u` handover at half time. At the end, with the viewers gone: provider
 //! connections 0, leases 0, ffmpeg children 0, the new process's file
 //! descriptors and threads back to what they were when it was quiet, RSS
 //! within 10 % of its value after warm-up, and every `stream_started`
@@ -233,7 +233,7 @@ fn main() {
         let hook = WebhookReceiver::start().await;
         let hang = hanging_webhook().await;
         let yaml = format!(
-            "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"3s\"\n  stream_idle_ttl: \"10m\"\napi:\n  token: \"{TOKEN}\"\nlog:\n  level: warn\nlive:\n  stall_timeout: \"2s\"\n  give_up_after: \"10s\"\n  retry_backoff: \"1s\"\nupstream:\n  connect_timeout: \"2s\"\n  read_timeout: \"3s\"\nproviders:\n  - name: soakprov\n    hosts: [\"127.0.0.1\"]\n    max_connections: 40\nevents:\n  webhooks:\n    - url: \"{}\"\n      timeout: \"2s\"\n      retry_attempts: 1\n    - url: \"{hang}\"\n      timeout: \"2s\"\n      retry_attempts: 0\n",
+            "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"3s\"\n  stream_idle_ttl: \"10m\"\nhls:\n  segment_cache_bytes: 8MiB\napi:\n  token: \"{TOKEN}\"\nlog:\n  level: warn\nlive:\n  stall_timeout: \"2s\"\n  give_up_after: \"10s\"\n  retry_backoff: \"1s\"\nupstream:\n  connect_timeout: \"2s\"\n  read_timeout: \"3s\"\nproviders:\n  - name: soakprov\n    hosts: [\"127.0.0.1\"]\n    max_connections: 40\nevents:\n  webhooks:\n    - url: \"{}\"\n      timeout: \"2s\"\n      retry_attempts: 1\n    - url: \"{hang}\"\n      timeout: \"2s\"\n      retry_attempts: 0\n",
             hook.url("/soak")
         );
         let mut old = Edge::start_with(&yaml, support::edge::StartOpts { env: vec![("RUST_LOG".into(), "warn".into())], ..Default::default() }).await;
@@ -337,11 +337,12 @@ fn main() {
         };
 
         let t0 = Instant::now();
-        let third = Duration::from_secs(secs / 3);
-        tokio::time::sleep(third).await;
+        let quarter = Duration::from_secs(secs / 4);
+        tokio::time::sleep(quarter).await;
         let _ = Command::new("kill").args(["-HUP", &start_pid.to_string()]).status();
         println!("t={:.0}s: SIGHUP sent", t0.elapsed().as_secs_f64());
-        tokio::time::sleep(third).await;
+        // The handover at half time leaves the new process half the run.
+        tokio::time::sleep(quarter).await;
         // The -u handover.
         let log = std::fs::File::create(old.dir().join("edge-new.log")).expect("log");
         let mut new = Command::new(BIN)
@@ -362,12 +363,22 @@ fn main() {
         }
         let new_pid = new.id();
         println!("t={:.0}s: -u handover: old process exited: {}", t0.elapsed().as_secs_f64(), !old.is_running());
-        // Warm-up of the new process under load, then its RSS.
-        tokio::time::sleep(Duration::from_secs(20)).await;
-        let warm = usage(new_pid);
-        let left = Duration::from_secs(secs).saturating_sub(t0.elapsed());
-        tokio::time::sleep(left).await;
+        // The new process under load: its RSS every 15 s. Warm-up is its
+        // first two minutes: the HLS segment cache (8 MiB here; its segment
+        // URLs are all new) is full by then, and RSS may grow no further.
+        let handed_over = Instant::now();
+        let mut samples = Vec::new();
+        let mut warm = usage(new_pid);
+        while t0.elapsed() < Duration::from_secs(secs) {
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            let u = usage(new_pid);
+            samples.push(format!("{:.1}", u.rss_kib as f64 / 1024.0));
+            if handed_over.elapsed() <= Duration::from_secs(125) {
+                warm = u;
+            }
+        }
         let loaded = usage(new_pid);
+        println!("new process RSS under load every 15 s (MiB): {}", samples.join(", "));
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
@@ -376,8 +387,9 @@ fn main() {
         churn.abort();
         p.clear_overrides();
         quiet(&edge, &p).await;
-        // HLS viewers leave by going idle; give the sweep and linger time.
-        tokio::time::sleep(Duration::from_secs(15)).await;
+        // HLS viewers leave by going idle; give the sweep (and its heap
+        // trim, every 30 s) time.
+        tokio::time::sleep(Duration::from_secs(35)).await;
         let end = usage(new_pid);
         let stats = api(&edge, reqwest::Method::GET, "/stats", None).await.unwrap_or(Value::Null);
         let leases: u64 = stats["providers"]
