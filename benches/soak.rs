@@ -81,26 +81,6 @@ fn usage(pid: u32) -> Usage {
     }
 }
 
-fn ffmpeg_children(parent: u32) -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    dir.filter_map(Result::ok)
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|stat| {
-            let Some(close) = stat.rfind(')') else {
-                return false;
-            };
-            let comm = stat[..close].split('(').nth(1).unwrap_or("");
-            let ppid = stat[close + 2..]
-                .split(' ')
-                .nth(1)
-                .and_then(|p| p.parse::<u32>().ok());
-            comm == "ffmpeg" && ppid == Some(parent)
-        })
-        .count()
-}
-
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
@@ -396,7 +376,7 @@ fn main() {
             .as_array()
             .map(|a| a.iter().filter_map(|p| p["connections"].as_u64().or(p["in_use"].as_u64())).sum())
             .unwrap_or(0);
-        let kids = ffmpeg_children(new_pid);
+        let kids = support::procs::children_named(new_pid, "ffmpeg").len();
         let provider_conns = p.open_streams("/live/");
         // Events: per stream, every stream_started is matched by one
         // stream_stopped. During the handover both processes run a channel

@@ -47,23 +47,6 @@ fn ticks(pid: u32) -> u64 {
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
-/// Pids of the ffmpeg children of `parent`.
-fn ffmpeg_children(parent: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    dir.filter_map(Result::ok)
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let close = stat.rfind(')')?;
-            let comm = stat[..close].split('(').nth(1)?;
-            let ppid: u32 = stat[close + 2..].split(' ').nth(1)?.parse().ok()?;
-            (comm == "ffmpeg" && ppid == parent).then_some(pid)
-        })
-        .collect()
-}
-
 /// Opens `/stream/{id}`: the socket at its body, and request → first body byte.
 async fn open(addr: &str, id: &str) -> Option<(TcpStream, Duration)> {
     let t0 = Instant::now();
@@ -193,7 +176,8 @@ async fn zaps(e: &Edge, p: &Provider, warm: bool, n: u64) -> Vec<f64> {
         // Let the channel, ffmpeg and the provider connection go.
         let pid = e.pid().unwrap_or(0);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while (!ffmpeg_children(pid).is_empty() || p.open_streams("/live/") > 0)
+        while (!support::procs::children_named(pid, "ffmpeg").is_empty()
+            || p.open_streams("/live/") > 0)
             && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -214,7 +198,7 @@ async fn cpu_with(e: &Edge, id: &str, n: u64, secs: u64) -> (f64, f64, usize) {
         }
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let kids = ffmpeg_children(pid);
+    let kids = support::procs::children_named(pid, "ffmpeg");
     let (e0, f0): (u64, u64) = (ticks(pid), kids.iter().map(|k| ticks(*k)).sum());
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;

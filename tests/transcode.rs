@@ -14,6 +14,7 @@ use crate::common::{api, config, register};
 use crate::support::client::{self, BodyReader};
 use crate::support::edge::Edge;
 use crate::support::eventually::eventually;
+use crate::support::procs::children_named;
 use crate::support::provider::Provider;
 use crate::support::ts_check::is_valid_ts;
 use crate::support::webhook::WebhookReceiver;
@@ -22,6 +23,12 @@ const T: Duration = Duration::from_secs(30);
 
 /// A cheap live profile: tiny picture, fastest preset (the CI box has 2 cores).
 const SMALL: &str = "-fflags +genpts -i {input_url} -c:v libx264 -preset ultrafast -tune zerolatency -g 25 -vf scale=160:-2 -b:v {bitrate|200k} -c:a aac -b:a 64k -f mpegts {output_args|pipe:1}";
+
+/// ffmpeg children of the proxy process.
+fn ffmpeg_children(edge: &Edge) -> usize {
+    edge.pid()
+        .map_or(0, |pid| children_named(pid, "ffmpeg").len())
+}
 
 fn have_ffmpeg() -> bool {
     let ok = Command::new("ffmpeg")
@@ -36,29 +43,6 @@ fn have_ffmpeg() -> bool {
 
 fn transcode_config() -> String {
     config("live:\n  stall_timeout: \"8s\"\n  give_up_after: \"30s\"\n  retry_backoff: \"1s\"\n")
-}
-
-/// ffmpeg children of the proxy process.
-fn ffmpeg_children(edge: &Edge) -> usize {
-    let Some(pid) = edge.pid() else { return 0 };
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    dir.filter_map(Result::ok)
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|stat| {
-            // pid (comm) state ppid ...
-            let Some(close) = stat.rfind(')') else {
-                return false;
-            };
-            let comm = stat[..close].split('(').nth(1).unwrap_or("");
-            let ppid = stat[close + 2..]
-                .split(' ')
-                .nth(1)
-                .and_then(|p| p.parse::<u32>().ok());
-            comm == "ffmpeg" && ppid == Some(pid) && !stat[close + 2..].starts_with('Z')
-        })
-        .count()
 }
 
 async fn transcode(e: &Edge, body: Value) -> (u16, Value) {

@@ -11,6 +11,7 @@
 pub mod client;
 pub mod edge;
 pub mod eventually;
+pub mod procs;
 pub mod provider;
 pub mod ts_check;
 pub mod webhook;
