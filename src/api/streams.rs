@@ -24,13 +24,7 @@ pub fn create(app: &App, req: &ApiRequest) -> ApiReply {
     let spec = parsed.spec;
     let reg = match app.registry.register(spec.clone()) {
         Ok(r) => r,
-        Err(max) => {
-            app.metrics.cut(crate::metrics::LimitCut::Streams);
-            return ApiReply::detail(
-                507,
-                format!("Too many streams: limits.max_streams is {max}; delete some first"),
-            );
-        }
+        Err(max) => return too_many_streams(app, max),
     };
     if reg.replaced {
         app.persist();
@@ -69,6 +63,15 @@ pub fn create(app: &App, req: &ApiRequest) -> ApiReply {
         out["metadata"] = m;
     }
     ApiReply::ok(out)
+}
+
+/// The 507 of a registration past `limits.max_streams`, counted.
+pub fn too_many_streams(app: &App, max: usize) -> ApiReply {
+    app.metrics.cut(crate::metrics::LimitCut::Streams);
+    ApiReply::detail(
+        507,
+        format!("Too many streams: limits.max_streams is {max}; delete some first"),
+    )
 }
 
 /// `GET /streams`: every stream, m3u-proxy's shape. With `?limit=` and/or

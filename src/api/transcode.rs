@@ -104,7 +104,7 @@ pub fn create(app: &App, req: &ApiRequest) -> ApiReply {
     source_spec.metadata.clear();
     let source = match app.registry.register(source_spec) {
         Ok(r) => r,
-        Err(max) => return too_many(app, max),
+        Err(max) => return super::streams::too_many_streams(app, max),
     };
     let id = transcoded_id(&parsed.spec.url, &rendered.args);
     let mut spec = parsed.spec;
@@ -130,7 +130,7 @@ pub fn create(app: &App, req: &ApiRequest) -> ApiReply {
     });
     let reg = match app.registry.register_as(id.clone(), spec.clone()) {
         Ok(r) => r,
-        Err(max) => return too_many(app, max),
+        Err(max) => return super::streams::too_many_streams(app, max),
     };
     if reg.replaced || source.replaced {
         app.persist();
@@ -166,14 +166,6 @@ pub fn create(app: &App, req: &ApiRequest) -> ApiReply {
         out["metadata"] = meta;
     }
     ApiReply::ok(out)
-}
-
-fn too_many(app: &App, max: usize) -> ApiReply {
-    app.metrics.cut(crate::metrics::LimitCut::Streams);
-    ApiReply::detail(
-        507,
-        format!("Too many streams: limits.max_streams is {max}; delete some first"),
-    )
 }
 
 /// An optional `{str: str}` field.
