@@ -188,6 +188,7 @@ pub fn stats(app: &App, req: &ApiRequest) -> ApiReply {
     proxy_stats["state_save_failures"] = json!(app.saver.status().failures_total);
     proxy_stats["hls_sequence_regressions"] =
         json!(app.hls.sequence_regressions.load(Ordering::Relaxed));
+    proxy_stats["hls_sequence_resets"] = json!(app.hls.sequence_resets.load(Ordering::Relaxed));
     ApiReply::ok(json!({
         "proxy_stats": proxy_stats,
         "providers": app.leases.usage().into_iter().map(|(name, in_use, max)| json!({
