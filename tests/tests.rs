@@ -11,6 +11,7 @@ mod common;
 mod config;
 mod events;
 mod hls;
+mod hls_reset;
 mod hls_security;
 mod live;
 mod openapi;

@@ -11,6 +11,7 @@
 pub mod client;
 pub mod edge;
 pub mod eventually;
+pub mod hls_reset;
 pub mod procs;
 pub mod provider;
 pub mod ts_check;

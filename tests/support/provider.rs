@@ -25,6 +25,7 @@
 //! | `/hls-ll/{dir}/index.m3u8` | the live window of `/hls-live/` as an LL-HLS playlist (RFC 8216bis): CAN-BLOCK-RELOAD, `parts` (default 4) EXT-X-PARTs per segment and a preload hint, trailing parts of the segment being made; `_HLS_msn`/`_HLS_part` requests are held until that part exists (400 when more than two segments ahead), see [`ll_playlist`]; knobs `seg_ms`, `window`, `parts` |
 //! | `/hls-ll/{dir}/{file}` | the fixture `{dir}/{file}`, like `/files/` |
 //! | `/hls-lagging/{dir}/index.m3u8` | 302 to `/hls-live/{dir}/index.m3u8`, every other time with `lag=3` (or `?lag_by=N`): backends whose live windows lag (query knobs passed on) |
+//! | `/hls-reset/{name}/{dir}/index.m3u8` | a live origin that restarts its media sequence on demand ([`Provider::reset_hls`]), see `hls_reset.rs` |
 //! | `/slow/{ms}/{rest}` | sleeps `ms`, then answers `/{rest}` |
 //! | `/echo-headers` | 200 JSON object of the request headers |
 //! | `/gen-playlist?segs=N&uri=U&pad=P&live=1` | a generated media playlist of N segments (default 1), each URI line U (default `/files/hls_ts/v0/seg000.ts`; `{i}` in it becomes the segment's index) plus `?pad=` and P × `a` when P > 0 (long URIs); `#EXT-X-ENDLIST` unless `live=1` |
@@ -199,6 +200,8 @@ struct State {
     peak_in_flight: AtomicUsize,
     /// `/gated/` gates the test opened.
     gates: watch::Sender<Vec<String>>,
+    /// `/hls-reset/` origins.
+    resets: super::hls_reset::Resets,
 }
 
 /// The loopback provider. Dropping it stops the listener and every connection.
@@ -232,6 +235,7 @@ impl Provider {
             in_flight: AtomicUsize::new(0),
             peak_in_flight: AtomicUsize::new(0),
             gates: watch::channel(Vec::new()).0,
+            resets: Default::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(listener, state.clone(), shutdown_rx));
@@ -357,6 +361,11 @@ impl Provider {
     /// Lets every `/gated/{name}/…` answer send its second half.
     pub fn open_gate(&self, name: &str) {
         self.state.gates.send_modify(|g| g.push(name.to_string()));
+    }
+
+    /// Restarts `/hls-reset/{name}/` origin: media sequence 0, all-new segment URIs.
+    pub fn reset_hls(&self, name: &str) {
+        self.state.resets.reset(name);
     }
 
     /// Polls `cond(self)` every 10 ms until true or `timeout`; returns whether it held.
@@ -578,6 +587,22 @@ async fn handle(
         let lag = if n % 2 == 0 { 0 } else { behind };
         let q = query.map(|q| format!("&{q}")).unwrap_or_default();
         redirect(&format!("/hls-live/{dir}/index.m3u8?lag={lag}{q}"), head)
+    } else if let Some(tail) = path.strip_prefix("/hls-reset/") {
+        use super::hls_reset::{route, Route};
+        match route(tail) {
+            Some(Route::Playlist { name, dir }) => match vod_playlist(&st, dir).await {
+                Some(vod) => {
+                    let vod = String::from_utf8_lossy(&vod).into_owned();
+                    match st.resets.playlist(name, &vod, query).await {
+                        Ok(body) => live_playlist_response(body, head),
+                        Err(code) => status_page(code, head),
+                    }
+                }
+                None => status_page(404, head),
+            },
+            Some(Route::File(name)) => serve_file(&st, &name, req.headers(), head).await,
+            None => status_page(404, head),
+        }
     } else if let Some(name) = path.strip_prefix("/hls-ll/") {
         match name.strip_suffix("/index.m3u8") {
             Some(dir) => hls_ll(&st, dir, query, head).await,
