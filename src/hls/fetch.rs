@@ -165,7 +165,7 @@ impl Playlist {
         Facts {
             media_sequence: i.media_sequence.unwrap_or(0),
             // The segment whose parts are trailing has its number already.
-            next_msn: i.next_msn() + u64::from(i.trailing_parts > 0),
+            next_msn: i.next_msn().saturating_add(u64::from(i.trailing_parts > 0)),
             discontinuity_sequence: i.discontinuity_sequence.unwrap_or(0),
             discontinuities: self.rendered.discontinuities,
             first_tagged: self.rendered.first_tagged,

@@ -160,7 +160,9 @@ impl Rendered {
         let mut out = Vec::new();
         let n = &self.numbers;
         let shift = |v: u64| -> Vec<u8> {
-            let shifted = (v as i64).saturating_add(view.msn_delta).max(0);
+            let shifted = (v.min(1 << 62) as i64)
+                .saturating_add(view.msn_delta)
+                .max(0);
             shifted.to_string().into_bytes()
         };
         let mut header = Vec::new();

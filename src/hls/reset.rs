@@ -11,12 +11,21 @@
 //!   second poll confirms it (or one target duration after it was first seen,
 //!   at the next poll), it is accepted as a new epoch of this playlist, which
 //!   the timeline (`hls/timeline.rs`) maps onto the numbers players already
-//!   know.
+//!   know. An encoder that restarts with the very names it used before
+//!   looks like lag; it is taken for a restart when nothing but that lower,
+//!   advancing window came back for ten target durations.
 //!
 //! One [`History`] per playlist slot, judged at every provider fetch; pure.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
+
+/// A lower window of segments already seen, polled without a break for this
+/// many target durations while it keeps advancing, is an encoder that
+/// restarted with the names it used before (`seg_0.ts` again): by then any
+/// balancer would have sent a poll to an up-to-date backend, and a sticky
+/// backend this far behind is not serving the live edge anyway.
+const SUSTAINED_LAG_TARGETS: u32 = 10;
 
 /// Segment identities remembered per playlist: far more than any window
 /// (RFC 8216 §6.2.2 wants three target durations), bounded for playlists
@@ -63,6 +72,8 @@ pub struct History {
     /// old epoch serves higher numbers, and must not win.
     retired: HashSet<u64>,
     candidate: Option<Candidate>,
+    /// Since when every poll was lag, and the media sequence it started at.
+    lagging: Option<(Instant, u64)>,
 }
 
 impl History {
@@ -77,6 +88,9 @@ impl History {
         now: Instant,
     ) -> Verdict {
         let verdict = self.classify(served, new, target, now);
+        if verdict != Verdict::Lag {
+            self.lagging = None;
+        }
         match verdict {
             Verdict::Accept => self.remember(new.ids),
             Verdict::Reset => {
@@ -110,6 +124,10 @@ impl History {
         }
         if new.ids.is_empty() || new.ids.iter().any(|id| self.seen.contains(id)) {
             self.candidate = None;
+            let (since, first) = *self.lagging.get_or_insert((now, seq));
+            if seq > first && now.duration_since(since) >= target * SUSTAINED_LAG_TARGETS {
+                return Verdict::Reset;
+            }
             return Verdict::Lag;
         }
         let confirmed = self.candidate.as_ref().is_some_and(|c| {
@@ -222,6 +240,39 @@ mod tests {
         assert_eq!(
             h.judge(Some(50), &w(3, &[9, 10]), T, now + T),
             Verdict::Reset
+        );
+    }
+
+    #[test]
+    fn lag_that_goes_on_and_on_while_advancing_is_a_restart_with_old_names() {
+        let mut h = History::default();
+        let now = Instant::now();
+        let old: Vec<u64> = (0..=50).collect();
+        h.judge(None, &w(0, &old), T, now);
+        // The encoder restarted at 0 with the names it had then.
+        for i in 0..10u32 {
+            let seq = u64::from(i / 2);
+            let v = h.judge(Some(50), &w(seq, &[seq, seq + 1]), T, now + T * i);
+            assert_eq!(v, Verdict::Lag, "{i}");
+        }
+        assert_eq!(
+            h.judge(Some(50), &w(5, &[5, 6]), T, now + T * 10),
+            Verdict::Reset
+        );
+        // A frozen backend (not advancing) stays refused.
+        let mut h = History::default();
+        h.judge(None, &w(50, &[1, 50]), T, now);
+        for i in 0..30u32 {
+            assert_eq!(h.judge(Some(50), &w(1, &[1]), T, now + T * i), Verdict::Lag);
+        }
+        // An up-to-date answer in between starts the count again.
+        let mut h = History::default();
+        h.judge(None, &w(50, &[1, 2, 3, 50]), T, now);
+        h.judge(Some(50), &w(1, &[1]), T, now);
+        h.judge(Some(50), &w(51, &[51]), T, now + T * 5);
+        assert_eq!(
+            h.judge(Some(51), &w(3, &[3]), T, now + T * 11),
+            Verdict::Lag
         );
     }
 

@@ -72,8 +72,7 @@ impl Mapping {
     /// A player's `_HLS_msn` in the provider's numbering; `None` when it is
     /// before this epoch (the playlist has it already).
     pub fn to_provider(&self, msn: u64) -> Option<u64> {
-        let m = (msn as i64).checked_sub(self.msn_delta)?;
-        u64::try_from(m).ok()
+        u64::try_from(i128::from(msn) - i128::from(self.msn_delta)).ok()
     }
 }
 
@@ -95,6 +94,12 @@ struct Lane {
     used: Instant,
 }
 
+/// A provider number as a signed one: RFC 8216 allows up to 2^64-1, but
+/// nothing real comes near 2^62 and the arithmetic here must not overflow.
+fn signed(v: u64) -> i64 {
+    v.min(1 << 62) as i64
+}
+
 impl Lane {
     fn new(source: Source, f: &Facts) -> Lane {
         Lane {
@@ -114,9 +119,9 @@ impl Lane {
         // A new source or epoch; or (never expected) the same one below the
         // epoch's start, which would move players back: also a new epoch.
         if *source != self.source || f.media_sequence < self.epoch_first {
-            self.offset = self.next_msn as i64 - f.media_sequence as i64;
+            self.offset = signed(self.next_msn) - signed(f.media_sequence);
             // The first segment: one discontinuity past the last one served.
-            let first_dnum = f.discontinuity_sequence as i64 + i64::from(f.first_tagged);
+            let first_dnum = signed(f.discontinuity_sequence) + i64::from(f.first_tagged);
             self.d_offset = self.last_dnum + 1 - first_dnum;
             self.epoch_first = f.media_sequence;
             self.first_tagged = f.first_tagged;
@@ -127,10 +132,11 @@ impl Lane {
         // Our tag before the epoch's first segment while it is in the window:
         // the discontinuity sequence counts it from one lower (§4.3.3.3).
         let ours = self.continued && f.media_sequence == self.epoch_first && !self.first_tagged;
-        let dseq = f.discontinuity_sequence as i64 + self.d_offset - i64::from(ours);
-        let served_next = (f.next_msn as i64 + self.offset).max(0) as u64;
+        let dseq = signed(f.discontinuity_sequence) + self.d_offset - i64::from(ours);
+        let served_next = (signed(f.next_msn) + self.offset).max(0) as u64;
         self.next_msn = self.next_msn.max(served_next);
-        let last = (f.discontinuity_sequence + f.discontinuities) as i64 + self.d_offset;
+        let last =
+            signed(f.discontinuity_sequence.saturating_add(f.discontinuities)) + self.d_offset;
         self.last_dnum = self.last_dnum.max(last);
         Mapping {
             msn_delta: self.offset,
