@@ -169,6 +169,7 @@ impl Playlist {
             discontinuity_sequence: i.discontinuity_sequence.unwrap_or(0),
             discontinuities: self.rendered.discontinuities,
             first_tagged: self.rendered.first_tagged,
+            generation: self.generation,
         }
     }
 

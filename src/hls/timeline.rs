@@ -53,6 +53,9 @@ pub struct Facts {
     pub discontinuities: u64,
     /// The provider marked its first segment with `EXT-X-DISCONTINUITY`.
     pub first_tagged: bool,
+    /// Which fetch it is (increasing): tells a playlist fetched before a
+    /// switch from one fetched after it.
+    pub generation: u64,
 }
 
 /// How to serve one playlist on one lane.
@@ -76,17 +79,46 @@ impl Mapping {
     }
 }
 
-#[derive(Debug)]
-struct Lane {
+/// How one (source, epoch) maps onto a lane.
+#[derive(Debug, Clone)]
+struct Epoch {
     source: Source,
     /// Lane number = provider number + `offset` (media sequence).
     offset: i64,
     /// The same for discontinuity sequence numbers.
     d_offset: i64,
     /// Provider media sequence number of the epoch's first segment.
-    epoch_first: u64,
+    first: u64,
     first_tagged: bool,
+    /// The lane served another source or epoch before this one.
     continued: bool,
+    /// The generation of the playlist that started this epoch: an older one
+    /// of the previous source was fetched before the switch.
+    started: u64,
+}
+
+impl Epoch {
+    fn mapping(&self, f: &Facts) -> Mapping {
+        // Our tag before the epoch's first segment while it is in the window:
+        // the discontinuity sequence counts it from one lower (§4.3.3.3).
+        let ours = self.continued && f.media_sequence == self.first && !self.first_tagged;
+        let dseq = signed(f.discontinuity_sequence) + self.d_offset - i64::from(ours);
+        Mapping {
+            msn_delta: self.offset,
+            discontinuity_sequence: self.continued.then_some(dseq.max(0) as u64),
+            discontinuity: ours,
+            continued: self.continued,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Lane {
+    current: Epoch,
+    /// The epoch before: a viewer that fetched its playlist just before the
+    /// switch is served with the mapping it was made for, and does not
+    /// start yet another epoch.
+    previous: Option<Epoch>,
     /// One past the last media sequence number served (lane numbering).
     next_msn: u64,
     /// Discontinuity sequence number of the last segment served.
@@ -103,12 +135,16 @@ fn signed(v: u64) -> i64 {
 impl Lane {
     fn new(source: Source, f: &Facts) -> Lane {
         Lane {
-            source,
-            offset: 0,
-            d_offset: 0,
-            epoch_first: f.media_sequence,
-            first_tagged: f.first_tagged,
-            continued: false,
+            current: Epoch {
+                source,
+                offset: 0,
+                d_offset: 0,
+                first: f.media_sequence,
+                first_tagged: f.first_tagged,
+                continued: false,
+                started: f.generation,
+            },
+            previous: None,
             next_msn: 0,
             last_dnum: 0,
             used: Instant::now(),
@@ -116,34 +152,36 @@ impl Lane {
     }
 
     fn map(&mut self, source: &Source, f: &Facts) -> Mapping {
+        self.used = Instant::now();
+        if let Some(prev) = &self.previous {
+            if prev.source == *source && f.generation < self.current.started {
+                return prev.mapping(f);
+            }
+        }
+        let cur = &self.current;
         // A new source or epoch; or (never expected) the same one below the
         // epoch's start, which would move players back: also a new epoch.
-        if *source != self.source || f.media_sequence < self.epoch_first {
-            self.offset = signed(self.next_msn) - signed(f.media_sequence);
+        if *source != cur.source || f.media_sequence < cur.first {
             // The first segment: one discontinuity past the last one served.
             let first_dnum = signed(f.discontinuity_sequence) + i64::from(f.first_tagged);
-            self.d_offset = self.last_dnum + 1 - first_dnum;
-            self.epoch_first = f.media_sequence;
-            self.first_tagged = f.first_tagged;
-            self.continued = true;
-            self.source = source.clone();
+            let next = Epoch {
+                source: source.clone(),
+                offset: signed(self.next_msn) - signed(f.media_sequence),
+                d_offset: self.last_dnum + 1 - first_dnum,
+                first: f.media_sequence,
+                first_tagged: f.first_tagged,
+                continued: true,
+                started: f.generation,
+            };
+            self.previous = Some(std::mem::replace(&mut self.current, next));
         }
-        self.used = Instant::now();
-        // Our tag before the epoch's first segment while it is in the window:
-        // the discontinuity sequence counts it from one lower (§4.3.3.3).
-        let ours = self.continued && f.media_sequence == self.epoch_first && !self.first_tagged;
-        let dseq = signed(f.discontinuity_sequence) + self.d_offset - i64::from(ours);
-        let served_next = (signed(f.next_msn) + self.offset).max(0) as u64;
+        let cur = &self.current;
+        let served_next = (signed(f.next_msn) + cur.offset).max(0) as u64;
         self.next_msn = self.next_msn.max(served_next);
         let last =
-            signed(f.discontinuity_sequence.saturating_add(f.discontinuities)) + self.d_offset;
+            signed(f.discontinuity_sequence.saturating_add(f.discontinuities)) + cur.d_offset;
         self.last_dnum = self.last_dnum.max(last);
-        Mapping {
-            msn_delta: self.offset,
-            discontinuity_sequence: self.continued.then_some(dseq.max(0) as u64),
-            discontinuity: ours,
-            continued: self.continued,
-        }
+        cur.mapping(f)
     }
 }
 
@@ -263,6 +301,26 @@ mod tests {
         let m = serve(&primary, facts(5010, 3, 0));
         assert!(m.discontinuity);
         assert_eq!(5010 + m.msn_delta, 5007);
+    }
+
+    #[test]
+    fn a_playlist_fetched_just_before_the_switch_keeps_its_mapping() {
+        let lanes = Lanes::default();
+        let old = src("a", 0);
+        let new = src("a", 1);
+        let f = |seq, generation| Facts {
+            generation,
+            ..facts(seq, 3, 0)
+        };
+        lanes.map("s", "", &old, &f(100, 1));
+        let switched = lanes.map("s", "", &new, &f(0, 3));
+        // A viewer that got generation 2 before the reset is served as before.
+        assert_eq!(lanes.map("s", "", &old, &f(100, 2)), Mapping::default());
+        assert_eq!(lanes.map("s", "", &new, &f(0, 3)), switched);
+        // The old source fetched anew (a failback) is a new epoch.
+        let back = lanes.map("s", "", &old, &f(104, 9));
+        assert!(back.discontinuity && back.msn_delta != 0);
+        assert_eq!(104 + back.msn_delta, 106);
     }
 
     #[test]
