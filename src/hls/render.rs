@@ -363,16 +363,17 @@ fn number_at(at: usize, text: &[u8]) -> Option<(std::ops::Range<usize>, u64)> {
     Some((at + lead..at + lead + len, value))
 }
 
-/// Before the first `#EXTINF` at a line start, unless a discontinuity tag
-/// directly precedes it (then `None`, and `true`: the provider marked it).
+/// Before the first media segment: its `#EXTINF` line, or its first
+/// `#EXT-X-PART` (LL-HLS parts come before the segment's own line), unless a
+/// discontinuity tag directly precedes it (then `None`, and `true`: the
+/// provider marked it).
 fn discontinuity_point(body: &[u8]) -> (Option<(usize, &'static [u8])>, bool) {
-    let needle = b"#EXTINF";
-    let Some(at) = body
-        .windows(needle.len())
-        .enumerate()
-        .find(|&(i, w)| w == needle && (i == 0 || body[i - 1] == b'\n'))
-        .map(|(i, _)| i)
-    else {
+    let starts = |i: usize| i == 0 || body[i - 1] == b'\n';
+    let Some(at) = (0..body.len()).find(|&i| {
+        starts(i)
+            && body[i] == b'#'
+            && (body[i..].starts_with(b"#EXTINF") || body[i..].starts_with(b"#EXT-X-PART:"))
+    }) else {
         return (None, false);
     };
     let before = &body[..at];
@@ -512,5 +513,9 @@ mod tests {
         let t = render("#EXTM3U\n#EXT-X-DISCONTINUITY\n#EXTINF:2,\na.ts\n#EXT-X-DISCONTINUITY\n#EXTINF:2,\nb.ts\n");
         assert!(t.first_tagged);
         assert_eq!(t.discontinuities, 2);
+        // LL-HLS: before the parts of the first segment.
+        let ll = render("#EXTM3U\n#EXT-X-PART:DURATION=1,URI=\"a.0.ts\"\n#EXTINF:2,\na.ts\n");
+        let out = answer(&ll, "", true);
+        assert!(out.contains("#EXT-X-DISCONTINUITY\n#EXT-X-PART:"), "{out}");
     }
 }
