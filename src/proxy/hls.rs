@@ -12,6 +12,11 @@
 //! request, and R2 wants one provider fetch shared by every viewer. Segments
 //! are written as they arrive from the shared fetch (or streamed through for
 //! objects too big to share), never buffered whole first.
+//!
+//! Media playlists are written through the timeline of the playlist URL the
+//! player follows (`hls/timeline.rs`): across a failover or a provider that
+//! restarted its media sequence, the numbers a player sees keep going up, with
+//! one discontinuity, and its LL-HLS `_HLS_msn` is translated back.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
