@@ -13,6 +13,7 @@ pub mod edge;
 pub mod eventually;
 pub mod procs;
 pub mod provider;
+pub mod resolver_site;
 pub mod ts_check;
 pub mod webhook;
 
