@@ -136,11 +136,17 @@ async fn streamlink_httpstream_resolves_to_a_url_the_hub_fetches_once_for_every_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamlink_hls_plays_through_its_stdout_and_stops_with_the_last_viewer() {
     let Some(sl) = streamlink() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("hls.txt"),
+        "# Netscape HTTP Cookie File\n127.0.0.1\tFALSE\t/\tFALSE\t4102444800\tsl\tcookie-for-streamlink\n",
+    )
+    .unwrap();
     let p = Provider::start().await;
     let e = Edge::start(&resolver_config(
         &sl.display().to_string(),
         "/nonexistent/yt-dlp",
-        "",
+        &format!("  cookies_dir: \"{}\"\n", dir.path().display()),
     ))
     .await;
     let page = format!(
@@ -149,7 +155,14 @@ async fn streamlink_hls_plays_through_its_stdout_and_stops_with_the_last_viewer(
     );
     let (s, v) = transcode(
         &e,
-        json!({"url": page, "resolver": "streamlink", "resolver_args": "best --hls-live-edge 2"}),
+        json!({
+            "url": page,
+            "resolver": "streamlink",
+            "resolver_args": "best --hls-live-edge 2",
+            "cookies_path": "hls.txt",
+            "user_agent": "SlUA/3",
+            "headers": {"X-Provider-Key": "k2"},
+        }),
     )
     .await;
     assert_eq!(s, 200, "{v}");
@@ -161,6 +174,17 @@ async fn streamlink_hls_plays_through_its_stdout_and_stops_with_the_last_viewer(
     is_valid_ts(&db).unwrap();
     // One streamlink plays it for both viewers.
     assert_eq!(children(&e, "streamlink"), 1);
+    // streamlink fetched the playlist with the stream's user agent, headers
+    // and the cookies file (`--http-cookies-file`).
+    let reqs = p.requests_to("/hls-live/hls_ts/v0/index.m3u8");
+    let last = reqs.last().expect("playlist fetched");
+    assert_eq!(last.header("user-agent"), Some("SlUA/3"));
+    assert_eq!(last.header("x-provider-key"), Some("k2"));
+    assert!(
+        last.header("cookie")
+            .is_some_and(|c| c.contains("sl=cookie-for-streamlink")),
+        "{last:?}"
+    );
     drop((a, b));
     assert!(
         eventually(T, || children(&e, "streamlink") == 0).await,

@@ -61,7 +61,8 @@ fn opt_number(m: &Map<String, Value>, field: &str) -> Result<Option<f64>, ApiRep
 }
 
 /// `enable_silence_detection` and its thresholds (m3u-proxy's defaults for
-/// the ones not sent); `None` when detection is off.
+/// the ones not sent); `None` when detection is off. Out-of-range values are
+/// a 422 naming the field.
 fn silence(m: &Map<String, Value>) -> Result<Option<crate::silence::SilenceSpec>, ApiReply> {
     let on = opt_bool(m, "enable_silence_detection")?.unwrap_or(false);
     let mut s = crate::silence::SilenceSpec::default();
@@ -87,14 +88,12 @@ fn silence(m: &Map<String, Value>) -> Result<Option<crate::silence::SilenceSpec>
     if let Some(v) = opt_number(m, "silence_monitoring_grace_period")? {
         s.grace = v;
     }
-    if !on {
-        return Ok(None);
-    }
+    // Checked even when off: a value out of range is a mistake either way.
     if let Err((field, msg)) = s.check() {
         let input = m.get(field).cloned().unwrap_or(Value::Null);
         return Err(wrong(field, &msg, &input));
     }
-    Ok(Some(s))
+    Ok(on.then_some(s))
 }
 
 /// Accepts only http(s) URLs with a host and none of the script-injection
