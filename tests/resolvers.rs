@@ -129,6 +129,9 @@ async fn streamlink_httpstream_resolves_to_a_url_the_hub_fetches_once_for_every_
     assert_eq!(reqs[0].header("user-agent"), Some("ResolverUA/2.0"));
     assert_eq!(reqs[0].header("x-provider-key"), Some("k1"));
     assert_eq!(children(&e, "streamlink"), 0);
+    // Not an HLS stream: its page is never fetched as a playlist.
+    let (s, _, _) = client::get_body(&e.url(&format!("/hls/{id}/playlist.m3u8"))).await;
+    assert_eq!(s, 404);
     drop((a, b));
     assert!(eventually(T, || p.open_streams("/live/") == 0).await);
 }

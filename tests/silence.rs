@@ -279,3 +279,33 @@ async fn a_channel_with_sound_throughout_never_fails_over() {
     let (_, st) = api(&e, Method::GET, &format!("/streams/{id}"), None).await;
     assert_eq!(st["stream"]["current_failover_index"], -1, "{st}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_without_a_backup_keeps_the_one_source() {
+    let Some(silent) = silent_fixture() else {
+        return;
+    };
+    let p = Provider::start().await;
+    let kbps = add_silent(&p, silent);
+    let e = Edge::start(&silence_config()).await;
+    let id = register(
+        &e,
+        with_silence(json!({"url": p.url(&format!("live/alone.ts?src=silent.ts&kbps={kbps}"))})),
+    )
+    .await;
+    let mut viewer = watch(&e, &id).await;
+    // About 12 s of the silent source: past the grace and two silent checks.
+    let bytes = (kbps as usize * 1000 / 8) * 12;
+    viewer.read_n(bytes / 188 * 188, T).await;
+    assert_eq!(
+        p.requests_to("/live/alone.ts").len(),
+        1,
+        "never reconnected"
+    );
+    assert_eq!(silence_metric(&metrics(&e).await), 0.0);
+    assert!(
+        e.wait_for_log("no other source", Duration::from_secs(10))
+            .await,
+        "the silence was seen"
+    );
+}

@@ -153,6 +153,10 @@ pub async fn watch(app: Arc<App>, ch: Arc<Channel>, spec: SilenceSpec) {
         match check_source(&app, &ch, &spec).await {
             Checked::Closed => return,
             Checked::SourceChanged => {}
+            Checked::Triggered if !has_other_source(&ch) => {
+                // Reconnecting the one source would only cut the viewers off.
+                tracing::warn!(stream_id = %ch.stream.id, "silence detected, but the stream has no other source");
+            }
             Checked::Triggered => {
                 tracing::warn!(stream_id = %ch.stream.id, "silence detected: switching to the next source");
                 let epoch = ch.source_epoch();
@@ -174,6 +178,12 @@ pub async fn watch(app: Arc<App>, ch: Arc<Channel>, spec: SilenceSpec) {
             }
         }
     }
+}
+
+/// Whether a switch could land anywhere else.
+fn has_other_source(ch: &Channel) -> bool {
+    let spec = ch.stream.spec();
+    !spec.failover_urls.is_empty() || spec.failover_resolver_url.is_some()
 }
 
 enum Checked {
