@@ -594,6 +594,7 @@ impl Reader {
             if reason != "hls" {
                 return outcome;
             }
+            self.landed = None;
             self.app.resolvers.remember(&id, &page, Resolved::Pipe);
         }
         let provider = self.provider_of(url);
