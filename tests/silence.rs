@@ -309,3 +309,35 @@ async fn silence_without_a_backup_keeps_the_one_source() {
         "the silence was seen"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_hands_over_to_a_warm_standby() {
+    let Some(silent) = silent_fixture() else {
+        return;
+    };
+    let p = Provider::start().await;
+    let kbps = add_silent(&p, silent);
+    let e = Edge::start(&config(
+        "live:\n  stall_timeout: \"8s\"\n  give_up_after: \"60s\"\n  retry_backoff: \"1s\"\n  primary_cooldown: \"10m\"\n  standby: true\n",
+    ))
+    .await;
+    let hook = hook_failovers(&e).await;
+    let id = register(
+        &e,
+        with_silence(json!({
+            "url": p.url(&format!("live/sq.ts?src=silent.ts&kbps={kbps}")),
+            "failover_urls": [p.url("live/sb.ts?kbps=800")],
+        })),
+    )
+    .await;
+    let mut viewer = watch(&e, &id).await;
+    read_until(&mut viewer, "the silence failover", || {
+        failovers(&hook).iter().any(|f| f.2.contains("silence"))
+    })
+    .await;
+    viewer.read_n(188 * 2000, T).await;
+    // The standby's connection became the source: no second connection.
+    assert_eq!(p.requests_to("/live/sb.ts").len(), 1);
+    let (_, st) = api(&e, Method::GET, &format!("/streams/{id}"), None).await;
+    assert_eq!(st["stream"]["current_failover_index"], 0, "{st}");
+}

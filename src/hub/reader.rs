@@ -958,7 +958,13 @@ impl Reader {
                 _ = self.ch.force_switch.notified() => {
                     self.flush(&mut pending);
                     let reason = self.ch.take_switch_reason().unwrap_or_else(|| "forced failover".into());
-                    return Outcome::Failed { reason, got_bytes, handover: None };
+                    // A silent source goes to the next one in order, which is
+                    // where a standby waits; the API may name another.
+                    let handover = match standby.take() {
+                        Some(sb) if reason.starts_with("silence") => sb.hand_over().await,
+                        _ => None,
+                    };
+                    return Outcome::Failed { reason, got_bytes, handover };
                 }
                 why = async {
                     match standby.as_mut() {
