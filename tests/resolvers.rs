@@ -388,3 +388,41 @@ async fn arguments_outside_the_allowlist_and_cookies_outside_the_dir_are_400s() 
     assert_eq!(info["streamlink_version"], Value::Null);
     assert_eq!(info["ytdlp_version"], Value::Null);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_url_that_expired_meanwhile_is_resolved_again_on_the_next_join() {
+    let Some(yt) = ytdlp() else { return };
+    let p = Provider::start().await;
+    let e = Edge::start(&resolver_config(
+        "/nonexistent/streamlink",
+        &yt.display().to_string(),
+        "",
+    ))
+    .await;
+    let page = p.url("page?src=/live/later.ts%3Fkbps%3D1000&ttl_ms=3000");
+    let (s, v) = transcode(&e, json!({"url": page, "resolver": "ytdlp"})).await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["stream_id"].as_str().unwrap().to_string();
+    let mut first = watch(&e, &id, "first").await;
+    first.read_n(188 * 100, T).await;
+    drop(first);
+    assert!(eventually(T, || p.open_streams("/live/") == 0).await);
+    let expired = p.requests_to("/expiring/")[0].path.clone();
+    // The cached URL is past its deadline now.
+    let deadline: u64 = expired.split('/').nth(2).unwrap().parse().unwrap();
+    while crate::support::resolver_site::now_ms() <= deadline + 200 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut second = watch(&e, &id, "second").await;
+    is_valid_ts(&second.read_n(188 * 1000, T).await).unwrap();
+    // The cached URL was tried (refused), then the page resolved again.
+    let used: Vec<String> = p
+        .requests_to("/expiring/")
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(used.len(), 3, "{used:?}");
+    assert_eq!(used[1], expired, "{used:?}");
+    assert_ne!(used[2], expired, "{used:?}");
+    assert_eq!(p.requests_to("/page").len(), 2);
+}
