@@ -341,3 +341,39 @@ async fn silence_hands_over_to_a_warm_standby() {
     let (_, st) = api(&e, Method::GET, &format!("/streams/{id}"), None).await;
     assert_eq!(st["stream"]["current_failover_index"], 0, "{st}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_thresholds_out_of_range_are_422_naming_the_field() {
+    let e = Edge::start(&silence_config()).await;
+    for (field, value) in [
+        ("silence_threshold_db", json!(12)),
+        ("silence_duration", json!(0)),
+        ("silence_check_interval", json!(-1)),
+        ("silence_failover_threshold", json!(2.5)),
+        ("silence_monitoring_grace_period", json!(-3)),
+        ("silence_duration", json!("3")),
+    ] {
+        let mut body = with_silence(json!({"url": "http://127.0.0.1:9/live.ts"}));
+        body[field] = value.clone();
+        let (s, v) = api(&e, Method::POST, "/streams", Some(body)).await;
+        assert_eq!(s, 422, "{field}={value}: {v}");
+        assert_eq!(v["detail"][0]["loc"], json!(["body", field]), "{v}");
+    }
+    // m3u-editor's defaults pass.
+    let (s, v) = api(
+        &e,
+        Method::POST,
+        "/streams",
+        Some(json!({
+            "url": "http://127.0.0.1:9/live.ts",
+            "enable_silence_detection": true,
+            "silence_threshold_db": -50,
+            "silence_duration": 3,
+            "silence_check_interval": 10,
+            "silence_failover_threshold": 3,
+            "silence_monitoring_grace_period": 15,
+        })),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+}

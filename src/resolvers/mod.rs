@@ -101,8 +101,8 @@ impl Versions {
     }
 }
 
-/// Runs `<tool> --version` for both (each returns at once, or fails at once
-/// when the program is missing).
+/// Runs `<tool> --version` for both (each answers within a second, or fails
+/// at once when the program is missing).
 pub fn probe(cfg: &ResolversConfig) -> Versions {
     let run = |tool: Tool| {
         let out = std::process::Command::new(tool.program(cfg))
@@ -118,10 +118,15 @@ pub fn probe(cfg: &ResolversConfig) -> Versions {
         let v = line.strip_prefix("streamlink ").unwrap_or(line).trim();
         (!v.is_empty()).then(|| v.to_string())
     };
-    Versions {
-        streamlink: run(Tool::Streamlink),
-        yt_dlp: run(Tool::YtDlp),
-    }
+    // Side by side: a cold Python start takes most of a second.
+    std::thread::scope(|scope| {
+        let streamlink = scope.spawn(|| run(Tool::Streamlink));
+        let yt_dlp = run(Tool::YtDlp);
+        Versions {
+            streamlink: streamlink.join().ok().flatten(),
+            yt_dlp,
+        }
+    })
 }
 
 /// streamlink's protocol prefixes: `hls://URL` and friends name the kind of
@@ -218,5 +223,52 @@ impl Resolvers {
         self.cache
             .lock()
             .remove(&(id.to_string(), page.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_may_carry_streamlink_prefixes_and_keep_their_text() {
+        assert!(is_page_url("https://www.youtube.com/watch?v=x"));
+        assert!(is_page_url("hls://http://127.0.0.1:8080/live/index.m3u8"));
+        assert!(is_page_url("httpstream://cdn.example/live.ts"));
+        assert!(!is_page_url("file:///etc/passwd"));
+        assert!(!is_page_url("hls://file:///etc/passwd"));
+        assert!(!is_page_url("rtmp://x/y"));
+        let spec = crate::registry::StreamSpec {
+            url: "hls://http://127.0.0.1:8080/a.m3u8".into(),
+            failover_urls: vec!["https://b.example/p".into()],
+            failover_resolver_url: None,
+            user_agent: None,
+            headers: vec![],
+            metadata: Default::default(),
+            live: None,
+            sticky: false,
+            strict_live_ts: false,
+            provider: None,
+            transcode: None,
+            resolver: None,
+            silence: None,
+        };
+        // The normalised URL (`hls://http//...`) maps back to the text sent.
+        let parsed = Url::parse(&spec.url).unwrap();
+        assert_ne!(parsed.as_str(), spec.url);
+        assert_eq!(page_of(&spec, &parsed), spec.url);
+        let b = Url::parse("https://b.example/p").unwrap();
+        assert_eq!(page_of(&spec, &b), "https://b.example/p");
+    }
+
+    #[test]
+    fn the_cache_expires_and_forgets() {
+        let r = Resolvers::default();
+        assert_eq!(r.cached("s", "p"), None);
+        r.remember("s", "p", Resolved::Pipe);
+        assert_eq!(r.cached("s", "p"), Some(Resolved::Pipe));
+        assert_eq!(r.cached("other", "p"), None);
+        r.forget("s", "p");
+        assert_eq!(r.cached("s", "p"), None);
     }
 }
