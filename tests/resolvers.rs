@@ -426,3 +426,57 @@ async fn a_cached_url_that_expired_meanwhile_is_resolved_again_on_the_next_join(
     assert_ne!(used[2], expired, "{used:?}");
     assert_eq!(p.requests_to("/page").len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_file_is_remuxed_to_mpegts_shared_by_viewers_and_ends_with_the_file() {
+    let Some(yt) = ytdlp() else { return };
+    if !std::process::Command::new("ffmpeg")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("SKIPPED: ffmpeg not installed (scripts/deps.sh installs it)");
+        return;
+    }
+    let p = Provider::start().await;
+    let e = Edge::start(&resolver_config(
+        "/nonexistent/streamlink",
+        &yt.display().to_string(),
+        "",
+    ))
+    .await;
+    let page = p.url("page?src=/files/sample.mp4");
+    let (s, v) = transcode(
+        &e,
+        json!({"url": page, "resolver": "ytdlp", "user_agent": "RemuxUA/1"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["stream_id"].as_str().unwrap().to_string();
+    let (a, b) = tokio::join!(watch(&e, &id, "a"), watch(&e, &id, "b"));
+    // One ffmpeg remuxes for both viewers, reading the file as the stream's
+    // user agent.
+    assert_eq!(children(&e, "ffmpeg"), 1);
+    let media = p.requests_to("/files/sample.mp4");
+    assert!(!media.is_empty());
+    assert!(
+        media
+            .iter()
+            .all(|r| r.header("user-agent") == Some("RemuxUA/1")),
+        "{media:?}"
+    );
+    // The 10 s file plays through (at its own pace) and the stream ends.
+    for viewer in [a, b] {
+        let mut resp = viewer.into_inner();
+        let (body, end) = client::read_to_end(&mut resp, T).await;
+        assert!(matches!(end, client::BodyEnd::Complete), "{end:?}");
+        assert!(body.len() > 188 * 1000, "{}", body.len());
+        is_valid_ts(&body).unwrap();
+    }
+    assert!(
+        eventually(T, || children(&e, "ffmpeg") == 0).await,
+        "ffmpeg reaped"
+    );
+    // Played once: the page was not resolved again for a second round.
+    assert_eq!(p.requests_to("/page").len(), 1);
+}

@@ -85,6 +85,9 @@ enum Outcome {
     /// A planned switch without a spare connection (return to a primary of the
     /// same one-connection provider): the current source is not blamed.
     Switch(usize),
+    /// The media came to its end (a resolver's video file played through):
+    /// the channel ends, nothing failed.
+    Finished,
 }
 
 /// How to go back to the primary.
@@ -122,6 +125,7 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
         switch_reason: None,
         landed: None,
         resolved_from_cache: false,
+        finished: false,
     };
     // Silence detection watches the channel beside the reader (a transcoded
     // channel is checked at its source).
@@ -141,6 +145,11 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
     if let Some(end) = &outcome {
         tracing::warn!(stream_id = %ch.stream.id, reason = %end, "live channel ended");
         ch.set_phase(Phase::Ended(end.clone()));
+    }
+    if reader.finished {
+        // Played to its end: viewers get the end of the stream, no failure.
+        ch.lease.lock().take();
+        return;
     }
     if let Some(error) = outcome.or_else(|| match ch.phase() {
         Phase::Unavailable(code) => Some(format!(
@@ -353,6 +362,8 @@ struct Reader {
     /// The resolver source being served was resolved earlier (its URL may
     /// have expired since).
     resolved_from_cache: bool,
+    /// The channel ended because its media did ([`Outcome::Finished`]).
+    finished: bool,
 }
 
 impl Reader {
@@ -403,6 +414,10 @@ impl Reader {
             };
             match outcome {
                 Outcome::Cancelled => return None,
+                Outcome::Finished => {
+                    self.finished = true;
+                    return Some("the media ended".into());
+                }
                 Outcome::Handover(prep) => {
                     self.switch_reason = Some(if prep.pos == 0 {
                         "returning to the primary".into()
@@ -585,17 +600,26 @@ impl Reader {
             Err(why) => return failed(format!("resolver: {why}")),
         };
         self.resolved_from_cache = cached;
+        let mut remux = None;
         if let Resolved::Url(media) = media {
-            let outcome = self.serve_http(picker, pos, url, &media).await;
-            // A playlist behind the media URL: the tool has to play it.
-            let Outcome::Failed { reason, .. } = &outcome else {
-                return outcome;
-            };
-            if reason != "hls" {
-                return outcome;
+            if crate::resolvers::is_container_file(&media) {
+                remux = Some(media);
+            } else {
+                let outcome = self.serve_http(picker, pos, url, &media).await;
+                let Outcome::Failed { reason, .. } = &outcome else {
+                    return outcome;
+                };
+                match reason.as_str() {
+                    // A playlist behind the media URL: the tool plays it.
+                    "hls" => {
+                        self.app.resolvers.remember(&id, &page, Resolved::Pipe);
+                    }
+                    // A file that is not MPEG-TS: ffmpeg remuxes it.
+                    "remux" => remux = Some(media),
+                    _ => return outcome,
+                }
+                self.landed = None;
             }
-            self.landed = None;
-            self.app.resolvers.remember(&id, &page, Resolved::Pipe);
         }
         let provider = self.provider_of(url);
         let lease = match self
@@ -614,7 +638,12 @@ impl Reader {
         };
         let opened = tokio::select! {
             _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
-            o = pipe::open(&self.app, &id, &self.spec, r, &page) => o,
+            o = async {
+                match &remux {
+                    Some(media) => pipe::remux(&self.app, &id, &self.spec, media).await,
+                    None => pipe::open(&self.app, &id, &self.spec, r, &page).await,
+                }
+            } => o,
         };
         let (body, first) = match opened {
             Ok(o) => o,
@@ -626,7 +655,16 @@ impl Reader {
             backlog: Some(first),
         };
         let url = url.clone();
-        self.serve(picker, Prepared { pos, url, up }).await
+        let outcome = self.serve(picker, Prepared { pos, url, up }).await;
+        match outcome {
+            // ffmpeg played the whole file: a video's end, not a failure.
+            Outcome::Failed {
+                ref reason,
+                got_bytes: true,
+                ..
+            } if remux.is_some() && reason == "provider closed the stream" => Outcome::Finished,
+            o => o,
+        }
     }
 
     /// Connects to `fetch` (the source `url` itself, or the media URL a
@@ -713,6 +751,16 @@ impl Reader {
         if is_playlist && self.spec.resolver.is_some() {
             // The resolver's URL is a playlist: its tool plays it.
             return failed("hls");
+        }
+        if self.spec.resolver.is_some()
+            && resp
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(crate::resolvers::is_container_type)
+        {
+            // MP4, WebM, ...: remuxed to MPEG-TS for the hub.
+            return failed("remux");
         }
         if self.ch.phase() == Phase::Connecting && is_playlist {
             // An HLS playlist behind a URL that did not say so.

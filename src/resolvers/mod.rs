@@ -162,6 +162,33 @@ pub fn is_page_url(raw: &str) -> bool {
     }
 }
 
+/// Whether a media URL names a file in a container the live hub cannot
+/// cut (MP4, WebM, Matroska, ...): ffmpeg remuxes it to MPEG-TS.
+pub fn is_container_file(u: &Url) -> bool {
+    let path = u.path().to_ascii_lowercase();
+    [
+        ".mp4", ".m4v", ".mov", ".webm", ".mkv", ".flv", ".m4a", ".mp3", ".aac", ".ogg", ".opus",
+        ".wav",
+    ]
+    .iter()
+    .any(|e| path.ends_with(e))
+}
+
+/// [`is_container_file`] by a response's Content-Type.
+pub fn is_container_type(ct: &str) -> bool {
+    let ct = ct.trim().to_ascii_lowercase();
+    [
+        "video/mp4",
+        "video/webm",
+        "video/x-matroska",
+        "video/quicktime",
+        "video/x-flv",
+        "audio/",
+    ]
+    .iter()
+    .any(|t| ct.starts_with(t))
+}
+
 /// What a page resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolved {
