@@ -485,3 +485,25 @@ async fn a_video_file_is_remuxed_to_mpegts_shared_by_viewers_and_ends_with_the_f
     // Played once: the page was not resolved again for a second round.
     assert_eq!(p.requests_to("/page").len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_deny_private_upstreams_a_private_page_never_reaches_the_tool() {
+    let Some(yt) = ytdlp() else { return };
+    let p = Provider::start().await;
+    let e = Edge::start(&resolver_config(
+        "/nonexistent/streamlink",
+        &yt.display().to_string(),
+        "security:\n  deny_private_upstreams: true\n",
+    ))
+    .await;
+    // Both the IP literal and a name that resolves to loopback.
+    for host in ["127.0.0.1", "localhost"] {
+        let page = format!("http://{host}:{}/page?src=/live/priv.ts", p.port());
+        let (s, v) = transcode(&e, json!({"url": page, "resolver": "ytdlp"})).await;
+        assert_eq!(s, 200, "{v}");
+        let id = v["stream_id"].as_str().unwrap().to_string();
+        let resp = client::get(&e.url(&format!("/stream/{id}"))).await;
+        assert_ne!(resp.status(), 200, "{host}");
+    }
+    assert_eq!(p.requests().len(), 0, "{:?}", p.requests());
+}

@@ -591,6 +591,9 @@ impl Reader {
         };
         let id = self.ch.stream.id.clone();
         let page = crate::resolvers::page_of(&self.spec, url);
+        if let Err(why) = crate::resolvers::check_page(&page).await {
+            return failed(why);
+        }
         let resolved = tokio::select! {
             _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
             r = resolve::resolve(&self.app, &id, &self.spec, r, &page, false) => r,

@@ -189,6 +189,49 @@ pub fn is_container_type(ct: &str) -> bool {
     .any(|t| ct.starts_with(t))
 }
 
+/// The http(s) URL inside a page (`hls://http://host/x` → `http://host/x`;
+/// streamlink assumes https for a bare host).
+pub fn page_target(page: &str) -> Option<Url> {
+    let lower = page.to_ascii_lowercase();
+    let rest = match PROTOCOL_PREFIXES.iter().find(|p| lower.starts_with(*p)) {
+        Some(p) => &page[p.len()..],
+        None => page,
+    };
+    let u = Url::parse(rest)
+        .or_else(|_| Url::parse(&format!("https://{rest}")))
+        .ok()?;
+    matches!(u.scheme(), "http" | "https").then_some(u)
+}
+
+/// With `security.deny_private_upstreams` on, refuses a page whose host is
+/// (or resolves to) a private address, before any tool fetches it. The
+/// tool's own redirects are beyond this check; the media URL it names is
+/// fetched by the hub, where the policy applies as to any source.
+pub async fn check_page(page: &str) -> Result<(), String> {
+    use crate::upstream::guard;
+    if !guard::denying() {
+        return Ok(());
+    }
+    let target = page_target(page).ok_or_else(|| "not an http(s) page".to_string())?;
+    guard::check_url(&target).map_err(|e| e.to_string())?;
+    let host = target
+        .host_str()
+        .unwrap_or_default()
+        .trim_matches(['[', ']']);
+    let port = target.port_or_known_default().unwrap_or(443);
+    let addrs = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::lookup_host((host, port)),
+    )
+    .await
+    .map_err(|_| format!("{host}: DNS timed out"))?
+    .map_err(|e| format!("{host}: {e}"))?;
+    for addr in addrs {
+        guard::check_addr(addr).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// What a page resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolved {
@@ -286,6 +329,24 @@ mod tests {
         assert_eq!(page_of(&spec, &parsed), spec.url);
         let b = Url::parse("https://b.example/p").unwrap();
         assert_eq!(page_of(&spec, &b), "https://b.example/p");
+    }
+
+    #[test]
+    fn the_http_url_inside_a_page() {
+        let t = |p: &str| page_target(p).map(|u| u.to_string());
+        assert_eq!(
+            t("hls://http://127.0.0.1:8/a.m3u8").as_deref(),
+            Some("http://127.0.0.1:8/a.m3u8")
+        );
+        assert_eq!(
+            t("httpstream://cdn.example/x.ts").as_deref(),
+            Some("https://cdn.example/x.ts")
+        );
+        assert_eq!(
+            t("https://youtube.com/watch?v=1").as_deref(),
+            Some("https://youtube.com/watch?v=1")
+        );
+        assert_eq!(t("hls://file:///etc/passwd"), None);
     }
 
     #[test]
