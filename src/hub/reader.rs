@@ -624,6 +624,12 @@ impl Reader {
                 self.landed = None;
             }
         }
+        if let Some(media) = &remux {
+            // ffmpeg fetches it, not the hub: the same policy first.
+            if let Err(why) = crate::resolvers::check_page(media.as_str()).await {
+                return failed(why);
+            }
+        }
         let provider = self.provider_of(url);
         let lease = match self
             .app
