@@ -86,6 +86,8 @@ label_enum!(
         /// `POST /streams/{id}/failover`.
         Forced => "forced",
         Connect => "connect",
+        /// Silence detection (`enable_silence_detection`).
+        Silence => "silence",
     }
 );
 

@@ -103,8 +103,8 @@ pub fn info(app: &App) -> ApiReply {
     ApiReply::ok(json!({
         "version": VERSION,
         "ffmpeg_version": app.ffmpeg.version,
-        "streamlink_version": null,
-        "ytdlp_version": null,
+        "streamlink_version": app.resolvers.versions.streamlink,
+        "ytdlp_version": app.resolvers.versions.yt_dlp,
         "hardware_acceleration": {
             "enabled": app.ffmpeg.hwaccel_available,
             "type": match c.transcode.hwaccel {

@@ -173,6 +173,13 @@ pub async fn serve(
     if let Some(t) = stream.spec().transcode.as_ref().filter(|t| t.hls) {
         return super::packaged::serve(app, session, ctx, stream, asked, t).await;
     }
+    if stream.spec().resolver.is_some() {
+        // Its URL is a page for streamlink or yt-dlp, not a playlist.
+        ctx.local_status = Some(404);
+        let msg = format!("A resolver stream is MPEG-TS: play /stream/{}", stream.id);
+        respond::error(session, 404, &msg).await?;
+        return Ok(true);
+    }
     let claims = match request::query_param(session, "t") {
         Some(t) => match app.signer.verify(&stream.id, &t) {
             Ok(c) => Some(c),

@@ -14,6 +14,7 @@ pub mod eventually;
 pub mod hls_reset;
 pub mod procs;
 pub mod provider;
+pub mod resolver_site;
 pub mod ts_check;
 pub mod webhook;
 
