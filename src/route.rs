@@ -110,6 +110,11 @@ pub fn decode(path: &str, root_path: &str) -> Route {
         ["broadcast", id, "segment", file] if valid_id(id) => {
             Route::BroadcastSegment(id.to_string(), file.to_string())
         }
+        // Beside the playlist too: its bare segment lines resolve here when
+        // a player reads it directly (m3u-editor rewrites them instead).
+        ["broadcast", id, file] if valid_id(id) && segment_name(file) => {
+            Route::BroadcastSegment(id.to_string(), file.to_string())
+        }
         ["metrics"] => Route::Metrics,
         ["openapi.json"] => Route::OpenApi,
         ["stream", id] if valid_id(id) => Route::Play(id.to_string()),
@@ -128,6 +133,13 @@ fn strip_root<'a>(path: &'a str, root: &str) -> &'a str {
         Some(rest) if rest.starts_with('/') => rest,
         _ => path,
     }
+}
+
+/// `live<digits>.ts`, a broadcast segment's name.
+fn segment_name(name: &str) -> bool {
+    name.strip_prefix("live")
+        .and_then(|n| n.strip_suffix(".ts"))
+        .is_some_and(|d| !d.is_empty() && d.len() <= 18 && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Stream ids are md5 hex or YAML ids (`[A-Za-z0-9_-]`); anything else cannot
@@ -190,6 +202,11 @@ mod tests {
                 Route::BroadcastSegment("n".into(), "live000001.ts".into()),
             ),
             ("/broadcast/n/segment/../../etc/passwd", Route::NotFound),
+            (
+                "/broadcast/n/live000012.ts",
+                Route::BroadcastSegment("n".into(), "live000012.ts".into()),
+            ),
+            ("/broadcast/n/x.ts", Route::NotFound),
             ("/broadcast/../segment/live1.ts", Route::NotFound),
             ("/hls/ab/key.bin", Route::NotFound),
             ("/stream/../etc", Route::NotFound),

@@ -73,7 +73,10 @@ mod tests {
             Route::HlsPlaylist(_) => &["/hls/{stream_id}/playlist.m3u8"],
             Route::HlsSegment(_) => &["/hls/{stream_id}/segment.ts", "/hls/{stream_id}/segment"],
             Route::BroadcastPlaylist(_) => &["/broadcast/{network_id}/live.m3u8"],
-            Route::BroadcastSegment(..) => &["/broadcast/{network_id}/segment/{segment}"],
+            Route::BroadcastSegment(..) => &[
+                "/broadcast/{network_id}/segment/{segment}",
+                "/broadcast/{network_id}/{segment}",
+            ],
             Route::NotFound => &[],
         }
     }
