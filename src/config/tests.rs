@@ -142,6 +142,10 @@ fn example_config_documents_every_key() {
         "segment_timeout:",
         "deny_private_upstreams:",
         "private_allowlist:",
+        "work_dir:",
+        "max_networks:",
+        "callback_timeout:",
+        "keep_stopped:",
     ];
     for key in keys {
         assert!(text.contains(key), "{key} is not documented");
@@ -1262,4 +1266,25 @@ fn hls_limits_and_security_section() {
     assert!(m.contains("hls.header_timeout"), "{m}");
     let m = error("security:\n  deny_private_upstream: true\n");
     assert!(m.contains("deny_private_upstreams"), "{m}");
+}
+
+#[test]
+fn broadcast_section() {
+    let c = ok("broadcast:\n  work_dir: /dev/shm/m3u-edge\n  max_networks: 0\n  callback_timeout: \"3s\"\n  keep_stopped: \"1m\"\n");
+    assert_eq!(
+        c.broadcast.work_dir,
+        std::path::PathBuf::from("/dev/shm/m3u-edge")
+    );
+    assert_eq!(c.broadcast.max_networks, 0);
+    assert_eq!(c.broadcast.callback_timeout, Duration::from_secs(3));
+    assert_eq!(c.broadcast.keep_stopped, Duration::from_secs(60));
+    let e = parse(
+        "broadcast:\n  work_dir: /\n  max_networks: -1\n  callback_timeout: 0\n",
+        Path::new("x.yaml"),
+    )
+    .unwrap_err();
+    let text = e.messages().join("\n");
+    assert!(text.contains("x.yaml:2:13: broadcast.work_dir"), "{text}");
+    assert!(text.contains("broadcast.max_networks"), "{text}");
+    assert!(text.contains("broadcast.callback_timeout"), "{text}");
 }
