@@ -513,6 +513,22 @@ async fn a_failing_stream_url_is_broadcast_failed_in_the_callback_and_the_status
         "{v}"
     );
     assert_eq!(ffmpeg_children(&e), 0);
+    // m3u-proxy's brake: three failed starts, then starts are refused for a while.
+    let dead = json!({"stream_url": provider.url("/status/404")});
+    for _ in 0..2 {
+        let (st, v) = start(&e, NET, dead.clone()).await;
+        assert_eq!(st, 500, "{v}");
+    }
+    let (st, v) = start(&e, NET, dead).await;
+    assert_eq!(st, 500, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("retry allowed after"),
+        "{v}"
+    );
+    assert_eq!(ffmpeg_children(&e), 0, "no ffmpeg for a refused start");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -689,4 +705,26 @@ async fn ffmpeg_does_not_outlive_m3u_edge() {
         eventually(T, || gone(pid)).await,
         "ffmpeg {pid} outlived m3u-edge"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_stops_ffmpeg_and_removes_the_files() {
+    if !have_ffmpeg() {
+        return;
+    }
+    let provider = Provider::start().await;
+    let mut e = Edge::start(&broadcast_config("")).await;
+    let (st, v) = start(&e, NET, programme(&provider, json!({}))).await;
+    assert_eq!(st, 200, "{v}");
+    let pid = v["ffmpeg_pid"].as_u64().unwrap();
+    wait_segments(&e, NET, 1).await;
+    let dir = e
+        .dir()
+        .join("m3u-edge-broadcast")
+        .join(format!("broadcast_{NET}"));
+    assert!(dir.exists());
+    let status = e.stop().await.expect("exit status");
+    assert!(status.success(), "{status}");
+    assert!(gone(pid), "ffmpeg {pid} stopped before m3u-edge exited");
+    assert!(!dir.exists(), "{} removed at shutdown", dir.display());
 }

@@ -160,6 +160,15 @@ pub async fn start(app: &App, id: &str, req: &ApiRequest) -> ApiReply {
     let b = &app.broadcasts;
     let net = b.get_or_create(id);
     let _op = net.ops.lock().await;
+    if let Some(wait) = net.start_refused_for() {
+        return ApiReply::detail(
+            500,
+            format!(
+                "Exceeded max start retries for broadcast {id}; retry allowed after {}s",
+                wait.as_secs().max(1)
+            ),
+        );
+    }
     let was_running = net.is_running();
     // Taken before the old programme stops: a full cap refuses a new
     // network, never a running one's next programme.
@@ -210,7 +219,7 @@ pub async fn start(app: &App, id: &str, req: &ApiRequest) -> ApiReply {
         first = l + 1;
     }
     // Earlier segments still listed: their timestamps end here.
-    if !fresh && !net.window_is_empty() && net.window_last_file().is_some() {
+    if !fresh && !net.window_is_empty() {
         discontinuity = true;
     }
     if let Err(e) = net.begin(first, discontinuity, fresh, &s) {
@@ -294,6 +303,7 @@ pub async fn start(app: &App, id: &str, req: &ApiRequest) -> ApiReply {
         (st.phase == Phase::Failed).then(|| st.error.clone().unwrap_or_default())
     };
     if let Some(error) = failed {
+        net.start_failed();
         return ApiReply::detail(
             500,
             format!("Broadcast {id} failed shortly after start: {error}"),

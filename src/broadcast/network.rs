@@ -26,6 +26,9 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// A programme still running this long after its duration is stuck (an
 /// input that stalls between reconnects): it is stopped and reported failed.
 const OVERRUN: Duration = Duration::from_secs(60);
+const MAX_FAILED_STARTS: usize = 3;
+const FAILED_START_WINDOW: Duration = Duration::from_secs(300);
+const FAILED_START_COOLDOWN: Duration = Duration::from_secs(15);
 /// stderr lines that mean the input could not be read (m3u-proxy's list):
 /// they make the `input_error` detail callback m3u-editor logs.
 const INPUT_ERRORS: &[&str] = &[
@@ -84,6 +87,8 @@ pub(super) struct State {
     pub bytes_written: u64,
     /// Highest segment number seen (on disk or listed).
     pub last_segment: Option<u64>,
+    /// Recent starts that failed at once (see [`Network::start_refused_for`]).
+    pub failed_starts: Vec<Instant>,
 }
 
 #[derive(Debug)]
@@ -118,10 +123,29 @@ impl Network {
                 idle_since: Some(Instant::now()),
                 bytes_written: 0,
                 last_segment: None,
+                failed_starts: Vec::new(),
             }),
             window: Mutex::new(Window::new()),
             viewers,
         }
+    }
+
+    /// m3u-proxy's retry brake: after [`MAX_FAILED_STARTS`] starts that
+    /// failed at once within [`FAILED_START_WINDOW`], starts are refused
+    /// for [`FAILED_START_COOLDOWN`] after the last one (a schedule
+    /// retrying a dead source every tick would hammer the provider).
+    pub fn start_refused_for(&self) -> Option<Duration> {
+        let mut st = self.state.lock();
+        st.failed_starts
+            .retain(|t| t.elapsed() < FAILED_START_WINDOW);
+        let last = st.failed_starts.last()?;
+        (st.failed_starts.len() >= MAX_FAILED_STARTS)
+            .then(|| FAILED_START_COOLDOWN.checked_sub(last.elapsed()))
+            .flatten()
+    }
+
+    pub(super) fn start_failed(&self) {
+        self.state.lock().failed_starts.push(Instant::now());
     }
 
     pub fn is_running(&self) -> bool {
@@ -201,10 +225,6 @@ impl Network {
             s.segment_duration,
         );
         Ok(())
-    }
-
-    pub(super) fn window_last_file(&self) -> Option<u64> {
-        self.window.lock().last_file()
     }
 
     pub(super) fn window_is_empty(&self) -> bool {
