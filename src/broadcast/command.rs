@@ -73,6 +73,9 @@ pub fn argv(s: &Start, cx: &Context<'_>) -> Vec<String> {
         }
         push(&["-headers", &h]);
     }
+    // A read that blocks this long fails (then -reconnect tries again): a
+    // dead peer must not hold a network "running" for ever. Microseconds.
+    push(&["-rw_timeout", "15000000"]);
     push(&[
         "-reconnect",
         "1",

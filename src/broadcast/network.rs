@@ -26,6 +26,10 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// A programme still running this long after its duration is stuck (an
 /// input that stalls between reconnects): it is stopped and reported failed.
 const OVERRUN: Duration = Duration::from_secs(60);
+/// A programme that made no new segment for this long (or four segment
+/// durations, if longer) is stopped and reported failed: its input stalled
+/// for longer than ffmpeg's reconnects cover.
+const STALL_MIN: Duration = Duration::from_secs(45);
 const MAX_FAILED_STARTS: usize = 3;
 const FAILED_START_WINDOW: Duration = Duration::from_secs(300);
 const FAILED_START_COOLDOWN: Duration = Duration::from_secs(15);
@@ -232,10 +236,10 @@ impl Network {
     }
 
     /// Reads ffmpeg's playlist: new segments join the window, files that
-    /// left it are deleted.
-    fn learn(&self) {
+    /// left it are deleted. Returns how many segments were new.
+    fn learn(&self) -> usize {
         let Ok(text) = std::fs::read_to_string(self.dir.join(FFMPEG_PLAYLIST)) else {
-            return;
+            return 0;
         };
         let (added, gone) = self.window.lock().learn(&text);
         let mut bytes = 0;
@@ -252,6 +256,7 @@ impl Network {
             st.bytes_written += bytes;
             st.last_segment = Some(st.last_segment.map_or(last.file, |l| l.max(last.file)));
         }
+        added.len()
     }
 
     /// After a programme: segment files the window does not hold (a partial
@@ -309,6 +314,8 @@ enum End {
     Exited(Option<std::process::ExitStatus>),
     Cancelled,
     Overran,
+    /// No new segment for a long while (an input that stopped sending).
+    Stalled,
 }
 
 /// Supervises one programme until ffmpeg ends or it is stopped.
@@ -330,14 +337,21 @@ pub(super) async fn supervise(
     let overrun = (start.duration_seconds > 0)
         .then(|| began + Duration::from_secs(start.duration_seconds) + OVERRUN);
     let mut tick = tokio::time::interval(POLL);
+    let mut progress = began;
+    let stall = STALL_MIN.max(Duration::from_secs(start.segment_duration * 4));
     let end = loop {
         tokio::select! {
             status = process.wait() => break End::Exited(status),
             _ = cancel.cancelled() => break End::Cancelled,
             _ = tick.tick() => {
-                net.learn();
+                if net.learn() > 0 {
+                    progress = Instant::now();
+                }
                 if overrun.is_some_and(|t| Instant::now() >= t) {
                     break End::Overran;
+                }
+                if progress.elapsed() >= stall {
+                    break End::Stalled;
                 }
             }
         }
@@ -348,7 +362,7 @@ pub(super) async fn supervise(
             tokio::time::sleep(Duration::from_millis(150)).await;
             (status, process.stderr_tail())
         }
-        End::Cancelled | End::Overran => {
+        End::Cancelled | End::Overran | End::Stalled => {
             let tail = process.stderr_tail();
             (process.stop(STOP_GRACE).await, tail)
         }
@@ -382,6 +396,13 @@ pub(super) async fn supervise(
         End::Overran => Some((
             Phase::Failed,
             Some("ffmpeg ran past duration_seconds and was stopped".to_string()),
+        )),
+        End::Stalled => Some((
+            Phase::Failed,
+            Some(format!(
+                "no new segment for {} s: the input stalled; ffmpeg was stopped",
+                stall.as_secs()
+            )),
         )),
     };
     {
