@@ -728,3 +728,72 @@ async fn a_graceful_shutdown_stops_ffmpeg_and_removes_the_files() {
     assert!(gone(pid), "ffmpeg {pid} stopped before m3u-edge exited");
     assert!(!dir.exists(), "{} removed at shutdown", dir.display());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_stream_config_starts_the_next_programme_at_once() {
+    if !have_ffmpeg() {
+        return;
+    }
+    let provider = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let e = Edge::start(&broadcast_config("")).await;
+    let callback = hook.url("/cb");
+    let next = programme(
+        &provider,
+        json!({"seek_seconds": 2, "duration_seconds": 3, "callback_url": callback}),
+    );
+    let (st, v) = start(
+        &e,
+        NET,
+        programme(
+            &provider,
+            json!({"duration_seconds": 3, "callback_url": callback, "next_stream_config": next}),
+        ),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let first_pid = v["ffmpeg_pid"].as_u64().unwrap();
+    assert!(
+        hook.wait_until(T, |h| !callbacks(h, "programme_ended").is_empty())
+            .await
+    );
+    let ended = callbacks(&hook, "programme_ended")[0].clone();
+    let d = &ended["data"];
+    assert_eq!(d["auto_transitioned"], true, "{ended}");
+    let new_pid = d["new_pid"].as_u64().expect("new_pid");
+    assert_ne!(new_pid, first_pid);
+    let final_segment = d["final_segment_number"].as_u64().unwrap();
+    let (st, v) = status(&e, NET).await;
+    assert_eq!(st, 200);
+    if v["status"] == "running" {
+        assert_eq!(v["ffmpeg_pid"].as_u64(), Some(new_pid), "{v}");
+    }
+    // The second programme follows the first after a discontinuity.
+    let deadline = Instant::now() + T;
+    loop {
+        let p = playlist(&e, NET).await.unwrap_or_default();
+        if segments(&p).iter().any(|s| number(s) > final_segment) {
+            let lines: Vec<&str> = p.lines().collect();
+            let d = lines.iter().position(|l| *l == "#EXT-X-DISCONTINUITY");
+            let d = d.unwrap_or_else(|| panic!("a discontinuity: {p}"));
+            let after = lines[d..].iter().find(|l| l.starts_with("live")).unwrap();
+            assert_eq!(number(after), final_segment + 1, "{p}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no segment of the next programme: {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // It has no next one: its end is an ordinary programme_ended.
+    assert!(
+        hook.wait_until(T, |h| callbacks(h, "programme_ended").len() >= 2)
+            .await
+    );
+    let second = callbacks(&hook, "programme_ended")[1].clone();
+    assert_ne!(second["data"]["auto_transitioned"], true, "{second}");
+    let (st, v) = status(&e, NET).await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("stopped")), "{v}");
+    assert_eq!(ffmpeg_children(&e), 0);
+}

@@ -2,7 +2,6 @@
 //! stop, status, list and delete, with m3u-proxy's reply shapes and
 //! `{"detail": ...}` errors (m3u-editor shows `detail`).
 
-use std::ffi::OsStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,8 +9,8 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::command::{self, segment_name};
-use super::network::{self, Held, Phase, Programme, Running};
+use super::command::segment_name;
+use super::network::{self, Held, Launch, Phase, Programme, Running};
 use super::request::{self, Start};
 use crate::api::{ApiReply, ApiRequest};
 use crate::app::App;
@@ -225,19 +224,19 @@ pub async fn start(app: &App, id: &str, req: &ApiRequest) -> ApiReply {
     if let Err(e) = net.begin(first, discontinuity, fresh, &s) {
         return ApiReply::detail(500, format!("Broadcast directory cannot be written: {e}"));
     }
-    let argv = command::argv(
-        &s,
-        &command::Context {
-            dir: &net.dir,
-            user_agent: &ua,
-            headers: &headers,
-            start_number: first,
-            device: app.config.transcode.device.as_deref(),
-        },
-    );
-    let ffmpeg = app.config.transcode.ffmpeg.clone();
-    let spawned =
-        crate::transcode::process::spawn(OsStr::new(&ffmpeg), &argv, &format!("broadcast {id}"));
+    let launch = |user_agent: String, headers: Vec<(String, String)>| Launch {
+        ffmpeg: app.config.transcode.ffmpeg.clone(),
+        user_agent,
+        headers,
+        device: app.config.transcode.device.clone(),
+    };
+    // The next programme (m3u-editor's next_stream_config) starts on this
+    // one's provider connection: only when it is the same provider.
+    let next = s.next.as_ref().and_then(|n| {
+        let (nua, nheaders, nprovider) = identity(app, n);
+        (nprovider == provider).then(|| (Arc::new((**n).clone()), launch(nua, nheaders)))
+    });
+    let spawned = launch(ua, headers).spawn(&net, &s, first);
     let (process, pipes) = match spawned {
         Ok(p) => p,
         Err(e) => {
@@ -286,6 +285,7 @@ pub async fn start(app: &App, id: &str, req: &ApiRequest) -> ApiReply {
         cancel,
         done_tx,
         b.callbacks.clone(),
+        next,
     ));
     // Wait for the first segment file (the input opened) or an early end.
     let first_file = net.dir.join(segment_name(first));

@@ -214,15 +214,16 @@ impl Network {
         fresh: bool,
         s: &Start,
     ) -> std::io::Result<()> {
-        let mut w = self.window.lock();
+        // Never the window's lock and the state's at once (transition()
+        // holds the state's while it calls this).
         if fresh {
-            w.clear();
+            self.window.lock().clear();
             remove_dir_contents(&self.dir);
             self.state.lock().last_segment = None;
         }
         std::fs::create_dir_all(&self.dir)?;
         let _ = std::fs::remove_file(self.dir.join(FFMPEG_PLAYLIST));
-        w.begin(
+        self.window.lock().begin(
             first,
             discontinuity,
             s.hls_list_size as usize,
@@ -326,6 +327,7 @@ pub(super) async fn supervise(
     cancel: CancellationToken,
     done: watch::Sender<bool>,
     callbacks: Callbacks,
+    next: Option<(Arc<Start>, Launch)>,
 ) {
     let Held {
         mut process,
@@ -380,10 +382,51 @@ pub(super) async fn supervise(
     net.learn();
     let final_segment = net.final_segment().unwrap_or(0);
     net.remove_strays();
-    drop(lease);
-    drop(slot);
     let streamed = began.elapsed().as_secs_f64();
     let exit_code = exit_code(status);
+    if let (End::Exited(_), 0, Some((next, launch))) = (&end, exit_code, next) {
+        // m3u-editor's next_stream_config: the next programme starts now,
+        // on this programme's provider connection and network slot.
+        match transition(
+            &net,
+            next,
+            &launch,
+            final_segment + 1,
+            lease,
+            slot,
+            &callbacks,
+        ) {
+            Ok(new_pid) => {
+                let _ = done.send(true);
+                tracing::info!(network_id = %net.id, final_segment, new_pid, "broadcast programme ended; next programme started");
+                if let Some(url) = start.callback_url.clone() {
+                    callbacks
+                        .send(
+                            &url,
+                            &net.id,
+                            "programme_ended",
+                            start.dvr_mode,
+                            json!({
+                                "exit_code": 0,
+                                "final_segment_number": final_segment,
+                                "duration_streamed": streamed,
+                                "auto_transitioned": true,
+                                "new_pid": new_pid,
+                            }),
+                        )
+                        .await;
+                }
+                return;
+            }
+            Err((lease, slot)) => {
+                drop(lease);
+                drop(slot);
+            }
+        }
+    } else {
+        drop(lease);
+        drop(slot);
+    }
     let outcome = match end {
         End::Cancelled => None,
         End::Exited(_) if exit_code == 0 => Some((Phase::Stopped, None)),
@@ -500,4 +543,98 @@ fn error_line(tail: &[String]) -> Option<String> {
         .or(tail.last())
         .map(|l| l.trim().to_string())
         .filter(|l| !l.is_empty())
+}
+
+/// What ffmpeg needs besides the request, resolved when the start came in.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub ffmpeg: PathBuf,
+    pub user_agent: String,
+    pub headers: Vec<(String, String)>,
+    pub device: Option<String>,
+}
+
+impl Launch {
+    /// Starts the programme's ffmpeg, its first segment numbered `first`.
+    pub fn spawn(&self, net: &Network, s: &Start, first: u64) -> std::io::Result<(Process, Pipes)> {
+        let argv = super::command::argv(
+            s,
+            &super::command::Context {
+                dir: &net.dir,
+                user_agent: &self.user_agent,
+                headers: &self.headers,
+                start_number: first,
+                device: self.device.as_deref(),
+            },
+        );
+        crate::transcode::process::spawn(
+            std::ffi::OsStr::new(&self.ffmpeg),
+            &argv,
+            &format!("broadcast {}", net.id),
+        )
+    }
+}
+
+type Slots = (crate::provider::Lease, crate::conn::caps::Slot<()>);
+
+/// Starts `next` right after a programme ended, unless a stop or start
+/// took the network meanwhile. The new pid, or the slots back.
+fn transition(
+    net: &Arc<Network>,
+    next: Arc<Start>,
+    launch: &Launch,
+    first: u64,
+    lease: crate::provider::Lease,
+    slot: crate::conn::caps::Slot<()>,
+    callbacks: &Callbacks,
+) -> Result<Option<u32>, Slots> {
+    // Held across the spawn: a stop waits for it, then sees the new one.
+    let mut st = net.state.lock();
+    if st.running.is_none() {
+        return Err((lease, slot));
+    }
+    if net.begin(first, true, false, &next).is_err() {
+        return Err((lease, slot));
+    }
+    let (process, pipes) = match launch.spawn(net, &next, first) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(network_id = %net.id, error = %e, "next programme's ffmpeg could not start");
+            return Err((lease, slot));
+        }
+    };
+    let pid = process.pid();
+    let cancel = CancellationToken::new();
+    let (done_tx, done_rx) = watch::channel(false);
+    st.phase = Phase::Running;
+    st.error = None;
+    st.idle_since = None;
+    st.programme = Some(Programme {
+        start: next.clone(),
+        started_at: Utc::now(),
+        pid,
+        first,
+    });
+    st.running = Some(Running {
+        cancel: cancel.clone(),
+        done: done_rx,
+    });
+    drop(st);
+    let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        Box::pin(supervise(
+            net.clone(),
+            Held {
+                process,
+                pipes,
+                lease,
+                slot,
+            },
+            next,
+            cancel,
+            done_tx,
+            callbacks.clone(),
+            None,
+        ));
+    tokio::spawn(task);
+    Ok(pid)
 }

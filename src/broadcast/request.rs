@@ -98,6 +98,10 @@ pub struct Start {
     pub headers: Vec<(String, String)>,
     pub dvr_mode: bool,
     pub metadata: BTreeMap<String, String>,
+    /// m3u-editor's `next_stream_config`: the programme after this one,
+    /// started as soon as this one ends (its own `next_stream_config` is
+    /// not read). None when absent or not valid (then the callback path).
+    pub next: Option<Box<Start>>,
 }
 
 fn wrong(field: &str, msg: &str, input: &Value) -> ApiReply {
@@ -220,6 +224,21 @@ fn kbits(
 /// Parses and checks a start body.
 pub fn parse(raw: &[u8]) -> Result<Start, ApiReply> {
     let m = body::object(raw)?;
+    let mut start = parse_object(&m)?;
+    start.next = match m.get("next_stream_config") {
+        Some(Value::Object(next)) => match parse_object(next) {
+            Ok(n) => Some(Box::new(n)),
+            Err(e) => {
+                tracing::warn!(detail = %e.body, "next_stream_config not valid: the next programme waits for m3u-editor's start");
+                None
+            }
+        },
+        _ => None,
+    };
+    Ok(start)
+}
+
+fn parse_object(m: &Map<String, Value>) -> Result<Start, ApiReply> {
     let stream_url_as_sent = match m.get("stream_url") {
         Some(Value::String(s)) => s.clone(),
         None | Some(Value::Null) => {
@@ -235,25 +254,25 @@ pub fn parse(raw: &[u8]) -> Result<Start, ApiReply> {
     let mut stream_url = Url::parse(&stream_url_as_sent)
         .map_err(|e| bad(format!("stream_url is not a URL: {e}")))?;
     stream_url.set_fragment(None);
-    let callback_url = match text(&m, "callback_url")? {
+    let callback_url = match text(m, "callback_url")? {
         Some(s) => {
             body::check_url("callback_url", s)?;
             Some(Url::parse(s).map_err(|e| bad(format!("callback_url is not a URL: {e}")))?)
         }
         None => None,
     };
-    let segment_duration = number(&m, "segment_duration", 6, SEGMENT_SECONDS.1)?;
+    let segment_duration = number(m, "segment_duration", 6, SEGMENT_SECONDS.1)?;
     if segment_duration < SEGMENT_SECONDS.0 {
         return Err(bad(format!(
             "segment_duration must be between {} and {} seconds",
             SEGMENT_SECONDS.0, SEGMENT_SECONDS.1
         )));
     }
-    let hls_list_size = match number(&m, "hls_list_size", 20, MAX_LIST)? {
+    let hls_list_size = match number(m, "hls_list_size", 20, MAX_LIST)? {
         0 => MAX_LIST,
         n => n,
     };
-    let video_resolution = match text(&m, "video_resolution")? {
+    let video_resolution = match text(m, "video_resolution")? {
         Some(s) => Some(resolution(s).ok_or_else(|| {
             bad(format!(
                 "video_resolution {s:?} is not allowed; use WIDTHxHEIGHT (even numbers, e.g. 1280x720) or 720p"
@@ -261,7 +280,7 @@ pub fn parse(raw: &[u8]) -> Result<Start, ApiReply> {
         })?),
         None => None,
     };
-    let hwaccel = match text(&m, "hwaccel")? {
+    let hwaccel = match text(m, "hwaccel")? {
         Some(h) if h.eq_ignore_ascii_case("none") => None,
         h => listed("hwaccel", h, HWACCELS)?,
     };
@@ -317,24 +336,25 @@ pub fn parse(raw: &[u8]) -> Result<Start, ApiReply> {
     Ok(Start {
         stream_url_as_sent,
         stream_url,
-        seek_seconds: number(&m, "seek_seconds", 0, MAX_SECONDS)?,
-        duration_seconds: number(&m, "duration_seconds", 0, MAX_SECONDS)?,
-        segment_start_number: number(&m, "segment_start_number", 0, MAX_SEGMENT_NUMBER)?,
-        add_discontinuity: flag(&m, "add_discontinuity")?,
+        seek_seconds: number(m, "seek_seconds", 0, MAX_SECONDS)?,
+        duration_seconds: number(m, "duration_seconds", 0, MAX_SECONDS)?,
+        segment_start_number: number(m, "segment_start_number", 0, MAX_SEGMENT_NUMBER)?,
+        add_discontinuity: flag(m, "add_discontinuity")?,
         segment_duration,
         hls_list_size,
-        transcode: flag(&m, "transcode")?,
-        video_bitrate: kbits(&m, "video_bitrate", None)?,
-        audio_bitrate: kbits(&m, "audio_bitrate", Some(192))?.unwrap_or(192),
+        transcode: flag(m, "transcode")?,
+        video_bitrate: kbits(m, "video_bitrate", None)?,
+        audio_bitrate: kbits(m, "audio_bitrate", Some(192))?.unwrap_or(192),
         video_resolution,
-        video_codec: listed("video_codec", text(&m, "video_codec")?, VIDEO_CODECS)?,
-        audio_codec: listed("audio_codec", text(&m, "audio_codec")?, AUDIO_CODECS)?,
-        preset: listed("preset", text(&m, "preset")?, PRESETS)?,
+        video_codec: listed("video_codec", text(m, "video_codec")?, VIDEO_CODECS)?,
+        audio_codec: listed("audio_codec", text(m, "audio_codec")?, AUDIO_CODECS)?,
+        preset: listed("preset", text(m, "preset")?, PRESETS)?,
         hwaccel,
         callback_url,
         headers,
-        dvr_mode: flag(&m, "dvr_mode")?,
+        dvr_mode: flag(m, "dvr_mode")?,
         metadata,
+        next: None,
     })
 }
 
@@ -375,6 +395,21 @@ mod tests {
             vec![("X-Plex-Token".to_string(), "abc".to_string())]
         );
         assert_eq!((s.seek_seconds, s.duration_seconds), (30, 1800));
+        assert!(s.next.is_none());
+        let s = parse_json(json!({
+            "stream_url": "http://a.example/1.mp4",
+            "next_stream_config": {"stream_url": "http://a.example/2.mp4", "duration_seconds": 60,
+                                   "next_stream_config": {"stream_url": "http://a.example/3.mp4"}}
+        }))
+        .unwrap();
+        let next = s.next.unwrap();
+        assert_eq!(next.stream_url.as_str(), "http://a.example/2.mp4");
+        assert_eq!(next.duration_seconds, 60);
+        assert!(next.next.is_none(), "one programme ahead only");
+        let s = parse_json(json!({"stream_url": "http://a.example/1.mp4",
+                                  "next_stream_config": {"stream_url": "file:///etc/passwd"}}))
+        .unwrap();
+        assert!(s.next.is_none());
     }
 
     #[test]
