@@ -165,7 +165,12 @@ async fn a_programme_plays_as_hls_in_ffmpeg_with_the_streams_user_agent() {
         return;
     }
     let provider = Provider::start().await;
-    let e = Edge::start(&broadcast_config("")).await;
+    let hook = WebhookReceiver::start().await;
+    let e = Edge::start(&broadcast_config(&format!(
+        "events:\n  webhooks:\n    - url: \"{}\"\n",
+        hook.url("/events")
+    )))
+    .await;
     let (st, v) = start(
         &e,
         NET,
@@ -219,6 +224,21 @@ async fn a_programme_plays_as_hls_in_ffmpeg_with_the_streams_user_agent() {
     // Segment requests make a viewer of the network.
     let (_, v) = status(&e, NET).await;
     assert!(v["viewers"].as_u64().unwrap_or(0) >= 1, "{v}");
+    assert_eq!(
+        v["current_segment_number"].as_u64().map(|n| n >= 100),
+        Some(true)
+    );
+    // ...evented like an HLS viewer, under the network's id.
+    assert!(
+        hook.wait_until(T, |h| h
+            .received()
+            .iter()
+            .any(|r| r.event_type() == "client_connected"
+                && r.stream_id() == NET
+                && r.body["data"]["metadata"]["type"] == "broadcast"))
+            .await,
+        "client_connected of the network"
+    );
     assert!(v["bytes_written"].as_u64().unwrap_or(0) > 0, "{v}");
     let (st, list) = api(&e, Method::GET, "/broadcast", None).await;
     assert_eq!(st, 200);

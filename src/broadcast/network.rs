@@ -178,7 +178,8 @@ impl Network {
         json!({
             "network_id": self.id,
             "status": st.phase.as_str(),
-            "current_segment_number": st.last_segment.or(p.map(|p| p.first)).unwrap_or(0),
+            // The programme's first number until it wrote a later one.
+            "current_segment_number": st.last_segment.max(p.map(|p| p.first)).unwrap_or(0),
             "started_at": p.map(|p| crate::api::json::iso(p.started_at)),
             "stream_url": p.map(|p| p.start.stream_url_as_sent.clone()).unwrap_or_default(),
             // Never a server path (m3u-editor does not read it).
