@@ -192,13 +192,14 @@ pub async fn start(app: &App, id: &str, req: &ApiRequest) -> ApiReply {
     let lease = match app.leases.try_acquire(provider.as_deref()) {
         Ok(l) => l,
         Err(full) => {
-            return ApiReply::detail(
-                503,
-                format!(
-                    "Provider {} is at its limit of {} connections",
-                    full.provider, full.max_connections
-                ),
-            )
+            let msg = format!(
+                "Provider {} is at its limit of {} connections",
+                full.provider, full.max_connections
+            );
+            if was_running {
+                net.failed(&msg);
+            }
+            return ApiReply::detail(503, msg);
         }
     };
     // Numbering (API-COMPAT-FFMPEG.md §6): 0 on a running network continues
@@ -222,7 +223,9 @@ pub async fn start(app: &App, id: &str, req: &ApiRequest) -> ApiReply {
         discontinuity = true;
     }
     if let Err(e) = net.begin(first, discontinuity, fresh, &s) {
-        return ApiReply::detail(500, format!("Broadcast directory cannot be written: {e}"));
+        let msg = format!("Broadcast directory cannot be written: {e}");
+        net.failed(&msg);
+        return ApiReply::detail(500, msg);
     }
     let launch = |user_agent: String, headers: Vec<(String, String)>| Launch {
         ffmpeg: app.config.transcode.ffmpeg.clone(),
@@ -240,10 +243,7 @@ pub async fn start(app: &App, id: &str, req: &ApiRequest) -> ApiReply {
     let (process, pipes) = match spawned {
         Ok(p) => p,
         Err(e) => {
-            let mut st = net.state.lock();
-            st.phase = Phase::Failed;
-            st.listed = true;
-            st.error = Some(format!("ffmpeg could not be started: {e}"));
+            net.failed(&format!("ffmpeg could not be started: {e}"));
             let code = if e.kind() == std::io::ErrorKind::NotFound {
                 503
             } else {

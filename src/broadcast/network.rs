@@ -152,6 +152,15 @@ impl Network {
         self.state.lock().failed_starts.push(Instant::now());
     }
 
+    /// A start that could not run its programme: the status says why.
+    pub(super) fn failed(&self, why: &str) {
+        let mut st = self.state.lock();
+        st.phase = Phase::Failed;
+        st.listed = true;
+        st.error = Some(why.to_string());
+        st.idle_since = Some(Instant::now());
+    }
+
     pub fn is_running(&self) -> bool {
         self.state.lock().running.is_some()
     }
@@ -428,7 +437,7 @@ pub(super) async fn supervise(
         drop(lease);
         drop(slot);
     }
-    let outcome = match end {
+    let mut outcome = match end {
         End::Cancelled => None,
         End::Exited(_) if exit_code == 0 => Some((Phase::Stopped, None)),
         End::Exited(_) => Some((
@@ -456,6 +465,11 @@ pub(super) async fn supervise(
                 .map_or(final_segment, |l| l.max(final_segment)),
         );
         st.idle_since = Some(Instant::now());
+        // A stop or start took the network as it ended: theirs to report
+        // (m3u-proxy sends no callback for a stop).
+        if st.running.is_none() {
+            outcome = None;
+        }
         if let Some((phase, error)) = &outcome {
             st.phase = *phase;
             st.error = error.clone();
