@@ -80,8 +80,9 @@ pub async fn serve(
                     .segments
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            // A segment never changes once listed.
-            let headers = [(header::CACHE_CONTROL, "max-age=86400".to_string())];
+            // Not cached: a fresh start (segment_start_number 0) reuses the
+            // names live000000.ts... for new pictures.
+            let headers = [(header::CACHE_CONTROL, "no-cache".to_string())];
             write(app, session, ctx, 200, "video/mp2t", &headers, data).await?;
         }
     }
