@@ -61,6 +61,8 @@ pub struct App {
     /// For HLS playlists, segments, keys and init maps: redirects are followed
     /// hop by hop (`hls::fetch::open`) and sockets are not kept.
     pub hls_http: reqwest::Client,
+    /// m3u-editor's networks (`/broadcast/...`).
+    pub broadcasts: crate::broadcast::Broadcasts,
 }
 
 /// The registry's view of a `streams:` entry.
@@ -156,16 +158,19 @@ impl App {
             .clone()
             .or(kept_key)
             .unwrap_or_else(|| Signer::generate_key().to_vec());
+        let limits = crate::registry::RegistryLimits {
+            max_streams: config.limits.max_streams,
+            per_stream: config.limits.max_viewers_per_stream,
+            per_address: config.limits.max_viewers_per_address,
+            hls_per_stream: config.limits.max_hls_clients_per_stream,
+            hls_per_address: config.limits.max_hls_clients_per_address,
+        };
         let app = App {
-            registry: Registry::with_caps(
-                Some(events.clone()),
-                crate::registry::RegistryLimits {
-                    max_streams: config.limits.max_streams,
-                    per_stream: config.limits.max_viewers_per_stream,
-                    per_address: config.limits.max_viewers_per_address,
-                    hls_per_stream: config.limits.max_hls_clients_per_stream,
-                    hls_per_address: config.limits.max_hls_clients_per_address,
-                },
+            registry: Registry::with_caps(Some(events.clone()), limits),
+            broadcasts: crate::broadcast::Broadcasts::new(
+                config.broadcast.clone(),
+                events.clone(),
+                limits,
             ),
             events,
             state,
@@ -252,7 +257,8 @@ impl App {
         m.client_connections.set(self.conns.open() as i64);
         m.clients(ClientKind::Live).set(live);
         m.clients(ClientKind::File).set(file);
-        m.clients(ClientKind::Hls).set(hls);
+        m.clients(ClientKind::Hls)
+            .set(hls + self.broadcasts.viewer_count() as i64);
         let channels = self.hub.channels();
         m.live_channels.set(channels.len() as i64);
         for (name, in_use, _) in self.leases.usage() {

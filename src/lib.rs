@@ -27,6 +27,7 @@
 
 pub mod api;
 pub mod app;
+pub mod broadcast;
 pub mod config;
 pub mod conn;
 pub mod events;

@@ -5,6 +5,7 @@ mod support;
 mod support_selftest;
 
 mod api;
+mod broadcast;
 mod browser;
 mod cli;
 mod common;

@@ -41,11 +41,12 @@ pub(super) struct RawConfig {
     pub transcode: Option<RawTranscode>,
     pub resolvers: Option<RawResolvers>,
     pub security: Option<RawSecurity>,
+    pub broadcast: Option<RawBroadcast>,
 }
 
 /// Top-level keys, for the message about a document that is not a mapping.
 const SECTIONS: &str =
-    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security";
+    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,6 +79,15 @@ pub(super) struct RawTranscode {
     pub device: Leaf<String>,
     pub max_processes: Leaf<Scalar>,
     pub profiles: Option<Vec<RawProfile>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBroadcast {
+    pub work_dir: Leaf<String>,
+    pub max_networks: Leaf<Scalar>,
+    pub callback_timeout: Leaf<Scalar>,
+    pub keep_stopped: Leaf<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -2,10 +2,13 @@
 //! process group, killed with m3u-edge, stopped with SIGTERM then SIGKILL,
 //! always reaped, stderr to the debug log at a bounded rate.
 
+use std::collections::VecDeque;
 use std::ffi::OsStr;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 
@@ -13,12 +16,17 @@ use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 const STDERR_LINES: usize = 20;
 const STDERR_WINDOW: Duration = Duration::from_secs(10);
 
+/// stderr lines kept for [`Process::stderr_tail`].
+const TAIL_LINES: usize = 8;
+
 /// A running child, its pipes taken.
 #[derive(Debug)]
 pub struct Process {
     child: Child,
     pid: Option<u32>,
     label: String,
+    /// The last stderr lines, for an error message when it fails.
+    tail: Arc<Mutex<VecDeque<String>>>,
 }
 
 /// The pipes of a started process.
@@ -86,10 +94,13 @@ fn start<S: AsRef<OsStr>>(
     else {
         return Err(std::io::Error::other("child pipes missing"));
     };
+    // A caller reading stderr itself (silence detection) gets the pipe; the
+    // others have it logged and its last lines kept for error messages.
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
     let stderr = match stderr {
         Some(e) if keep_stderr => Some(e),
         Some(e) => {
-            tokio::spawn(log_stderr(e, label.to_string()));
+            tokio::spawn(log_stderr(e, label.to_string(), tail.clone()));
             None
         }
         None => None,
@@ -100,6 +111,7 @@ fn start<S: AsRef<OsStr>>(
             child,
             pid,
             label: label.to_string(),
+            tail,
         },
         Pipes { stdin, stdout },
         stderr,
@@ -109,6 +121,11 @@ fn start<S: AsRef<OsStr>>(
 impl Process {
     pub fn pid(&self) -> Option<u32> {
         self.pid
+    }
+
+    /// The last few stderr lines (at most 500 characters each), oldest first.
+    pub fn stderr_tail(&self) -> Vec<String> {
+        self.tail.lock().iter().cloned().collect()
     }
 
     /// Whether it has exited (reaping it if so).
@@ -160,12 +177,23 @@ fn signal_group(pid: Option<u32>, sig: Signal) {
 
 /// Debug-logs stderr, at most [`STDERR_LINES`] per [`STDERR_WINDOW`]; never
 /// to a client.
-async fn log_stderr(stderr: tokio::process::ChildStderr, label: String) {
+async fn log_stderr(
+    stderr: tokio::process::ChildStderr,
+    label: String,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) {
     let mut lines = BufReader::new(stderr).lines();
     let mut window = Instant::now();
     let mut shown = 0usize;
     let mut skipped = 0usize;
     while let Ok(Some(line)) = lines.next_line().await {
+        {
+            let mut t = tail.lock();
+            if t.len() == TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(line.chars().take(500).collect());
+        }
         if window.elapsed() >= STDERR_WINDOW {
             if skipped > 0 {
                 tracing::debug!(label = %label, skipped, "child stderr lines not logged");
