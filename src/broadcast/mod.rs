@@ -125,6 +125,8 @@ impl Broadcasts {
             strict_live_ts: false,
             provider: None,
             transcode: None,
+            resolver: None,
+            silence: None,
         };
         let viewers = self.viewers.add_config(id.to_string(), spec);
         let n = Arc::new(Network::new(id, self.dir_of(id), viewers));
