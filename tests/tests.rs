@@ -13,6 +13,7 @@ mod events;
 mod hls;
 mod hls_security;
 mod live;
+mod live_memory;
 mod openapi;
 mod reliability;
 mod security;
