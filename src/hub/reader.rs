@@ -932,6 +932,10 @@ impl Reader {
         // chunk-sized buffer, not the two halves `split()` would leave.
         let mut data = Bytes::copy_from_slice(pending);
         pending.clear();
+        if pending.capacity() > CHUNK_TARGET * 2 {
+            // A burst (a provider catching up) grew it: give that back.
+            *pending = BytesMut::with_capacity(CHUNK_TARGET * 2);
+        }
         let after_switch = self.marker.is_some();
         if let Some(m) = &mut self.marker {
             data = m.process(&data);
