@@ -54,6 +54,8 @@ pub struct App {
     pub transcoders: Arc<Caps<()>>,
     /// The ffmpeg found at start.
     pub ffmpeg: crate::transcode::source::Ffmpeg,
+    /// streamlink and yt-dlp: versions found at start, resolved URLs.
+    pub resolvers: crate::resolvers::Resolvers,
     /// In-memory HLS of transcodes that asked for HLS.
     pub packagers: crate::transcode::packager::Packagers,
     /// For HLS playlists, segments, keys and init maps: redirects are followed
@@ -75,6 +77,8 @@ fn config_spec(s: &StreamConfig) -> StreamSpec {
         strict_live_ts: false,
         provider: s.provider.clone(),
         transcode: None,
+        resolver: None,
+        silence: None,
     }
 }
 
@@ -187,6 +191,7 @@ impl App {
             transcoders: Caps::new(config.transcode.max_processes, 0),
             ffmpeg: crate::transcode::source::probe(&config.transcode),
             packagers: Default::default(),
+            resolvers: crate::resolvers::Resolvers::new(&config.resolvers),
             hls_http,
             config: Arc::new(config),
         };

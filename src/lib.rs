@@ -16,6 +16,8 @@
 //! | `housekeeping` | background expiry of unwatched API streams |
 //! | `lifecycle` | SIGHUP reload and the order of a graceful shutdown |
 //! | `ts`        | MPEG-TS packet parsing for the live hub, pure |
+//! | `resolvers` | streamlink and yt-dlp: page URL → media URL (or their stdout), cookies files |
+//! | `silence`   | silence detection on live channels (ffmpeg `silencedetect`) → failover |
 //!
 //! Request flow: `proxy::Edge::request_filter` routes every request. API calls
 //! are answered there; `/stream/{id}` continues through `upstream_peer`
@@ -39,6 +41,7 @@ pub mod proxy;
 pub mod registry;
 pub mod resolvers;
 pub mod route;
+pub mod silence;
 pub mod state;
 pub mod transcode;
 pub mod ts;

@@ -6,6 +6,7 @@ pub mod access;
 pub mod body;
 pub mod json;
 pub mod openapi;
+pub mod resolver;
 pub mod streams;
 pub mod system;
 pub mod transcode;

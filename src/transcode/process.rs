@@ -7,7 +7,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 
 /// stderr lines logged per window; the rest are counted and summarised.
 const STDERR_LINES: usize = 20;
@@ -34,6 +34,27 @@ pub fn spawn<S: AsRef<OsStr>>(
     args: &[S],
     label: &str,
 ) -> std::io::Result<(Process, Pipes)> {
+    start(program, args, label, false).map(|(p, pipes, _)| (p, pipes))
+}
+
+/// Like [`spawn`], but stderr comes to the caller instead of the debug log
+/// (ffmpeg reports filter results such as `silencedetect` there).
+pub fn spawn_reading_stderr<S: AsRef<OsStr>>(
+    program: &OsStr,
+    args: &[S],
+    label: &str,
+) -> std::io::Result<(Process, Pipes, ChildStderr)> {
+    let (p, pipes, stderr) = start(program, args, label, true)?;
+    let stderr = stderr.ok_or_else(|| std::io::Error::other("child stderr missing"))?;
+    Ok((p, pipes, stderr))
+}
+
+fn start<S: AsRef<OsStr>>(
+    program: &OsStr,
+    args: &[S],
+    label: &str,
+    keep_stderr: bool,
+) -> std::io::Result<(Process, Pipes, Option<ChildStderr>)> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::piped())
@@ -65,9 +86,14 @@ pub fn spawn<S: AsRef<OsStr>>(
     else {
         return Err(std::io::Error::other("child pipes missing"));
     };
-    if let Some(stderr) = stderr {
-        tokio::spawn(log_stderr(stderr, label.to_string()));
-    }
+    let stderr = match stderr {
+        Some(e) if keep_stderr => Some(e),
+        Some(e) => {
+            tokio::spawn(log_stderr(e, label.to_string()));
+            None
+        }
+        None => None,
+    };
     tracing::debug!(pid, label, "child started");
     Ok((
         Process {
@@ -76,6 +102,7 @@ pub fn spawn<S: AsRef<OsStr>>(
             label: label.to_string(),
         },
         Pipes { stdin, stdout },
+        stderr,
     ))
 }
 
