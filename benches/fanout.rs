@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use m3u_edge::hub::spool::{Span, Spool};
+use m3u_edge::hub::spool::Spool;
 use support::edge::Edge;
 use support::provider::Provider;
 
@@ -466,11 +466,7 @@ fn relay_main(relay: Relay) {
                         let mut pos = *rx.borrow_and_update();
                         while rx.changed().await.is_ok() {
                             let end = *rx.borrow_and_update();
-                            let span = Span {
-                                spool: spool.clone(),
-                                off: pos,
-                                len: (end - pos) as usize,
-                            };
+                            let span = spool.span(pos, (end - pos) as usize);
                             if span.send(&s).await.is_err() {
                                 return;
                             }

@@ -15,6 +15,7 @@ mod hls;
 mod hls_reset;
 mod hls_security;
 mod live;
+mod live_memory;
 mod openapi;
 mod reliability;
 mod resolvers;

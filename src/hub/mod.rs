@@ -222,6 +222,7 @@ impl Hub {
             ch,
             cursor: 0,
             first: None,
+            awaiting_keyframe: None,
         };
         loop {
             let phase = viewer.phase_rx.borrow_and_update().clone();
@@ -239,9 +240,10 @@ impl Hub {
                 Phase::Unavailable(code) => return Err(JoinError::Unavailable(code)),
             }
         }
-        let (first, cursor) = viewer.ch.ring.read().join();
-        viewer.first = first;
-        viewer.cursor = cursor;
+        let join = viewer.ch.ring.read().join(KEYFRAME_WAIT);
+        viewer.first = join.first;
+        viewer.cursor = join.cursor;
+        viewer.awaiting_keyframe = join.await_keyframe.then(Instant::now);
         Ok(viewer)
     }
 
@@ -252,7 +254,13 @@ impl Hub {
         if ch.is_closed() || ch.phase() != Phase::Live {
             return None;
         }
-        let (first, cursor) = ch.ring.read().join();
+        let (first, cursor) = {
+            let ring = ch.ring.read();
+            let join = ring.join(KEYFRAME_WAIT);
+            // A tap reads audio: it need not wait for a keyframe.
+            let first = join.first.or_else(|| ring.psi());
+            (first, join.cursor)
+        };
         Some(Viewer {
             hub: self.clone(),
             counted: false,
@@ -260,6 +268,7 @@ impl Hub {
             linger: std::time::Duration::ZERO,
             cursor,
             first,
+            awaiting_keyframe: None,
             seq_rx: ch.seq_tx.subscribe(),
             phase_rx: ch.phase_tx.subscribe(),
         })
@@ -343,20 +352,21 @@ impl Hub {
 }
 
 /// How long a viewer's socket may accept nothing before the viewer is
-/// dropped as stuck; also how long the spool keeps evicted data readable.
+/// dropped as stuck (so also the longest it holds a span of the spool).
 pub fn write_timeout(live: &crate::config::LiveConfig) -> std::time::Duration {
     live.ring_seconds.max(std::time::Duration::from_secs(2))
 }
 
-/// A channel's ring, spooled to an in-memory file when the system has one.
+/// How long a viewer that joined between keyframes (a GOP longer than the
+/// ring) waits for the next one before it is started without: a source that
+/// stopped sending recognisable keyframes must not leave it without bytes.
+const KEYFRAME_WAIT: std::time::Duration = std::time::Duration::from_secs(12);
+
+/// A channel's ring, kept in an in-memory file when the system has one.
 fn new_ring(live: &crate::config::LiveConfig) -> Ring {
     let ring = Ring::new(live.ring_bytes, live.ring_seconds);
     match spool::Spool::new() {
-        // A span handed out before an eviction is sent within one write timeout.
-        Ok(s) => ring.with_spool(
-            Arc::new(s),
-            write_timeout(live) + std::time::Duration::from_secs(1),
-        ),
+        Ok(s) => ring.with_spool(Arc::new(s)),
         Err(e) => {
             tracing::debug!(error = %e, "no live spool: viewers are written from memory");
             ring
@@ -385,6 +395,8 @@ pub struct Viewer {
     linger: std::time::Duration,
     cursor: u64,
     first: Option<Bytes>,
+    /// Joined between keyframes: since when it waits for the next one.
+    awaiting_keyframe: Option<Instant>,
     seq_rx: watch::Receiver<u64>,
     phase_rx: watch::Receiver<Phase>,
 }
@@ -409,22 +421,46 @@ impl Viewer {
         }
         loop {
             self.seq_rx.borrow_and_update();
-            match self.ch.ring.read().read(self.cursor, max) {
-                Read::Data(b, next) => {
-                    self.cursor = next;
-                    return Next::Data(b);
-                }
-                Read::Span(span, next) => {
-                    self.cursor = next;
-                    return Next::Span(span);
-                }
-                Read::Lagged => {
-                    if self.counted {
-                        self.count_slow_drop();
+            if let Some(since) = self.awaiting_keyframe {
+                let ring = self.ch.ring.read();
+                match ring.seek_keyframe(self.cursor) {
+                    ring::Seek::Found(first, next) => {
+                        self.awaiting_keyframe = None;
+                        self.cursor = next;
+                        return Next::Data(first);
                     }
-                    return Next::Lagged;
+                    ring::Seek::Wait(next) => {
+                        self.cursor = next;
+                        if since.elapsed() >= KEYFRAME_WAIT {
+                            // No keyframe came: start at the live edge anyway.
+                            self.awaiting_keyframe = None;
+                            if let Some(psi) = ring.psi() {
+                                return Next::Data(psi);
+                            }
+                        }
+                    }
                 }
-                Read::Empty => {}
+            }
+            if self.awaiting_keyframe.is_some() {
+                // Wait below for more data.
+            } else {
+                match self.ch.ring.read().read(self.cursor, max) {
+                    Read::Data(b, next) => {
+                        self.cursor = next;
+                        return Next::Data(b);
+                    }
+                    Read::Span(span, next) => {
+                        self.cursor = next;
+                        return Next::Span(span);
+                    }
+                    Read::Lagged => {
+                        if self.counted {
+                            self.count_slow_drop();
+                        }
+                        return Next::Lagged;
+                    }
+                    Read::Empty => {}
+                }
             }
             if matches!(
                 *self.phase_rx.borrow(),

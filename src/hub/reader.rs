@@ -1211,7 +1211,15 @@ impl Reader {
         if pending.is_empty() {
             return;
         }
-        let mut data = pending.split().freeze();
+        // A copy, and `pending` keeps its buffer from the start: the ring
+        // writes the copy to its spool and frees it, so a channel holds one
+        // chunk-sized buffer, not the two halves `split()` would leave.
+        let mut data = Bytes::copy_from_slice(pending);
+        pending.clear();
+        if pending.capacity() > CHUNK_TARGET * 2 {
+            // A burst (a provider catching up) grew it: give that back.
+            *pending = BytesMut::with_capacity(CHUNK_TARGET * 2);
+        }
         let after_switch = self.marker.is_some();
         if let Some(m) = &mut self.marker {
             data = m.process(&data);

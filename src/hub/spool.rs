@@ -5,12 +5,15 @@
 //! fan-out bench measured 0.44–0.53 core with write() and 0.30–0.36 with
 //! sendfile() on loopback).
 //!
+//! The spool is the channel's ring (`hub::ring`): the only copy of its bytes.
 //! Pages that were written are never written again: a socket may still hold
-//! them after sendfile returns. Old data is released by punching holes, after
-//! a grace period longer than any viewer may take to send a span it was
-//! handed (`hub::ring` keeps that schedule). Linux only; elsewhere
-//! [`Spool::new`] fails and the ring hands out `Bytes`.
+//! them after sendfile returns. Data that left the ring is released by
+//! punching holes, once no viewer holds a [`Span`] of it: a span pins its
+//! start while it lives (a viewer is sending it), so a viewer that was handed
+//! a span just before an eviction still sends the right bytes. Linux only;
+//! elsewhere [`Spool::new`] fails and the ring keeps `Bytes`.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
@@ -28,17 +31,43 @@ pub struct Spool {
     file: File,
     /// Everything below this (page-aligned) offset is released.
     released: AtomicU64,
+    /// Start offsets of live spans (how many each): not released.
+    pins: parking_lot::Mutex<BTreeMap<u64, usize>>,
 }
 
-/// Bytes of a spool to send: `[off, off + len)`.
-#[derive(Debug, Clone)]
+/// Bytes of a spool to send: `[off, off + len)`. Kept readable while it lives.
+#[derive(Debug)]
 pub struct Span {
-    pub spool: Arc<Spool>,
-    pub off: u64,
-    pub len: usize,
+    spool: Arc<Spool>,
+    off: u64,
+    len: usize,
+}
+
+impl Clone for Span {
+    fn clone(&self) -> Self {
+        self.spool.span(self.off, self.len)
+    }
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        self.spool.unpin(self.off);
+    }
 }
 
 impl Span {
+    pub fn off(&self) -> u64 {
+        self.off
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The span's bytes, copied out (for a reader that is not a socket).
     pub fn bytes(&self) -> io::Result<bytes::Bytes> {
         let mut buf = vec![0u8; self.len];
@@ -74,7 +103,38 @@ impl Spool {
         Ok(Spool {
             file: File::from(fd),
             released: AtomicU64::new(0),
+            pins: parking_lot::Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// A span of `[off, off + len)`, kept readable until it is dropped.
+    pub fn span(self: &Arc<Self>, off: u64, len: usize) -> Span {
+        *self.pins.lock().entry(off).or_insert(0) += 1;
+        Span {
+            spool: self.clone(),
+            off,
+            len,
+        }
+    }
+
+    fn unpin(&self, off: u64) {
+        let mut pins = self.pins.lock();
+        if let Some(n) = pins.get_mut(&off) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&off);
+            }
+        }
+    }
+
+    /// `to`, or the start of the oldest live span below it: how far data
+    /// may be released.
+    pub fn unpinned_below(&self, to: u64) -> u64 {
+        self.pins
+            .lock()
+            .keys()
+            .next()
+            .map_or(to, |&oldest| oldest.min(to))
     }
 
     #[cfg(not(target_os = "linux"))]

@@ -262,7 +262,7 @@ impl Delivery {
             };
             let n = match &next {
                 Next::Data(b) => b.len(),
-                Next::Span(span) => span.len,
+                Next::Span(span) => span.len(),
                 Next::Lagged => {
                     app.metrics.client_drop(DropReason::Slow);
                     tracing::warn!(stream_id = %self.stream.id, client = %client.id, "viewer too slow: fell behind the ring, dropped");

@@ -58,6 +58,8 @@ pub struct StartOpts {
     pub args: Vec<String>,
     /// Return right after spawning instead of waiting for `/health`.
     pub no_wait: bool,
+    /// Run this binary instead of [`BIN`] (benches compare another build).
+    pub bin: Option<PathBuf>,
 }
 
 /// A running (or stopped) `m3u-edge` process with its temp dir.
@@ -70,6 +72,7 @@ pub struct Edge {
     yaml: String,
     env: Vec<(String, String)>,
     args: Vec<String>,
+    bin: PathBuf,
 }
 
 /// A free loopback port: bind port 0, read it, drop the listener. (Racy in theory,
@@ -112,6 +115,7 @@ impl Edge {
             yaml: yaml.to_string(),
             env: opts.env,
             args: opts.args,
+            bin: opts.bin.unwrap_or_else(|| PathBuf::from(BIN)),
         };
         edge.spawn().await;
         if !opts.no_wait {
@@ -133,12 +137,13 @@ impl Edge {
             .expect("open edge.log");
         let _ = writeln!(
             log,
-            "==== test harness: starting {BIN} -c {} on port {} ====",
+            "==== test harness: starting {} -c {} on port {} ====",
+            self.bin.display(),
             self.config_path().display(),
             self.port
         );
         let stderr = log.try_clone().expect("clone log handle");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("-c")
             .arg(self.config_path())
             .args(&self.args)
@@ -153,7 +158,10 @@ impl Edge {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        self.child = Some(cmd.spawn().unwrap_or_else(|e| panic!("spawn {BIN}: {e}")));
+        self.child = Some(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display())),
+        );
     }
 
     /// Polls `GET /health` until any HTTP answer (the API may want a token: any status
