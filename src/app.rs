@@ -59,6 +59,8 @@ pub struct App {
     /// For HLS playlists, segments, keys and init maps: redirects are followed
     /// hop by hop (`hls::fetch::open`) and sockets are not kept.
     pub hls_http: reqwest::Client,
+    /// Imported playlists, the guide cache, the HDHomeRun identity.
+    pub playlists: crate::playlists::Playlists,
 }
 
 /// The registry's view of a `streams:` entry.
@@ -188,6 +190,7 @@ impl App {
             ffmpeg: crate::transcode::source::probe(&config.transcode),
             packagers: Default::default(),
             hls_http,
+            playlists: crate::playlists::Playlists::new(&config)?,
             config: Arc::new(config),
         };
         for s in &app.config.streams {

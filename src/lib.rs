@@ -16,6 +16,7 @@
 //! | `housekeeping` | background expiry of unwatched API streams |
 //! | `lifecycle` | SIGHUP reload and the order of a graceful shutdown |
 //! | `ts`        | MPEG-TS packet parsing for the live hub, pure |
+//! | `playlists` | standalone use: M3U import, `/playlist.m3u`, `/epg.xml`, HDHomeRun |
 //!
 //! Request flow: `proxy::Edge::request_filter` routes every request. API calls
 //! are answered there; `/stream/{id}` continues through `upstream_peer`
@@ -34,6 +35,7 @@ pub mod hub;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod playlists;
 pub mod provider;
 pub mod proxy;
 pub mod registry;

@@ -136,6 +136,8 @@ pub async fn handle(app: &App, api: &Api, req: &ApiRequest) -> ApiReply {
             );
             ApiReply::ok(json!({ "valid": checked.valid, "message": checked.message }))
         }
+        (Api::Playlists, &M::GET) => crate::playlists::api::status(app),
+        (Api::PlaylistsRefresh, &M::POST) => crate::playlists::api::refresh(app, req).await,
         _ => ApiReply::method_not_allowed(),
     }
 }
@@ -155,6 +157,8 @@ pub fn allowed_methods(api: &Api) -> &'static str {
         }
         Api::TranscodeProfiles | Api::ValidateCookiesFile => "GET, HEAD, OPTIONS",
         Api::Webhooks => "GET, HEAD, POST, DELETE, OPTIONS",
+        Api::Playlists => "GET, HEAD, OPTIONS",
+        Api::PlaylistsRefresh => "POST, OPTIONS",
     }
 }
 

@@ -190,6 +190,7 @@ pub fn stats(app: &App, req: &ApiRequest) -> ApiReply {
         json!(app.hls.sequence_regressions.load(Ordering::Relaxed));
     ApiReply::ok(json!({
         "proxy_stats": proxy_stats,
+        "playlists": app.playlists.stats(),
         "providers": app.leases.usage().into_iter().map(|(name, in_use, max)| json!({
             "name": name,
             "connections": in_use,

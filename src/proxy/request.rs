@@ -72,6 +72,13 @@ pub async fn route(app: &Arc<App>, session: &mut Session, ctx: &mut RequestCtx) 
         Route::Play(id) => Box::pin(play(app, session, ctx, id)).await,
         Route::HlsPlaylist(id) => hls_route(app, session, ctx, id, hls::Asked::Playlist).await,
         Route::HlsSegment(id) => hls_route(app, session, ctx, id, hls::Asked::Segment).await,
+        Route::Standalone(page, token) => {
+            Box::pin(crate::playlists::serve::serve(
+                app, session, ctx, page, token,
+            ))
+            .await?;
+            Ok(true)
+        }
     }
 }
 
