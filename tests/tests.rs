@@ -14,6 +14,7 @@ mod hls;
 mod hls_security;
 mod live;
 mod openapi;
+mod playlists;
 mod reliability;
 mod security;
 mod transcode;

@@ -38,6 +38,14 @@ use serde_json::{json, Value};
 use crate::config::{Config, PlaylistConfig, PlaylistFilter};
 use crate::registry::StreamSpec;
 
+/// What a token must escape to be one path segment (`/hdhr/{token}/`):
+/// everything but RFC 3986's unreserved characters.
+pub const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// Most entries one playlist may have (a large Xtream account has ~100k).
 pub const MAX_ENTRIES: usize = 500_000;
 

@@ -9,7 +9,7 @@
 
 use bytes::Bytes;
 use http::{header, Method};
-use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use percent_encoding::utf8_percent_encode;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -75,7 +75,10 @@ pub async fn serve(
     // Where HDHomeRun clients find the other documents: the token rides in
     // the path, since they append `/lineup.json` to it.
     let hdhr_base = match &token {
-        Some(t) => format!("{base}/hdhr/{}", utf8_percent_encode(t, NON_ALPHANUMERIC)),
+        Some(t) => format!(
+            "{base}/hdhr/{}",
+            utf8_percent_encode(t, super::PATH_SEGMENT)
+        ),
         None => base.clone(),
     };
     let (status, content_type, body, encoding): (u16, String, Bytes, Option<String>) = match page {

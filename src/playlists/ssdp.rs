@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use percent_encoding::utf8_percent_encode;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
@@ -99,7 +99,7 @@ impl SsdpService {
         match &config.playlist.token {
             Some(t) => format!(
                 "{base}/hdhr/{}/device.xml",
-                utf8_percent_encode(t, NON_ALPHANUMERIC)
+                utf8_percent_encode(t, super::PATH_SEGMENT)
             ),
             None => format!("{base}/device.xml"),
         }
