@@ -15,6 +15,11 @@ use crate::app::App;
 /// Largest guide kept in memory.
 pub const MAX_GUIDE_BYTES: usize = 512 << 20;
 
+/// After a failed fetch with no older copy, players get the failure for
+/// this long without a new fetch (a down provider is not asked once per
+/// player).
+const FAILURE_HOLD: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct Guide {
     pub body: Bytes,
@@ -24,8 +29,14 @@ pub struct Guide {
 }
 
 #[derive(Debug, Default)]
+struct Slot {
+    guide: Option<Guide>,
+    failed: Option<(Instant, String)>,
+}
+
+#[derive(Debug, Default)]
 pub struct EpgCache {
-    slot: tokio::sync::Mutex<Option<Guide>>,
+    slot: tokio::sync::Mutex<Slot>,
     /// Downloads made (for `/stats`).
     pub fetches: std::sync::atomic::AtomicU64,
 }
@@ -44,9 +55,14 @@ impl EpgCache {
     /// `epg.refresh`. A failed fetch serves the older copy if there is one.
     pub async fn get(&self, app: &App) -> Result<Guide, NoGuide> {
         let mut slot = self.slot.lock().await;
-        if let Some(g) = slot.as_ref() {
+        if let Some(g) = slot.guide.as_ref() {
             if g.fetched.elapsed() < app.config.epg.refresh {
                 return Ok(g.clone());
+            }
+        }
+        if let Some((at, e)) = &slot.failed {
+            if at.elapsed() < FAILURE_HOLD {
+                return Err(NoGuide::Failed(e.clone()));
             }
         }
         let Some(url) = app.playlists.guide_url(&app.config) else {
@@ -66,10 +82,11 @@ impl EpgCache {
                     fetched: Instant::now(),
                 };
                 tracing::info!(bytes = g.body.len(), "EPG guide fetched");
-                *slot = Some(g.clone());
+                slot.guide = Some(g.clone());
+                slot.failed = None;
                 Ok(g)
             }
-            Err(e) => match slot.as_mut() {
+            Err(e) => match slot.guide.as_mut() {
                 Some(old) => {
                     tracing::warn!(error = %e, "EPG guide fetch failed; serving the previous copy");
                     // Retry at the next refresh, not at every request.
@@ -78,6 +95,7 @@ impl EpgCache {
                 }
                 None => {
                     tracing::warn!(error = %e, "EPG guide fetch failed");
+                    slot.failed = Some((Instant::now(), e.clone()));
                     Err(NoGuide::Failed(e))
                 }
             },
