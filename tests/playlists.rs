@@ -608,3 +608,85 @@ async fn the_player_token_opens_the_player_routes_and_nothing_else() {
     let (s, _) = client::api(&e, Method::POST, "/playlists/refresh", Some(PLAYER), None).await;
     assert_eq!(s, 403);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssdp_searches_point_at_device_xml() {
+    let p = Provider::start().await;
+    p.set_doc(
+        "list.m3u",
+        m3u("", &[entry("One", "G", p.url("/live/1.ts"))]),
+        "audio/x-mpegurl",
+        None,
+    );
+    let e = Edge::start(&one_list(&p, "", "hdhomerun:\n  ssdp: true\n")).await;
+    assert!(
+        e.wait_for_log("SSDP discovery answered", T).await,
+        "{}",
+        e.log()
+    );
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let search = "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\nST: urn:schemas-upnp-org:device:MediaServer:1\r\n\r\n";
+    let mut buf = vec![0u8; 2048];
+    let mut answer = None;
+    // UDP: ask again until answered.
+    for _ in 0..20 {
+        sock.send_to(search.as_bytes(), "127.0.0.1:1900")
+            .await
+            .unwrap();
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(500), sock.recv_from(&mut buf)).await
+        {
+            answer = Some(String::from_utf8_lossy(&buf[..n]).to_string());
+            break;
+        }
+    }
+    let answer = answer.expect("no SSDP answer");
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    let location = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("LOCATION: "))
+        .expect("LOCATION")
+        .trim()
+        .to_string();
+    assert_eq!(location, e.url(&format!("/hdhr/{PLAYER}/device.xml")));
+    let (s, _, xml) = client::get_body(&location).await;
+    assert_eq!(s, 200);
+    assert!(String::from_utf8_lossy(&xml).contains("<UDN>uuid:"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_guide_is_a_502_and_not_refetched_per_player() {
+    let p = Provider::start().await;
+    p.set_doc(
+        "list.m3u",
+        m3u("", &[entry("One", "G", p.url("/live/1.ts"))]),
+        "audio/x-mpegurl",
+        None,
+    );
+    // No guide anywhere: 404.
+    let e = Edge::start(&one_list(&p, "", "")).await;
+    wait_streams(&e, 1).await;
+    let (s, _, _) = client::get_body(&e.url(&format!("/epg.xml?token={PLAYER}"))).await;
+    assert_eq!(s, 404);
+    assert!(!export(&e, &format!("token={PLAYER}"))
+        .await
+        .contains("url-tvg"));
+    drop(e);
+    let e = Edge::start(&one_list(
+        &p,
+        "",
+        &format!("epg:\n  url: \"{}\"\n", p.url("/status/500")),
+    ))
+    .await;
+    wait_streams(&e, 1).await;
+    for _ in 0..3 {
+        let (s, _, body) = client::get_body(&e.url(&format!("/epg.xml?token={PLAYER}"))).await;
+        assert_eq!(s, 502);
+        assert!(!String::from_utf8_lossy(&body).contains("PROVIDER-BODY-SECRET"));
+    }
+    assert_eq!(
+        p.hits("/status/500"),
+        1,
+        "a failure is held, not retried per player"
+    );
+}

@@ -118,7 +118,11 @@ fn bind() -> std::io::Result<tokio::net::UdpSocket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_address(true)?;
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, SSDP_PORT)).into())?;
-    s.join_multicast_v4(&SSDP_ADDR, &Ipv4Addr::UNSPECIFIED)?;
+    if let Err(e) = s.join_multicast_v4(&SSDP_ADDR, &Ipv4Addr::UNSPECIFIED) {
+        // No multicast route (a container without a LAN): searches sent
+        // straight to this host are still answered.
+        tracing::warn!(error = %e, "hdhomerun.ssdp: cannot join the SSDP multicast group; answering unicast searches only");
+    }
     s.set_nonblocking(true)?;
     tokio::net::UdpSocket::from_std(s.into())
 }
