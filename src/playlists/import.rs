@@ -316,7 +316,7 @@ fn apply(app: &App, idx: usize, mut new: Imported) -> (Summary, usize) {
     let list = &app.playlists.lists[idx];
     let mut s = Summary::default();
     let mut full = 0;
-    new.entries.retain(
+    new.entries.retain_mut(
         |(id, spec)| match app.registry.upsert_playlist(id, spec.clone()) {
             Upsert::Added => {
                 s.added += 1;
@@ -326,7 +326,15 @@ fn apply(app: &App, idx: usize, mut new: Imported) -> (Summary, usize) {
                 s.updated += 1;
                 true
             }
-            Upsert::Unchanged | Upsert::Taken => true,
+            Upsert::Unchanged => {
+                // Share the registry's copy: a list of 100k channels is
+                // not kept twice after every refresh.
+                if let Some(st) = app.registry.get(id) {
+                    *spec = st.spec();
+                }
+                true
+            }
+            Upsert::Taken => true,
             Upsert::Full => {
                 full += 1;
                 false
