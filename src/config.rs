@@ -579,6 +579,9 @@ pub struct HdHomeRunConfig {
     pub tuner_count: Option<u32>,
     /// Answer SSDP discovery (UDP 1900) on the LAN.
     pub ssdp: bool,
+    /// The HDHomeRun documents answer without a token (media servers that
+    /// take only host:port).
+    pub open: bool,
 }
 
 impl Default for HdHomeRunConfig {
@@ -589,6 +592,7 @@ impl Default for HdHomeRunConfig {
             device_id: None,
             tuner_count: None,
             ssdp: false,
+            open: false,
         }
     }
 }

@@ -690,3 +690,28 @@ async fn a_failing_guide_is_a_502_and_not_refetched_per_player() {
         "a failure is held, not retried per player"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_tuner_needs_no_token_but_the_playlist_still_does() {
+    let p = Provider::start().await;
+    p.set_doc(
+        "list.m3u",
+        m3u("", &[entry("One", "G", p.url("/live/1.ts"))]),
+        "audio/x-mpegurl",
+        None,
+    );
+    let e = Edge::start(&one_list(&p, "", "hdhomerun:\n  open: true\n")).await;
+    wait_streams(&e, 1).await;
+    let (s, _, body) = client::get_body(&e.url("/discover.json")).await;
+    assert_eq!(s, 200);
+    let d: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(d["BaseURL"], e.base(), "no token in the links");
+    let (s, _, body) = client::get_body(&e.url("/lineup.json")).await;
+    assert_eq!(s, 200);
+    let lineup: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(lineup[0]["GuideName"], "One");
+    for path in ["/playlist.m3u", "/epg.xml"] {
+        let (s, _, _) = client::get_body(&e.url(path)).await;
+        assert_eq!(s, 401, "{path}");
+    }
+}

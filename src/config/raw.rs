@@ -265,6 +265,7 @@ pub(super) struct RawHdHomeRun {
     pub device_id: Leaf<String>,
     pub tuner_count: Leaf<Scalar>,
     pub ssdp: Leaf<Scalar>,
+    pub open: Leaf<Scalar>,
 }
 
 /// A YAML scalar with the type YAML resolved for it, for keys that take a

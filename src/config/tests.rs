@@ -151,6 +151,7 @@ fn example_config_documents_every_key() {
         "device_id:",
         "tuner_count:",
         "ssdp:",
+        "open:",
     ];
     for key in keys {
         assert!(text.contains(key), "{key} is not documented");
@@ -220,6 +221,7 @@ hdhomerun:
   device_id: 1054a3f2
   tuner_count: 2
   ssdp: true
+  open: true
 "#);
     assert_eq!(c.playlists.len(), 2);
     assert_eq!(
@@ -233,6 +235,7 @@ hdhomerun:
     assert_eq!(c.hdhomerun.device_id.as_deref(), Some("1054A3F2"));
     assert_eq!(c.hdhomerun.tuner_count, Some(2));
     assert!(c.hdhomerun.ssdp);
+    assert!(c.hdhomerun.open);
 
     let e = errors(
         "playlists:\n  - name: a\n    url: ftp://x/\n    refresh: 1s\n    include: { group: \"(\" }\n    provider: nope\n  - name: a\n    url: relative/path.m3u\nhdhomerun:\n  device_id: xyz\n",

@@ -49,14 +49,19 @@ pub async fn serve(
         };
         return respond::method_not_allowed(session, allow, respond::Cors::Open).await;
     }
+    let hdhr = !matches!(page, Page::Playlist | Page::Epg);
+    let open = hdhr && app.config.hdhomerun.open && path_token.is_none();
     let token = match authorize(app, session, path_token) {
+        Err(_) if open => Ok(None),
+        other => other,
+    };
+    let token = match token {
         Ok(t) => t,
         Err((status, msg)) => {
             ctx.local_status = Some(status);
             return respond::error(session, status, msg).await;
         }
     };
-    let hdhr = !matches!(page, Page::Playlist | Page::Epg);
     if hdhr && !app.config.hdhomerun.enabled {
         ctx.local_status = Some(404);
         return respond::error(

@@ -128,6 +128,7 @@ impl Validator<'_> {
                 whole_number(s, 1, 1000).map(|n| n as u32)
             }),
             ssdp: self.leaf(&raw.ssdp, "hdhomerun.ssdp", d.ssdp, boolean),
+            open: self.leaf(&raw.open, "hdhomerun.open", d.open, boolean),
         }
     }
 }
