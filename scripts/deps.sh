@@ -173,10 +173,52 @@ install_schemathesis() {
     return 0
 }
 
+# The streamlink and yt-dlp releases the resolver tests are written for.
+STREAMLINK_VERSION=8.6.3
+YTDLP_VERSION=2026.10.26
+
+# Installs streamlink and yt-dlp from PyPI into target/resolvers-venv (where
+# the resolver tests look for them, unless M3U_EDGE_STREAMLINK /
+# M3U_EDGE_YTDLP name others) if missing or other versions. Optional: never
+# fails the script; without them the resolver tests print "SKIPPED".
+# m3u-edge itself finds them on PATH or at resolvers.streamlink/yt_dlp.
+install_resolvers() {
+    local venv="$root/target/resolvers-venv"
+    if "$venv/bin/streamlink" --version 2>/dev/null | grep -qF "$STREAMLINK_VERSION" &&
+        "$venv/bin/yt-dlp" --version 2>/dev/null | grep -qF "$YTDLP_VERSION"; then
+        return 0
+    fi
+    if ! command -v python3 >/dev/null 2>&1; then
+        echo "note: streamlink and yt-dlp not installed (optional; needs python3) - the" \
+             "resolver tests will be skipped" >&2
+        return 0
+    fi
+    echo "installing streamlink $STREAMLINK_VERSION and yt-dlp $YTDLP_VERSION into $venv" \
+         "(optional, for the resolver tests)..." >&2
+    rm -rf "$venv"
+    mkdir -p "$root/target"
+    local pip
+    # $pip is a command line: split on purpose.
+    # shellcheck disable=SC2086
+    if pip="$(make_venv "$venv")" &&
+        $pip install -q --disable-pip-version-check "streamlink==$STREAMLINK_VERSION" \
+            "yt-dlp==$YTDLP_VERSION" >/dev/null 2>&1 &&
+        "$venv/bin/streamlink" --version >/dev/null 2>&1 &&
+        "$venv/bin/yt-dlp" --version >/dev/null 2>&1; then
+        echo "streamlink and yt-dlp installed" >&2
+    else
+        rm -rf "$venv"
+        echo "note: could not install streamlink and yt-dlp (optional; needs python3 with" \
+             "venv or pip, and PyPI); the resolver tests will be skipped" >&2
+    fi
+    return 0
+}
+
 # Only the test suite needs these: `scripts/test.sh` asks with --test-tools.
 if [ "${1:-}" = "--test-tools" ]; then
     install_promtool || true
     install_optional ffmpeg ffprobe "the transcoding tests" || true
     install_optional chromium chromium "the browser playback test" || true
     install_schemathesis || true
+    install_resolvers || true
 fi

@@ -54,11 +54,15 @@ pub struct App {
     pub transcoders: Arc<Caps<()>>,
     /// The ffmpeg found at start.
     pub ffmpeg: crate::transcode::source::Ffmpeg,
+    /// streamlink and yt-dlp: versions found at start, resolved URLs.
+    pub resolvers: crate::resolvers::Resolvers,
     /// In-memory HLS of transcodes that asked for HLS.
     pub packagers: crate::transcode::packager::Packagers,
     /// For HLS playlists, segments, keys and init maps: redirects are followed
     /// hop by hop (`hls::fetch::open`) and sockets are not kept.
     pub hls_http: reqwest::Client,
+    /// m3u-editor's networks (`/broadcast/...`).
+    pub broadcasts: crate::broadcast::Broadcasts,
     /// Imported playlists, the guide cache, the HDHomeRun identity.
     pub playlists: crate::playlists::Playlists,
 }
@@ -77,6 +81,8 @@ fn config_spec(s: &StreamConfig) -> StreamSpec {
         strict_live_ts: false,
         provider: s.provider.clone(),
         transcode: None,
+        resolver: None,
+        silence: None,
     }
 }
 
@@ -154,16 +160,19 @@ impl App {
             .clone()
             .or(kept_key)
             .unwrap_or_else(|| Signer::generate_key().to_vec());
+        let limits = crate::registry::RegistryLimits {
+            max_streams: config.limits.max_streams,
+            per_stream: config.limits.max_viewers_per_stream,
+            per_address: config.limits.max_viewers_per_address,
+            hls_per_stream: config.limits.max_hls_clients_per_stream,
+            hls_per_address: config.limits.max_hls_clients_per_address,
+        };
         let app = App {
-            registry: Registry::with_caps(
-                Some(events.clone()),
-                crate::registry::RegistryLimits {
-                    max_streams: config.limits.max_streams,
-                    per_stream: config.limits.max_viewers_per_stream,
-                    per_address: config.limits.max_viewers_per_address,
-                    hls_per_stream: config.limits.max_hls_clients_per_stream,
-                    hls_per_address: config.limits.max_hls_clients_per_address,
-                },
+            registry: Registry::with_caps(Some(events.clone()), limits),
+            broadcasts: crate::broadcast::Broadcasts::new(
+                config.broadcast.clone(),
+                events.clone(),
+                limits,
             ),
             events,
             state,
@@ -189,6 +198,7 @@ impl App {
             transcoders: Caps::new(config.transcode.max_processes, 0),
             ffmpeg: crate::transcode::source::probe(&config.transcode),
             packagers: Default::default(),
+            resolvers: crate::resolvers::Resolvers::new(&config.resolvers),
             hls_http,
             playlists: crate::playlists::Playlists::new(&config)?,
             config: Arc::new(config),
@@ -250,7 +260,8 @@ impl App {
         m.client_connections.set(self.conns.open() as i64);
         m.clients(ClientKind::Live).set(live);
         m.clients(ClientKind::File).set(file);
-        m.clients(ClientKind::Hls).set(hls);
+        m.clients(ClientKind::Hls)
+            .set(hls + self.broadcasts.viewer_count() as i64);
         let channels = self.hub.channels();
         m.live_channels.set(channels.len() as i64);
         for (name, in_use, _) in self.leases.usage() {

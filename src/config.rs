@@ -124,6 +124,7 @@ pub struct Config {
     pub transcode: TranscodeConfig,
     pub resolvers: ResolversConfig,
     pub security: SecurityConfig,
+    pub broadcast: BroadcastConfig,
     pub playlists: Vec<PlaylistConfig>,
     pub playlist: PlaylistExportConfig,
     pub epg: EpgConfig,
@@ -462,6 +463,34 @@ impl Default for ResolversConfig {
             streamlink: PathBuf::from("streamlink"),
             yt_dlp: PathBuf::from("yt-dlp"),
             cookies_dir: None,
+        }
+    }
+}
+
+/// The `broadcast:` section: m3u-editor's networks (`/broadcast/...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastConfig {
+    /// Where each network's segments are written, one `broadcast_{id}`
+    /// directory per network; relative to the working directory. Cleaned at
+    /// start-up. Default `m3u-edge-broadcast`.
+    pub work_dir: PathBuf,
+    /// Networks whose ffmpeg runs at once; a start beyond it is a 503.
+    /// 0 = no cap. Default 16.
+    pub max_networks: usize,
+    /// Per-callback timeout (one try, m3u-proxy's behaviour). Default 10 s.
+    pub callback_timeout: Duration,
+    /// A network that ended, failed or was stopped keeps its last playlist
+    /// and segments this long, then its directory is removed. Default 10 min.
+    pub keep_stopped: Duration,
+}
+
+impl Default for BroadcastConfig {
+    fn default() -> Self {
+        Self {
+            work_dir: PathBuf::from("m3u-edge-broadcast"),
+            max_networks: 16,
+            callback_timeout: Duration::from_secs(10),
+            keep_stopped: Duration::from_secs(600),
         }
     }
 }

@@ -16,6 +16,8 @@
 //! | `housekeeping` | background expiry of unwatched API streams |
 //! | `lifecycle` | SIGHUP reload and the order of a graceful shutdown |
 //! | `ts`        | MPEG-TS packet parsing for the live hub, pure |
+//! | `resolvers` | streamlink and yt-dlp: page URL → media URL (or their stdout), cookies files |
+//! | `silence`   | silence detection on live channels (ffmpeg `silencedetect`) → failover |
 //! | `playlists` | standalone use: M3U import, `/playlist.m3u`, `/epg.xml`, HDHomeRun |
 //!
 //! Request flow: `proxy::Edge::request_filter` routes every request. API calls
@@ -26,6 +28,7 @@
 
 pub mod api;
 pub mod app;
+pub mod broadcast;
 pub mod config;
 pub mod conn;
 pub mod events;
@@ -41,6 +44,7 @@ pub mod proxy;
 pub mod registry;
 pub mod resolvers;
 pub mod route;
+pub mod silence;
 pub mod state;
 pub mod transcode;
 pub mod ts;

@@ -109,6 +109,8 @@ impl Lifecycle {
         while Instant::now() < end && !app.registry.all_clients().is_empty() {
             tokio::time::sleep(Duration::from_millis(100).min(end - Instant::now())).await;
         }
+        // Networks' ffmpeg stop and their files go; no callbacks.
+        app.broadcasts.shutdown().await;
         let cut = app.cut_viewers(SHUTDOWN_REASON);
         tracing::info!(
             clients = cut,

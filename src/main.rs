@@ -171,6 +171,10 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
     ));
     server.add_service(background_service("events", app.events.service()));
     server.add_service(background_service(
+        "broadcast",
+        m3u_edge::broadcast::Sweeper { app: app.clone() },
+    ));
+    server.add_service(background_service(
         "state",
         SaverService { app: app.clone() },
     ));

@@ -86,6 +86,8 @@ label_enum!(
         /// `POST /streams/{id}/failover`.
         Forced => "forced",
         Connect => "connect",
+        /// Silence detection (`enable_silence_detection`).
+        Silence => "silence",
     }
 );
 
@@ -275,6 +277,13 @@ pub struct Metrics {
     pub hls_cache: IntCounterVec,
     /// `m3u_edge_hls_limits_total{limit}`: HLS requests cut by a limit.
     pub hls_limits: IntCounterVec,
+    /// `m3u_edge_hls_lag_refusals_total`: live playlists refused because
+    /// their media sequence went back over segments already seen (lagging
+    /// backends).
+    pub hls_lag_refusals: IntCounter,
+    /// `m3u_edge_hls_sequence_resets_total`: confirmed provider resets (a
+    /// lower media sequence of segments never seen, served as a new epoch).
+    pub hls_sequence_resets: IntCounter,
     /// `m3u_edge_webhook_deliveries_total{result}`.
     pub webhook_deliveries: IntCounterVec,
     /// `m3u_edge_webhooks_registered`.
@@ -406,6 +415,18 @@ impl Metrics {
                 "hls_limits_total",
                 "HLS playlist and segment requests cut by a size or time limit.",
                 "limit",
+            )?,
+            hls_lag_refusals: counter(
+                r,
+                "hls_lag_refusals_total",
+                "Live HLS playlists refused because their media sequence went back \
+                 over segments already served (a lagging backend).",
+            )?,
+            hls_sequence_resets: counter(
+                r,
+                "hls_sequence_resets_total",
+                "Provider HLS playlists whose media sequence restarted with new segments, \
+                 served as a new epoch after confirmation.",
             )?,
             webhook_deliveries: counter_vec(
                 r,

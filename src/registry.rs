@@ -93,6 +93,13 @@ pub struct StreamSpec {
     /// A transcoded channel (`POST /transcode`): ffmpeg over another stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transcode: Option<TranscodeSpec>,
+    /// A page URL turned into media by streamlink or yt-dlp (`POST /transcode`
+    /// with `resolver`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolver: Option<crate::resolvers::ResolverSpec>,
+    /// `enable_silence_detection` and its thresholds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silence: Option<crate::silence::SilenceSpec>,
 }
 
 /// What a transcoded stream runs: ffmpeg with `args`, fed from the live
@@ -1046,6 +1053,8 @@ mod tests {
             strict_live_ts: false,
             provider: None,
             transcode: None,
+            resolver: None,
+            silence: None,
         }
     }
 

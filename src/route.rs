@@ -37,6 +37,16 @@ pub enum Api {
     TranscodeProfiles,
     /// `/validate-cookies-file`
     ValidateCookiesFile,
+    /// `/broadcast`: every network.
+    Broadcasts,
+    /// `/broadcast/{network_id}` (DELETE).
+    Broadcast(String),
+    /// `/broadcast/{network_id}/start`
+    BroadcastStart(String),
+    /// `/broadcast/{network_id}/stop`
+    BroadcastStop(String),
+    /// `/broadcast/{network_id}/status`
+    BroadcastStatus(String),
     /// `/playlists`: status of the `playlists:` imports.
     Playlists,
     /// `/playlists/refresh`
@@ -91,6 +101,11 @@ pub enum Route {
     HlsPlaylist(String),
     /// `/hls/{id}/segment.ts?t=` (also `/segment`): a segment, key or init map.
     HlsSegment(String),
+    /// `/broadcast/{network_id}/live.m3u8`: a network's live playlist (no token).
+    BroadcastPlaylist(String),
+    /// `/broadcast/{network_id}/segment/{file}`: one of its segments (no
+    /// token); the file name is checked where it is served.
+    BroadcastSegment(String, String),
     /// `/playlist.m3u`, `/epg.xml`, HDHomeRun documents; `Some(token)` when
     /// reached as `/hdhr/{token}/{page}`.
     Standalone(Page, Option<String>),
@@ -127,6 +142,24 @@ pub fn decode(path: &str, root_path: &str) -> Route {
         ["transcode"] => Route::Api(Api::Transcode),
         ["transcode", "profiles"] => Route::Api(Api::TranscodeProfiles),
         ["validate-cookies-file"] => Route::Api(Api::ValidateCookiesFile),
+        ["broadcast"] => Route::Api(Api::Broadcasts),
+        ["broadcast", id] if valid_id(id) => Route::Api(Api::Broadcast(id.to_string())),
+        ["broadcast", id, "start"] if valid_id(id) => {
+            Route::Api(Api::BroadcastStart(id.to_string()))
+        }
+        ["broadcast", id, "stop"] if valid_id(id) => Route::Api(Api::BroadcastStop(id.to_string())),
+        ["broadcast", id, "status"] if valid_id(id) => {
+            Route::Api(Api::BroadcastStatus(id.to_string()))
+        }
+        ["broadcast", id, "live.m3u8"] if valid_id(id) => Route::BroadcastPlaylist(id.to_string()),
+        ["broadcast", id, "segment", file] if valid_id(id) => {
+            Route::BroadcastSegment(id.to_string(), file.to_string())
+        }
+        // Beside the playlist too: its bare segment lines resolve here when
+        // a player reads it directly (m3u-editor rewrites them instead).
+        ["broadcast", id, file] if valid_id(id) && segment_name(file) => {
+            Route::BroadcastSegment(id.to_string(), file.to_string())
+        }
         ["playlists"] => Route::Api(Api::Playlists),
         ["playlists", "refresh"] => Route::Api(Api::PlaylistsRefresh),
         ["metrics"] => Route::Metrics,
@@ -161,6 +194,13 @@ fn strip_root<'a>(path: &'a str, root: &str) -> &'a str {
         Some(rest) if rest.starts_with('/') => rest,
         _ => path,
     }
+}
+
+/// `live<digits>.ts`, a broadcast segment's name.
+fn segment_name(name: &str) -> bool {
+    name.strip_prefix("live")
+        .and_then(|n| n.strip_suffix(".ts"))
+        .is_some_and(|d| !d.is_empty() && d.len() <= 18 && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Stream ids are md5 hex or YAML ids (`[A-Za-z0-9_-]`); anything else cannot
@@ -200,6 +240,35 @@ mod tests {
             ("/hls/ab/segment.ts", Route::HlsSegment("ab".into())),
             ("/hls/ab/segment", Route::HlsSegment("ab".into())),
             ("/m3u-proxy/openapi.json", Route::OpenApi),
+            ("/broadcast", Route::Api(Api::Broadcasts)),
+            (
+                "/m3u-proxy/broadcast/n-1/start",
+                Route::Api(Api::BroadcastStart("n-1".into())),
+            ),
+            (
+                "/broadcast/n/stop",
+                Route::Api(Api::BroadcastStop("n".into())),
+            ),
+            (
+                "/broadcast/n/status",
+                Route::Api(Api::BroadcastStatus("n".into())),
+            ),
+            ("/broadcast/n", Route::Api(Api::Broadcast("n".into()))),
+            (
+                "/m3u-proxy/broadcast/n/live.m3u8",
+                Route::BroadcastPlaylist("n".into()),
+            ),
+            (
+                "/broadcast/n/segment/live000001.ts",
+                Route::BroadcastSegment("n".into(), "live000001.ts".into()),
+            ),
+            ("/broadcast/n/segment/../../etc/passwd", Route::NotFound),
+            (
+                "/broadcast/n/live000012.ts",
+                Route::BroadcastSegment("n".into(), "live000012.ts".into()),
+            ),
+            ("/broadcast/n/x.ts", Route::NotFound),
+            ("/broadcast/../segment/live1.ts", Route::NotFound),
             ("/playlist.m3u", Route::Standalone(Page::Playlist, None)),
             ("/m3u-proxy/epg.xml", Route::Standalone(Page::Epg, None)),
             ("/discover.json", Route::Standalone(Page::Discover, None)),

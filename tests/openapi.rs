@@ -67,7 +67,10 @@ async fn documented_methods_are_the_served_ones() {
     let e = Edge::start(&config("")).await;
     let spec = spec();
     for (template, item) in spec["paths"].as_object().expect("paths") {
-        let path = template.replace("{stream_id}", SAMPLE_ID);
+        let path = template
+            .replace("{stream_id}", SAMPLE_ID)
+            .replace("{network_id}", SAMPLE_ID)
+            .replace("{segment}", "live000001.ts");
         let documented: Vec<String> = item
             .as_object()
             .expect("path item")
@@ -148,7 +151,9 @@ async fn sink() -> u16 {
 /// status code, content type and body as documented).
 /// `POST /streams/{id}/failover` answers 500 by design when no source is
 /// left, as m3u-proxy does, and `POST /transcode` 503 when ffmpeg is not
-/// installed: their responses are checked against the spec, not for 5xx.
+/// installed, and `POST /broadcast/{id}/start` 500 (as m3u-proxy) when
+/// ffmpeg cannot read the input: their responses are checked against the
+/// spec, not for 5xx.
 /// [`positive_only`] adds the operations that send to URLs.
 const ST_CONFIG: &str = r#"
 [checks]
@@ -164,6 +169,10 @@ checks = { not_a_server_error = { enabled = false } }
 
 [[operations]]
 include-path = "/transcode"
+checks = { not_a_server_error = { enabled = false } }
+
+[[operations]]
+include-path = "/broadcast/{network_id}/start"
 checks = { not_a_server_error = { enabled = false } }
 "#;
 

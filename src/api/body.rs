@@ -52,16 +52,59 @@ fn opt_bool(m: &Map<String, Value>, field: &str) -> Result<Option<bool>, ApiRepl
     }
 }
 
-fn opt_number(m: &Map<String, Value>, field: &str) -> Result<(), ApiReply> {
+fn opt_number(m: &Map<String, Value>, field: &str) -> Result<Option<f64>, ApiReply> {
     match m.get(field) {
-        None | Some(Value::Null) | Some(Value::Number(_)) => Ok(()),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
         Some(v) => Err(wrong(field, "Input should be a valid number", v)),
     }
+}
+
+/// `enable_silence_detection` and its thresholds (m3u-proxy's defaults for
+/// the ones not sent); `None` when detection is off. Out-of-range values are
+/// a 422 naming the field.
+fn silence(m: &Map<String, Value>) -> Result<Option<crate::silence::SilenceSpec>, ApiReply> {
+    let on = opt_bool(m, "enable_silence_detection")?.unwrap_or(false);
+    let mut s = crate::silence::SilenceSpec::default();
+    if let Some(v) = opt_number(m, "silence_threshold_db")? {
+        s.threshold_db = v;
+    }
+    if let Some(v) = opt_number(m, "silence_duration")? {
+        s.duration = v;
+    }
+    if let Some(v) = opt_number(m, "silence_check_interval")? {
+        s.check_interval = v;
+    }
+    if let Some(v) = opt_number(m, "silence_failover_threshold")? {
+        if v.fract() != 0.0 || !(0.0..=f64::from(u32::MAX)).contains(&v) {
+            return Err(wrong(
+                "silence_failover_threshold",
+                "Input should be a valid integer",
+                &Value::from(v),
+            ));
+        }
+        s.failover_threshold = v as u32;
+    }
+    if let Some(v) = opt_number(m, "silence_monitoring_grace_period")? {
+        s.grace = v;
+    }
+    // Checked even when off: a value out of range is a mistake either way.
+    if let Err((field, msg)) = s.check() {
+        let input = m.get(field).cloned().unwrap_or(Value::Null);
+        return Err(wrong(field, &msg, &input));
+    }
+    Ok(on.then_some(s))
 }
 
 /// Accepts only http(s) URLs with a host and none of the script-injection
 /// markers m3u-proxy rejects.
 pub fn check_url(field: &str, raw: &str) -> Result<(), ApiReply> {
+    check_url_for(field, raw, false)
+}
+
+/// [`check_url`]; a `page` for a resolver may also carry one of streamlink's
+/// protocol prefixes (`hls://http://host/x.m3u8`).
+fn check_url_for(field: &str, raw: &str, page: bool) -> Result<(), ApiReply> {
     let input = Value::String(raw.to_string());
     let lower = raw.to_ascii_lowercase();
     if ["<script", "javascript:", "data:", "vbscript:"]
@@ -69,6 +112,9 @@ pub fn check_url(field: &str, raw: &str) -> Result<(), ApiReply> {
         .any(|bad| lower.contains(bad))
     {
         return Err(wrong(field, "URL contains a forbidden pattern", &input));
+    }
+    if page && crate::resolvers::is_page_url(raw) {
+        return Ok(());
     }
     match url::Url::parse(raw) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Ok(()),
@@ -143,7 +189,9 @@ pub fn create_stream(body: &[u8]) -> Result<CreateStream, ApiReply> {
         }
         Some(v) => return Err(wrong("url", "Input should be a valid string", v)),
     };
-    check_url("url", &url)?;
+    // A resolver's sources are pages, possibly with a streamlink prefix.
+    let page = m.get("resolver").is_some_and(|v| !v.is_null());
+    check_url_for("url", &url, page)?;
 
     let failover_urls = match m.get("failover_urls") {
         None | Some(Value::Null) => vec![],
@@ -154,7 +202,7 @@ pub fn create_stream(body: &[u8]) -> Result<CreateStream, ApiReply> {
                 let Value::String(s) = v else {
                     return Err(wrong(&field, "Input should be a valid string", v));
                 };
-                check_url(&field, s)?;
+                check_url_for(&field, s, page)?;
                 out.push(s.clone());
             }
             out
@@ -221,16 +269,7 @@ pub fn create_stream(body: &[u8]) -> Result<CreateStream, ApiReply> {
     let strict_live_ts = opt_bool(&m, "strict_live_ts")?.unwrap_or(false);
     let sticky = opt_bool(&m, "use_sticky_session")?.unwrap_or(false);
     let live = opt_bool(&m, "live")?;
-    opt_bool(&m, "enable_silence_detection")?;
-    for f in [
-        "silence_threshold_db",
-        "silence_duration",
-        "silence_check_interval",
-        "silence_failover_threshold",
-        "silence_monitoring_grace_period",
-    ] {
-        opt_number(&m, f)?;
-    }
+    let silence = silence(&m)?;
 
     Ok(CreateStream {
         spec: StreamSpec {
@@ -245,6 +284,8 @@ pub fn create_stream(body: &[u8]) -> Result<CreateStream, ApiReply> {
             strict_live_ts,
             provider: None,
             transcode: None,
+            resolver: None,
+            silence,
         },
         raw_metadata: m.get("metadata").filter(|v| !v.is_null()).cloned(),
     })

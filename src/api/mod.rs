@@ -6,6 +6,7 @@ pub mod access;
 pub mod body;
 pub mod json;
 pub mod openapi;
+pub mod resolver;
 pub mod streams;
 pub mod system;
 pub mod transcode;
@@ -128,6 +129,11 @@ pub async fn handle(app: &App, api: &Api, req: &ApiRequest) -> ApiReply {
         (Api::WebhooksTest, &M::POST) => webhooks::test(app, req).await,
         (Api::Transcode, &M::POST) => transcode::create(app, req),
         (Api::TranscodeProfiles, &M::GET) => transcode::profiles(app),
+        (Api::Broadcasts, &M::GET) => crate::broadcast::api::list(app),
+        (Api::BroadcastStart(id), &M::POST) => crate::broadcast::api::start(app, id, req).await,
+        (Api::BroadcastStop(id), &M::POST) => crate::broadcast::api::stop(app, id).await,
+        (Api::BroadcastStatus(id), &M::GET) => crate::broadcast::api::status(app, id),
+        (Api::Broadcast(id), &M::DELETE) => crate::broadcast::api::delete(app, id).await,
         (Api::ValidateCookiesFile, &M::GET) => {
             let checked = crate::resolvers::cookies::validate(
                 app.config.resolvers.cookies_dir.as_deref(),
@@ -157,6 +163,9 @@ pub fn allowed_methods(api: &Api) -> &'static str {
         }
         Api::TranscodeProfiles | Api::ValidateCookiesFile => "GET, HEAD, OPTIONS",
         Api::Webhooks => "GET, HEAD, POST, DELETE, OPTIONS",
+        Api::Broadcasts | Api::BroadcastStatus(_) => "GET, HEAD, OPTIONS",
+        Api::BroadcastStart(_) | Api::BroadcastStop(_) => "POST, OPTIONS",
+        Api::Broadcast(_) => "DELETE, OPTIONS",
         Api::Playlists => "GET, HEAD, OPTIONS",
         Api::PlaylistsRefresh => "POST, OPTIONS",
     }

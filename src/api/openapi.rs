@@ -16,6 +16,8 @@ mod tests {
 
     const ROOT: &str = "/m3u-proxy";
     const SAMPLE_ID: &str = "0123456789abcdef0123456789abcdef";
+    const SAMPLE_NETWORK: &str = "6f1c2a9e-0b1d-4e53-9a51-3c1a5f0e7d21";
+    const SAMPLE_SEGMENT: &str = "live000001.ts";
 
     fn spec() -> Value {
         serde_json::from_str(SPEC).expect("docs/openapi.json is not valid JSON")
@@ -31,7 +33,10 @@ mod tests {
     }
 
     fn concrete(template: &str) -> String {
-        template.replace("{stream_id}", SAMPLE_ID)
+        template
+            .replace("{stream_id}", SAMPLE_ID)
+            .replace("{network_id}", SAMPLE_NETWORK)
+            .replace("{segment}", SAMPLE_SEGMENT)
     }
 
     /// The spec paths of each route. No wildcard arm: a new `Route` or `Api`
@@ -56,6 +61,11 @@ mod tests {
                 Api::Transcode => &["/transcode"],
                 Api::TranscodeProfiles => &["/transcode/profiles"],
                 Api::ValidateCookiesFile => &["/validate-cookies-file"],
+                Api::Broadcasts => &["/broadcast"],
+                Api::Broadcast(_) => &["/broadcast/{network_id}"],
+                Api::BroadcastStart(_) => &["/broadcast/{network_id}/start"],
+                Api::BroadcastStop(_) => &["/broadcast/{network_id}/stop"],
+                Api::BroadcastStatus(_) => &["/broadcast/{network_id}/status"],
                 Api::Playlists => &["/playlists"],
                 Api::PlaylistsRefresh => &["/playlists/refresh"],
             },
@@ -65,6 +75,11 @@ mod tests {
             Route::Play(_) => &["/stream/{stream_id}"],
             Route::HlsPlaylist(_) => &["/hls/{stream_id}/playlist.m3u8"],
             Route::HlsSegment(_) => &["/hls/{stream_id}/segment.ts", "/hls/{stream_id}/segment"],
+            Route::BroadcastPlaylist(_) => &["/broadcast/{network_id}/live.m3u8"],
+            Route::BroadcastSegment(..) => &[
+                "/broadcast/{network_id}/segment/{segment}",
+                "/broadcast/{network_id}/{segment}",
+            ],
             Route::NotFound => &[],
         }
     }
@@ -103,6 +118,7 @@ mod tests {
     /// One of each variant (keep in step with [`templates`]).
     fn every_route() -> Vec<Route> {
         let id = || SAMPLE_ID.to_string();
+        let net = || SAMPLE_NETWORK.to_string();
         let apis = [
             Api::Health,
             Api::Info,
@@ -120,6 +136,11 @@ mod tests {
             Api::Transcode,
             Api::TranscodeProfiles,
             Api::ValidateCookiesFile,
+            Api::Broadcasts,
+            Api::Broadcast(net()),
+            Api::BroadcastStart(net()),
+            Api::BroadcastStop(net()),
+            Api::BroadcastStatus(net()),
             Api::Playlists,
             Api::PlaylistsRefresh,
         ];
@@ -130,6 +151,8 @@ mod tests {
             Route::Play(id()),
             Route::HlsPlaylist(id()),
             Route::HlsSegment(id()),
+            Route::BroadcastPlaylist(net()),
+            Route::BroadcastSegment(net(), SAMPLE_SEGMENT.to_string()),
         ]);
         for page in PAGES {
             all.push(Route::Standalone(page, None));
@@ -156,14 +179,23 @@ mod tests {
         while let Some(open) = rest.find('[') {
             let close = open + rest[open..].find(']').expect("closing ]");
             let mut paths = vec![String::new()];
-            for elem in rest[open + 1..close].split(',') {
+            let pattern = &rest[open + 1..close];
+            // Networks are named by m3u-editor's ids, their files by name.
+            let id_name = if pattern.trim_start().starts_with("\"broadcast\"") {
+                "{network_id}"
+            } else {
+                "{stream_id}"
+            };
+            for elem in pattern.split(',') {
                 let elem = elem.trim();
                 let alts: Vec<String> = if elem.starts_with('"') {
                     elem.split('|')
                         .map(|a| a.trim().trim_matches('"').to_string())
                         .collect()
+                } else if elem == "file" {
+                    vec!["{segment}".to_string()]
                 } else {
-                    vec!["{stream_id}".to_string()]
+                    vec![id_name.to_string()]
                 };
                 paths = paths
                     .iter()

@@ -103,8 +103,8 @@ pub fn info(app: &App) -> ApiReply {
     ApiReply::ok(json!({
         "version": VERSION,
         "ffmpeg_version": app.ffmpeg.version,
-        "streamlink_version": null,
-        "ytdlp_version": null,
+        "streamlink_version": app.resolvers.versions.streamlink,
+        "ytdlp_version": app.resolvers.versions.yt_dlp,
         "hardware_acceleration": {
             "enabled": app.ffmpeg.hwaccel_available,
             "type": match c.transcode.hwaccel {
@@ -188,6 +188,7 @@ pub fn stats(app: &App, req: &ApiRequest) -> ApiReply {
     proxy_stats["state_save_failures"] = json!(app.saver.status().failures_total);
     proxy_stats["hls_sequence_regressions"] =
         json!(app.hls.sequence_regressions.load(Ordering::Relaxed));
+    proxy_stats["hls_sequence_resets"] = json!(app.hls.sequence_resets.load(Ordering::Relaxed));
     ApiReply::ok(json!({
         "proxy_stats": proxy_stats,
         "playlists": app.playlists.stats(),

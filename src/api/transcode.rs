@@ -42,11 +42,8 @@ pub fn create(app: &App, req: &ApiRequest) -> ApiReply {
         Ok(m) => m,
         Err(e) => return e,
     };
-    if m.get("resolver").is_some_and(|v| !v.is_null()) {
-        return ApiReply::detail(
-            503,
-            "Resolvers (streamlink, yt-dlp) are not available in this m3u-edge",
-        );
+    if let Some(r) = m.get("resolver").filter(|v| !v.is_null()) {
+        return super::resolver::create(app, parsed, &m, r);
     }
     let profile_field = match m.get("profile") {
         None | Some(Value::Null) => "default".to_string(),

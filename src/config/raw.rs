@@ -41,6 +41,7 @@ pub(super) struct RawConfig {
     pub transcode: Option<RawTranscode>,
     pub resolvers: Option<RawResolvers>,
     pub security: Option<RawSecurity>,
+    pub broadcast: Option<RawBroadcast>,
     pub playlists: Option<Vec<RawPlaylist>>,
     pub playlist: Option<RawPlaylistExport>,
     pub epg: Option<RawEpg>,
@@ -49,7 +50,7 @@ pub(super) struct RawConfig {
 
 /// Top-level keys, for the message about a document that is not a mapping.
 const SECTIONS: &str =
-    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, playlists, playlist, epg, hdhomerun";
+    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast, playlists, playlist, epg, hdhomerun";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +83,15 @@ pub(super) struct RawTranscode {
     pub device: Leaf<String>,
     pub max_processes: Leaf<Scalar>,
     pub profiles: Option<Vec<RawProfile>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBroadcast {
+    pub work_dir: Leaf<String>,
+    pub max_networks: Leaf<Scalar>,
+    pub callback_timeout: Leaf<Scalar>,
+    pub keep_stopped: Leaf<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -142,6 +142,10 @@ fn example_config_documents_every_key() {
         "segment_timeout:",
         "deny_private_upstreams:",
         "private_allowlist:",
+        "work_dir:",
+        "max_networks:",
+        "callback_timeout:",
+        "keep_stopped:",
         "playlists:",
         "refresh:",
         "include:",
@@ -392,7 +396,7 @@ fn unknown_key_at_top_level() {
     assert_eq!(
         error("servr:\n  listen: 127.0.0.1:1\n"),
         "conf/test.yaml:1:1: servr: unknown field `servr`, expected one of: \
-         server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, \
+         server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast, \
          playlists, playlist, epg, hdhomerun \
          (did you mean `server`?)"
     );
@@ -497,7 +501,7 @@ fn wrong_types() {
 #[test]
 fn top_level_must_be_a_mapping() {
     let expected = "conf/test.yaml:1:1: the file must be a mapping of sections \
-                    (server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, playlists, playlist, epg, hdhomerun)";
+                    (server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast, playlists, playlist, epg, hdhomerun)";
     assert_eq!(error("- server\n"), expected);
     assert_eq!(error("hello\n"), expected);
 }
@@ -1340,4 +1344,25 @@ fn hls_limits_and_security_section() {
     assert!(m.contains("hls.header_timeout"), "{m}");
     let m = error("security:\n  deny_private_upstream: true\n");
     assert!(m.contains("deny_private_upstreams"), "{m}");
+}
+
+#[test]
+fn broadcast_section() {
+    let c = ok("broadcast:\n  work_dir: /dev/shm/m3u-edge\n  max_networks: 0\n  callback_timeout: \"3s\"\n  keep_stopped: \"1m\"\n");
+    assert_eq!(
+        c.broadcast.work_dir,
+        std::path::PathBuf::from("/dev/shm/m3u-edge")
+    );
+    assert_eq!(c.broadcast.max_networks, 0);
+    assert_eq!(c.broadcast.callback_timeout, Duration::from_secs(3));
+    assert_eq!(c.broadcast.keep_stopped, Duration::from_secs(60));
+    let e = parse(
+        "broadcast:\n  work_dir: /\n  max_networks: -1\n  callback_timeout: 0\n",
+        Path::new("x.yaml"),
+    )
+    .unwrap_err();
+    let text = e.messages().join("\n");
+    assert!(text.contains("x.yaml:2:13: broadcast.work_dir"), "{text}");
+    assert!(text.contains("broadcast.max_networks"), "{text}");
+    assert!(text.contains("broadcast.callback_timeout"), "{text}");
 }

@@ -16,14 +16,14 @@ use serde_saphyr::Spanned;
 use url::Url;
 
 use super::raw::{
-    push_key, spanned_at, Leaf, RawApi, RawConfig, RawEvents, RawHeaders, RawHls, RawLimits,
-    RawLive, RawLog, RawMetrics, RawProvider, RawResolvers, RawSecurity, RawServer, RawStream,
-    RawTranscode, RawUpstream, RawWebhook, Scalar,
+    push_key, spanned_at, Leaf, RawApi, RawBroadcast, RawConfig, RawEvents, RawHeaders, RawHls,
+    RawLimits, RawLive, RawLog, RawMetrics, RawProvider, RawResolvers, RawSecurity, RawServer,
+    RawStream, RawTranscode, RawUpstream, RawWebhook, Scalar,
 };
 use super::{
-    ApiConfig, Config, EventsConfig, HlsConfig, HwAccel, LimitsConfig, LiveConfig, LogConfig,
-    MetricsConfig, Problem, ProviderConfig, ResolversConfig, SecurityConfig, ServerConfig,
-    StreamConfig, TranscodeConfig, UpstreamConfig, WebhookConfig,
+    ApiConfig, BroadcastConfig, Config, EventsConfig, HlsConfig, HwAccel, LimitsConfig, LiveConfig,
+    LogConfig, MetricsConfig, Problem, ProviderConfig, ResolversConfig, SecurityConfig,
+    ServerConfig, StreamConfig, TranscodeConfig, UpstreamConfig, WebhookConfig,
 };
 use crate::events::EventType;
 use crate::transcode::profiles::Profile;
@@ -116,6 +116,7 @@ impl Validator<'_> {
         let transcode = self.transcode(raw.transcode.unwrap_or_default());
         let resolvers = self.resolvers(raw.resolvers.unwrap_or_default());
         let security = self.security(raw.security.unwrap_or_default());
+        let broadcast = self.broadcast(raw.broadcast.unwrap_or_default());
         let playlists = self.playlists(raw.playlists.unwrap_or_default(), &providers);
         let playlist = self.playlist_export(raw.playlist.unwrap_or_default());
         let epg = self.epg(raw.epg.unwrap_or_default());
@@ -139,6 +140,45 @@ impl Validator<'_> {
             playlist,
             epg,
             hdhomerun,
+            broadcast,
+        }
+    }
+
+    fn broadcast(&mut self, raw: RawBroadcast) -> BroadcastConfig {
+        let d = BroadcastConfig::default();
+        BroadcastConfig {
+            work_dir: self.leaf(&raw.work_dir, "broadcast.work_dir", d.work_dir, |s| {
+                let p = std::path::PathBuf::from(s.trim());
+                // Its broadcast_* entries are removed at start-up: never a
+                // system directory by accident.
+                if s.trim().is_empty() || p.parent().is_none() || p == Path::new(".") {
+                    Err("a directory of its own, e.g. /var/lib/m3u-edge/broadcast".to_owned())
+                } else {
+                    Ok(p)
+                }
+            }),
+            max_networks: self.leaf(
+                &raw.max_networks,
+                "broadcast.max_networks",
+                d.max_networks,
+                |s| usize_at_least(s, 0),
+            ),
+            callback_timeout: self.leaf(
+                &raw.callback_timeout,
+                "broadcast.callback_timeout",
+                d.callback_timeout,
+                |s| {
+                    duration(s)
+                        .and_then(non_zero)
+                        .and_then(|d| at_most(d, Duration::from_secs(60)))
+                },
+            ),
+            keep_stopped: self.leaf(
+                &raw.keep_stopped,
+                "broadcast.keep_stopped",
+                d.keep_stopped,
+                |s| duration(s).and_then(|d| at_most(d, Duration::from_secs(7 * 24 * 3600))),
+            ),
         }
     }
 

@@ -9,8 +9,10 @@
 //!
 //! Also here, because they are about which bytes a playlist request gets:
 //! sticky backends (keep refetching from where a redirect led) and monotonic
-//! playlists (never serve a live playlist whose media sequence is lower than
-//! one already served: lagging backends make players loop).
+//! playlists: a live playlist whose media sequence went down is judged by
+//! [`super::reset`]: lag (a backend behind, refused: players would loop) or
+//! a provider reset (accepted once confirmed, as a new epoch the timeline
+//! maps onto what players already saw, [`super::timeline`]).
 //!
 //! Requests to the provider ([`open`]) carry the stream's user agent and
 //! headers and nothing of the client's (R7); redirects are followed here, hop
@@ -30,7 +32,9 @@ use parking_lot::Mutex;
 use url::Url;
 
 use super::render::{self, RenderError, Rendered};
+use super::reset::{self, Verdict};
 use super::rewrite::{self, PlaylistInfo};
+use super::timeline::{self, Facts, Source};
 use crate::app::App;
 use crate::metrics::{CacheResult, HlsLimit, Metrics};
 use crate::provider::Lease;
@@ -144,6 +148,8 @@ pub struct Playlist {
     pub info: PlaylistInfo,
     pub content_type: Option<String>,
     pub rendered: Arc<Rendered>,
+    /// The provider playlist URL (the slot's) and its reset epoch.
+    pub source: Source,
     fetched: Instant,
     ttl: Duration,
 }
@@ -151,6 +157,24 @@ pub struct Playlist {
 impl Playlist {
     fn is_fresh(&self) -> bool {
         self.fetched.elapsed() < self.ttl
+    }
+
+    /// The numbers the timeline maps.
+    pub fn facts(&self) -> Facts {
+        let i = &self.info;
+        Facts {
+            media_sequence: i.media_sequence.unwrap_or(0),
+            // The segment whose parts are trailing has its number already.
+            next_msn: i.next_msn().saturating_add(u64::from(i.trailing_parts > 0)),
+            discontinuity_sequence: i.discontinuity_sequence.unwrap_or(0),
+            discontinuities: self.rendered.discontinuities,
+            first_tagged: self.rendered.first_tagged,
+            generation: self.generation,
+        }
+    }
+
+    fn target(&self) -> Duration {
+        Duration::from_secs_f64(self.info.target_duration.unwrap_or(6.0).clamp(0.1, 60.0))
     }
 }
 
@@ -167,10 +191,12 @@ struct PlaylistSlot {
     holds: Mutex<HashMap<ReloadTarget, Arc<tokio::sync::Mutex<()>>>>,
     /// The backend a redirect led to, for sticky streams.
     sticky: Mutex<Option<Url>>,
+    /// Segments seen, and a possible reset being confirmed.
+    history: Mutex<reset::History>,
 }
 
-/// (`_HLS_msn`, `_HLS_part`) of a blocking reload.
-type ReloadTarget = (u64, Option<u64>);
+/// (epoch, `_HLS_msn`, `_HLS_part`) of a blocking reload.
+type ReloadTarget = (u64, u64, Option<u64>);
 
 /// A viewer's place at a blocking-reload target; the last one out removes it,
 /// also when its request is cancelled.
@@ -231,8 +257,13 @@ pub struct HlsFetcher {
     /// Bytes held by segment fetches being shared right now.
     inflight_bytes: AtomicUsize,
     /// Live playlists not served because their media sequence went backwards
-    /// (hits and misses are counted in `m3u_edge_hls_cache_total`).
+    /// over segments already seen: lagging backends (hits and misses are
+    /// counted in `m3u_edge_hls_cache_total`).
     pub sequence_regressions: AtomicU64,
+    /// Confirmed provider resets (a new epoch of a playlist).
+    pub sequence_resets: AtomicU64,
+    /// The timeline of every playlist players follow.
+    pub lanes: timeline::Lanes,
     metrics: Arc<Metrics>,
 }
 
@@ -245,12 +276,15 @@ impl HlsFetcher {
             segment_cache_bytes,
             inflight_bytes: AtomicUsize::new(0),
             sequence_regressions: AtomicU64::new(0),
+            sequence_resets: AtomicU64::new(0),
+            lanes: timeline::Lanes::default(),
         }
     }
 
     /// Forgets a stream's playlists (stream deleted).
     pub fn forget(&self, stream_id: &str) {
         self.playlists.lock().remove(stream_id);
+        self.lanes.forget(stream_id);
     }
 
     fn playlist_slot(&self, stream_id: &str, url: &Url) -> Arc<PlaylistSlot> {
@@ -301,34 +335,43 @@ impl HlsFetcher {
         let info =
             rewrite::inspect(&fetched.body).map_err(|e| FetchError::Malformed(e.to_string()))?;
         self.store(app, &slot, stream_id, spec, url, fetched, info)
+            .map(|(p, _)| p)
     }
 
     /// An LL-HLS blocking reload (RFC 8216bis §6.2.5.2): the playlist once it
-    /// holds segment `msn` (or part `part` of it, or later). The provider is
-    /// asked with the same directives, one request per part, so however many
-    /// viewers wait for the next part it holds one request, and the answer
-    /// is the shared playlist for everybody. `None` when the
-    /// provider did not deliver: the caller serves what it has, since a
-    /// viewer's query must never fail the stream over.
+    /// holds segment `msn` (or part `part` of it, or later), in the
+    /// numbering of provider epoch `epoch`. The provider is asked with the
+    /// same directives, one request per part, so however many viewers wait
+    /// for the next part it holds one request, and the answer is the shared
+    /// playlist for everybody. A reset of the provider while requests are
+    /// held answers them with the new epoch's playlist (confirmed with a
+    /// second poll right away). `None` when the provider did not deliver:
+    /// the caller serves what it has, since a viewer's query must never fail
+    /// the stream over.
+    #[allow(clippy::too_many_arguments)]
     pub async fn playlist_at(
         &self,
         app: &App,
         stream_id: &str,
         spec: &StreamSpec,
         url: &Url,
+        epoch: u64,
         msn: u64,
         part: Option<u64>,
     ) -> Option<Arc<Playlist>> {
         let slot = self.playlist_slot(stream_id, url);
         let ready = || {
             let current = slot.current.read();
-            current.as_ref().filter(|p| p.info.has(msn, part)).cloned()
+            current
+                .as_ref()
+                .filter(|p| p.source.epoch != epoch || p.info.has(msn, part))
+                .cloned()
         };
         if let Some(p) = ready() {
             self.metrics.hls_cache_result(CacheResult::Hit);
             return Some(p);
         }
-        let hold = Hold::new(&slot, (msn, part));
+        let hold = Hold::new(&slot, (epoch, msn, part));
         let _held = hold.lock.lock().await;
         if let Some(p) = ready() {
             self.metrics.hls_cache_result(CacheResult::Hit);
@@ -365,11 +408,26 @@ impl HlsFetcher {
                 let got = rewrite::inspect(&f.body).ok()?;
                 let progress = |i: &PlaylistInfo| (i.next_msn(), i.trailing_parts);
                 let current = slot.current.read().clone();
-                if let Some(cur) = current.filter(|c| progress(&c.info) >= progress(&got)) {
+                if let Some(cur) = current.filter(|c| {
+                    progress(&c.info) >= progress(&got)
+                        && got.media_sequence >= c.info.media_sequence
+                }) {
                     // A request for a later part came back first: keep the newer playlist.
                     return Some(cur);
                 }
-                self.store(app, &slot, stream_id, spec, url, f, got).ok()
+                let (p, verdict) = self.store(app, &slot, stream_id, spec, url, f, got).ok()?;
+                if verdict != Verdict::Pending {
+                    return Some(p);
+                }
+                // Maybe a reset: the second poll that confirms (or not) it now,
+                // rather than at the next reload of players that are waiting.
+                let again = fetch_playlist(app, stream_id, spec, url, &Limits::of(app))
+                    .await
+                    .ok()?;
+                let info = rewrite::inspect(&again.body).ok()?;
+                self.store(app, &slot, stream_id, spec, url, again, info)
+                    .ok()
+                    .map(|(p, _)| p)
             }
             Err(why) => {
                 tracing::debug!(stream_id, msn, part, error = %why, "blocking playlist reload failed; serving the cached playlist");
@@ -379,8 +437,9 @@ impl HlsFetcher {
     }
 
     /// Makes a fetched (and parsed) playlist the shared one for `slot`, or keeps
-    /// the one it has when the new one went backwards; returns what viewers get.
-    /// The shared rendering is made here, once per generation.
+    /// the one it has when the new one went backwards (lag, or a reset not
+    /// confirmed yet); returns what viewers get and the verdict. The shared
+    /// rendering is made here, once per generation.
     #[allow(clippy::too_many_arguments)]
     fn store(
         &self,
@@ -391,29 +450,9 @@ impl HlsFetcher {
         url: &Url,
         fetched: Fetched,
         info: PlaylistInfo,
-    ) -> Result<Arc<Playlist>, FetchError> {
+    ) -> Result<(Arc<Playlist>, Verdict), FetchError> {
         if spec.sticky && fetched.final_url != *url {
             *slot.sticky.lock() = Some(fetched.final_url.clone());
-        }
-        // Monotonic: a lagging backend must not move viewers backwards.
-        let prev = slot.current.read().clone();
-        if let Some(prev) = prev {
-            if let (Some(old), Some(new)) = (prev.info.media_sequence, info.media_sequence) {
-                if !info.endlist && new < old {
-                    self.sequence_regressions.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(
-                        stream_id,
-                        old,
-                        new,
-                        "playlist went backwards: served the newer one"
-                    );
-                    let mut kept = (*prev).clone();
-                    kept.fetched = Instant::now();
-                    let kept = Arc::new(kept);
-                    *slot.current.write() = Some(kept.clone());
-                    return Ok(kept);
-                }
-            }
         }
         let rendered = Rendered::new(
             &fetched.body,
@@ -439,6 +478,60 @@ impl HlsFetcher {
                 None => FetchError::Malformed(e.to_string()),
             }
         })?;
+        // Monotonic: a lagging backend must not move viewers backwards, and
+        // a provider that restarted must not stall them forever.
+        let prev = slot.current.read().clone();
+        let (verdict, epoch) = {
+            let mut history = slot.history.lock();
+            let served = prev
+                .as_ref()
+                .filter(|p| !p.info.is_master)
+                .and_then(|p| p.info.media_sequence);
+            let window = reset::Window {
+                media_sequence: info.media_sequence,
+                endlist: info.endlist,
+                ids: &rendered.segment_ids,
+            };
+            let target = prev.as_ref().map_or(Duration::from_secs(6), |p| p.target());
+            let v = history.judge(served, &window, target, Instant::now());
+            (v, history.epoch)
+        };
+        if let (Some(prev), Verdict::Lag | Verdict::Pending) = (prev, verdict) {
+            let old = prev.info.media_sequence;
+            let new = info.media_sequence;
+            if verdict == Verdict::Lag {
+                self.sequence_regressions.fetch_add(1, Ordering::Relaxed);
+                self.metrics.hls_lag_refusals.inc();
+                tracing::debug!(
+                    stream_id,
+                    old,
+                    new,
+                    "playlist went backwards over segments already seen (lag): served the newer one"
+                );
+            } else {
+                tracing::info!(
+                    stream_id,
+                    old,
+                    new,
+                    "playlist went backwards to segments never seen: a reset if the next poll confirms it"
+                );
+            }
+            let mut kept = (*prev).clone();
+            kept.fetched = Instant::now();
+            let kept = Arc::new(kept);
+            *slot.current.write() = Some(kept.clone());
+            return Ok((kept, verdict));
+        }
+        if verdict == Verdict::Reset {
+            self.sequence_resets.fetch_add(1, Ordering::Relaxed);
+            self.metrics.hls_sequence_resets.inc();
+            tracing::warn!(
+                stream_id,
+                epoch,
+                media_sequence = info.media_sequence,
+                "the provider restarted its media sequence: serving it as a new epoch"
+            );
+        }
         let ttl = if info.is_master || info.endlist {
             STATIC_PLAYLIST_TTL
         } else {
@@ -455,11 +548,15 @@ impl HlsFetcher {
             info,
             content_type: fetched.content_type,
             rendered: Arc::new(rendered),
+            source: Source {
+                url: Arc::from(url.as_str()),
+                epoch,
+            },
             fetched: Instant::now(),
             ttl,
         });
         *slot.current.write() = Some(p.clone());
-        Ok(p)
+        Ok((p, verdict))
     }
 
     /// The last playlist served for `url`, if any (to map variants across a failover).

@@ -15,14 +15,22 @@
 //! * [`render`] — the rewritten playlist all viewers of one playlist generation
 //!   share, with each viewer's identity spliced in as a short query suffix.
 //!
-//! `rewrite` and `token` are pure (no I/O, no async, no pingora). Fetching and
+//! * [`reset`] — tells a lagging backend (refused) from a provider whose
+//!   media sequence restarted (a new epoch), per playlist.
+//! * [`timeline`] — maps each playlist a player follows onto one monotonic
+//!   numbering across failovers and resets (offsets per source epoch,
+//!   discontinuities, LL-HLS `_HLS_msn` translation).
+//!
+//! `rewrite`, `token`, `reset` and `timeline` are pure (no I/O, no async, no pingora). Fetching and
 //! caching are elsewhere: [`fetch`] shares one provider fetch among viewers
 //! (single-flight playlists and segments), and the proxy builds the client-facing
 //! URIs from the tokens and checks tokens on the way back in.
 
 pub mod fetch;
 pub mod render;
+pub mod reset;
 pub mod rewrite;
+pub mod timeline;
 pub mod token;
 
 pub use rewrite::Kind;

@@ -77,6 +77,10 @@ pub struct Channel {
     pub dropped_viewers: AtomicU64,
     /// Source switches seen by viewers: (gap in ms) of the last one.
     pub last_gap_ms: AtomicU64,
+    /// Why the next switch is asked for (`force_switch`), when not the API.
+    switch_reason: Mutex<Option<String>>,
+    /// Counts connections served, so helpers see the source change.
+    source_epoch: AtomicU64,
 }
 
 impl Channel {
@@ -96,7 +100,36 @@ impl Channel {
             failovers: AtomicU64::new(0),
             dropped_viewers: AtomicU64::new(0),
             last_gap_ms: AtomicU64::new(0),
+            switch_reason: Mutex::new(None),
+            source_epoch: AtomicU64::new(0),
         }
+    }
+
+    /// Asks the reader to switch to the next source now, for `reason` (as
+    /// `failover_triggered` and the failover metric name it).
+    pub fn request_failover(&self, reason: &str) {
+        *self.switch_reason.lock() = Some(reason.to_string());
+        self.force_switch.notify_one();
+    }
+
+    /// Why the pending forced switch was asked for (`None`: the API).
+    fn take_switch_reason(&self) -> Option<String> {
+        self.switch_reason.lock().take()
+    }
+
+    /// Changes each time the reader starts serving a connection.
+    pub fn source_epoch(&self) -> u64 {
+        self.source_epoch.load(Ordering::Acquire)
+    }
+
+    /// Resolves when the channel closes.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// Follows the channel's phase.
+    pub fn phase_watch(&self) -> watch::Receiver<Phase> {
+        self.phase_tx.subscribe()
     }
 
     pub fn viewers(&self) -> usize {
@@ -182,6 +215,7 @@ impl Hub {
         };
         let mut viewer = Viewer {
             hub: self.clone(),
+            counted: true,
             linger: app.config.live.linger,
             seq_rx: ch.seq_tx.subscribe(),
             phase_rx: ch.phase_tx.subscribe(),
@@ -209,6 +243,26 @@ impl Hub {
         viewer.first = first;
         viewer.cursor = cursor;
         Ok(viewer)
+    }
+
+    /// A cursor at the live edge of a live channel that is not a viewer: it
+    /// neither keeps the channel open nor shows in its counts (the silence
+    /// check reads through one). `None` unless the channel is live.
+    pub fn tap(self: &Arc<Self>, ch: &Arc<Channel>) -> Option<Viewer> {
+        if ch.is_closed() || ch.phase() != Phase::Live {
+            return None;
+        }
+        let (first, cursor) = ch.ring.read().join();
+        Some(Viewer {
+            hub: self.clone(),
+            counted: false,
+            ch: ch.clone(),
+            linger: std::time::Duration::ZERO,
+            cursor,
+            first,
+            seq_rx: ch.seq_tx.subscribe(),
+            phase_rx: ch.phase_tx.subscribe(),
+        })
     }
 
     /// Closes channels of `provider` nobody watches (lingering), so their
@@ -325,6 +379,8 @@ pub enum Next {
 /// One client's cursor into a channel. Dropping it leaves the channel.
 pub struct Viewer {
     hub: Arc<Hub>,
+    /// A viewer (false: a tap, see [`Hub::tap`]).
+    counted: bool,
     ch: Arc<Channel>,
     linger: std::time::Duration,
     cursor: u64,
@@ -363,7 +419,9 @@ impl Viewer {
                     return Next::Span(span);
                 }
                 Read::Lagged => {
-                    self.count_slow_drop();
+                    if self.counted {
+                        self.count_slow_drop();
+                    }
                     return Next::Lagged;
                 }
                 Read::Empty => {}
@@ -385,6 +443,8 @@ impl Viewer {
 
 impl Drop for Viewer {
     fn drop(&mut self) {
-        self.hub.leave(&self.ch, self.linger);
+        if self.counted {
+            self.hub.leave(&self.ch, self.linger);
+        }
     }
 }

@@ -85,6 +85,9 @@ enum Outcome {
     /// A planned switch without a spare connection (return to a primary of the
     /// same one-connection provider): the current source is not blamed.
     Switch(usize),
+    /// The media came to its end (a resolver's video file played through):
+    /// the channel ends, nothing failed.
+    Finished,
 }
 
 /// How to go back to the primary.
@@ -121,12 +124,32 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
         left_primary: None,
         switch_reason: None,
         landed: None,
+        resolved_from_cache: false,
+        finished: false,
     };
+    // Silence detection watches the channel beside the reader (a transcoded
+    // channel is checked at its source).
+    let silence = reader
+        .spec
+        .silence
+        .clone()
+        .filter(|_| reader.spec.transcode.is_none())
+        .map(|s| tokio::spawn(crate::silence::watch(app.clone(), ch.clone(), s)));
     let outcome = reader.run(&mut picker).await;
+    if let Some(s) = silence {
+        // Normally it ends with the channel; a channel that ended by itself
+        // may not be closed yet. Its ffmpeg is killed and reaped on drop.
+        s.abort();
+    }
     *ch.stream.health.lock() = picker.health.clone();
     if let Some(end) = &outcome {
         tracing::warn!(stream_id = %ch.stream.id, reason = %end, "live channel ended");
         ch.set_phase(Phase::Ended(end.clone()));
+    }
+    if reader.finished {
+        // Played to its end: viewers get the end of the stream, no failure.
+        ch.lease.lock().take();
+        return;
     }
     if let Some(error) = outcome.or_else(|| match ch.phase() {
         Phase::Unavailable(code) => Some(format!(
@@ -199,6 +222,8 @@ fn classify(reason: &str) -> (FailoverReason, UpstreamErrorKind) {
         (FailoverReason::Error, UpstreamErrorKind::Redirect)
     } else if reason.starts_with("forced") {
         (FailoverReason::Forced, UpstreamErrorKind::Read)
+    } else if reason.starts_with("silence") {
+        (FailoverReason::Silence, UpstreamErrorKind::Read)
     } else {
         (FailoverReason::Error, UpstreamErrorKind::Read)
     }
@@ -334,6 +359,11 @@ struct Reader {
     /// The provider a source's redirects landed on, for the connection
     /// about to be served (when it differs from the source URL's).
     landed: Option<Option<String>>,
+    /// The resolver source being served was resolved earlier (its URL may
+    /// have expired since).
+    resolved_from_cache: bool,
+    /// The channel ended because its media did ([`Outcome::Finished`]).
+    finished: bool,
 }
 
 impl Reader {
@@ -347,6 +377,8 @@ impl Reader {
         // Failures before the channel ever went live, and whether all were "not found".
         let mut cold_failures = 0usize;
         let mut cold_all_not_found = true;
+        // A resolver source re-resolved after its failure, not yet working again.
+        let mut re_resolved = false;
         let mut target = picker.current().map(|(p, u)| Target::Connect(p, u.clone()));
         loop {
             if self.ch.is_closed() {
@@ -382,6 +414,10 @@ impl Reader {
             };
             match outcome {
                 Outcome::Cancelled => return None,
+                Outcome::Finished => {
+                    self.finished = true;
+                    return Some("the media ended".into());
+                }
                 Outcome::Handover(prep) => {
                     self.switch_reason = Some(if prep.pos == 0 {
                         "returning to the primary".into()
@@ -411,7 +447,29 @@ impl Reader {
                     }
                     tracing::warn!(stream_id = %self.ch.stream.id, source = picker.index_of(pos), %reason, "live source failed");
                     let (why, kind) = classify(&reason);
-                    if why != FailoverReason::Forced {
+                    if got_bytes {
+                        re_resolved = false;
+                    }
+                    // A resolved media URL that worked, or came from the
+                    // cache, may just have expired (signed CDN URLs): resolve
+                    // the page again and retry it once before failing over.
+                    if self.spec.resolver.is_some()
+                        && !re_resolved
+                        && (got_bytes || self.resolved_from_cache)
+                        && !matches!(why, FailoverReason::Forced | FailoverReason::Silence)
+                        && handover.is_none()
+                    {
+                        if let Some(u) = picker.url(pos).cloned() {
+                            re_resolved = true;
+                            let page = crate::resolvers::page_of(&self.spec, &u);
+                            self.app.resolvers.forget(&self.ch.stream.id, &page);
+                            tracing::info!(stream_id = %self.ch.stream.id, source = picker.index_of(pos), %reason, "resolved URL failed: resolving the page again");
+                            self.switched_at.get_or_insert_with(Instant::now);
+                            target = Some(Target::Connect(pos, u));
+                            continue;
+                        }
+                    }
+                    if !matches!(why, FailoverReason::Forced | FailoverReason::Silence) {
                         self.app.metrics.upstream_error(kind);
                     }
                     if self.ch.phase() != Phase::Connecting {
@@ -506,15 +564,134 @@ impl Reader {
 
     /// Connects to one source and serves it until it fails or the channel closes.
     async fn serve_source(&mut self, picker: &mut Picker, pos: usize, url: &Url) -> Outcome {
+        if let Some(t) = self.spec.transcode.clone() {
+            return self.serve_transcode(picker, pos, url, &t).await;
+        }
+        if let Some(r) = self.spec.resolver.clone() {
+            return self.serve_resolved(picker, pos, url, &r).await;
+        }
+        self.serve_http(picker, pos, url, url).await
+    }
+
+    /// Resolves the page `url` with streamlink or yt-dlp and serves the
+    /// media URL it names (fetched like any source), or else the tool's
+    /// stdout.
+    async fn serve_resolved(
+        &mut self,
+        picker: &mut Picker,
+        pos: usize,
+        url: &Url,
+        r: &crate::resolvers::ResolverSpec,
+    ) -> Outcome {
+        use crate::resolvers::{pipe, resolve, Resolved};
+        let failed = |reason: String| Outcome::Failed {
+            reason,
+            got_bytes: false,
+            handover: None,
+        };
+        let id = self.ch.stream.id.clone();
+        let page = crate::resolvers::page_of(&self.spec, url);
+        if let Err(why) = crate::resolvers::check_page(&page).await {
+            return failed(why);
+        }
+        let resolved = tokio::select! {
+            _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
+            r = resolve::resolve(&self.app, &id, &self.spec, r, &page, false) => r,
+        };
+        let (media, cached) = match resolved {
+            Ok(r) => r,
+            Err(why) => return failed(format!("resolver: {why}")),
+        };
+        self.resolved_from_cache = cached;
+        let mut remux = None;
+        if let Resolved::Url(media) = media {
+            if crate::resolvers::is_container_file(&media) {
+                remux = Some(media);
+            } else {
+                let outcome = self.serve_http(picker, pos, url, &media).await;
+                let Outcome::Failed { reason, .. } = &outcome else {
+                    return outcome;
+                };
+                match reason.as_str() {
+                    // A playlist behind the media URL: the tool plays it.
+                    "hls" => {
+                        self.app.resolvers.remember(&id, &page, Resolved::Pipe);
+                    }
+                    // A file that is not MPEG-TS: ffmpeg remuxes it.
+                    "remux" => remux = Some(media),
+                    _ => return outcome,
+                }
+                self.landed = None;
+            }
+        }
+        if let Some(media) = &remux {
+            // ffmpeg fetches it, not the hub: the same policy first.
+            if let Err(why) = crate::resolvers::check_page(media.as_str()).await {
+                return failed(why);
+            }
+        }
+        let provider = self.provider_of(url);
+        let lease = match self
+            .app
+            .leases
+            .acquire(provider.as_deref(), LEASE_WAIT)
+            .await
+        {
+            Ok(l) => l,
+            Err(full) => {
+                if self.ch.phase() == Phase::Connecting {
+                    self.ch.set_phase(Phase::Full(full));
+                }
+                return failed("provider at its connection limit".into());
+            }
+        };
+        let opened = tokio::select! {
+            _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
+            o = async {
+                match &remux {
+                    Some(media) => pipe::remux(&self.app, &id, &self.spec, media).await,
+                    None => pipe::open(&self.app, &id, &self.spec, r, &page).await,
+                }
+            } => o,
+        };
+        let (body, first) = match opened {
+            Ok(o) => o,
+            Err(why) => return failed(format!("resolver: {why}")),
+        };
+        let up = Upstream {
+            body,
+            lease,
+            backlog: Some(first),
+        };
+        let url = url.clone();
+        let outcome = self.serve(picker, Prepared { pos, url, up }).await;
+        match outcome {
+            // ffmpeg played the whole file: a video's end, not a failure.
+            Outcome::Failed {
+                ref reason,
+                got_bytes: true,
+                ..
+            } if remux.is_some() && reason == "provider closed the stream" => Outcome::Finished,
+            o => o,
+        }
+    }
+
+    /// Connects to `fetch` (the source `url` itself, or the media URL a
+    /// resolver named for it) and serves it until it fails or the channel
+    /// closes.
+    async fn serve_http(
+        &mut self,
+        picker: &mut Picker,
+        pos: usize,
+        url: &Url,
+        fetch: &Url,
+    ) -> Outcome {
         let failed = |reason: &str| Outcome::Failed {
             reason: reason.to_string(),
             got_bytes: false,
             handover: None,
         };
-        if let Some(t) = self.spec.transcode.clone() {
-            return self.serve_transcode(picker, pos, url, &t).await;
-        }
-        let provider = self.provider_of(url);
+        let provider = self.provider_of(fetch);
         let lease = match self.app.leases.try_acquire(provider.as_deref()) {
             Ok(l) => l,
             Err(_) => {
@@ -543,7 +720,7 @@ impl Reader {
         let t0 = Instant::now();
         let resp = tokio::select! {
             _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
-            r = connect(&self.app, &self.spec, url) => r,
+            r = connect(&self.app, &self.spec, fetch) => r,
         };
         self.app
             .metrics
@@ -580,6 +757,20 @@ impl Reader {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|t| t.to_ascii_lowercase().contains("mpegurl"));
+        if is_playlist && self.spec.resolver.is_some() {
+            // The resolver's URL is a playlist: its tool plays it.
+            return failed("hls");
+        }
+        if self.spec.resolver.is_some()
+            && resp
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(crate::resolvers::is_container_type)
+        {
+            // MP4, WebM, ...: remuxed to MPEG-TS for the hub.
+            return failed("remux");
+        }
         if self.ch.phase() == Phase::Connecting && is_playlist {
             // An HLS playlist behind a URL that did not say so.
             self.ch.stream.set_detected_hls();
@@ -664,6 +855,7 @@ impl Reader {
     async fn serve(&mut self, picker: &mut Picker, prep: Prepared) -> Outcome {
         let Prepared { pos, url, up } = prep;
         *self.ch.lease.lock() = Some(up.lease);
+        self.ch.source_epoch.fetch_add(1, Ordering::AcqRel);
         *self.ch.provider.lock() = match self.landed.take() {
             Some(landed) => landed,
             None => self.provider_of(&url),
@@ -700,7 +892,10 @@ impl Reader {
         tracing::info!(stream_id = %self.ch.stream.id, source = index, "live source connected");
         let mut pending = BytesMut::with_capacity(CHUNK_TARGET * 2);
         if let Some(b) = up.backlog {
-            pending.extend_from_slice(&b);
+            // Through the aligner: a child's first read (ffmpeg, a resolver)
+            // ends wherever its pipe did, not on a packet boundary.
+            let aligned = self.aligner.push_bytes(b);
+            pending.extend_from_slice(&aligned);
             self.flush(&mut pending);
         }
         let outcome = self.pump(picker, pos, up.body, pending).await;
@@ -719,7 +914,8 @@ impl Reader {
     /// Opens a standby on the next source, if configured and its provider has a
     /// free lease (most accounts allow one connection: then there is none).
     fn start_standby(&self, picker: &Picker, pos: usize) -> Option<Standby> {
-        if !self.app.config.live.standby {
+        // A resolver's sources are pages, not media: no standby on them.
+        if !self.app.config.live.standby || self.spec.resolver.is_some() {
             return None;
         }
         let (spos, url) = picker.peek_next(pos)?;
@@ -753,6 +949,10 @@ impl Reader {
         };
         if !picker.is_available(0) {
             return Return::Later;
+        }
+        if self.spec.resolver.is_some() {
+            // The primary is a page to resolve: switch, resolving it.
+            return Return::Switch;
         }
         let provider = self.provider_of(&primary);
         match self.app.leases.try_acquire(provider.as_deref()) {
@@ -814,7 +1014,14 @@ impl Reader {
                 _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
                 _ = self.ch.force_switch.notified() => {
                     self.flush(&mut pending);
-                    return Outcome::Failed { reason: "forced failover".into(), got_bytes, handover: None };
+                    let reason = self.ch.take_switch_reason().unwrap_or_else(|| "forced failover".into());
+                    // A silent source goes to the next one in order, which is
+                    // where a standby waits; the API may name another.
+                    let handover = match standby.take() {
+                        Some(sb) if reason.starts_with("silence") => sb.hand_over().await,
+                        _ => None,
+                    };
+                    return Outcome::Failed { reason, got_bytes, handover };
                 }
                 why = async {
                     match standby.as_mut() {

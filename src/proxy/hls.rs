@@ -12,6 +12,11 @@
 //! request, and R2 wants one provider fetch shared by every viewer. Segments
 //! are written as they arrive from the shared fetch (or streamed through for
 //! objects too big to share), never buffered whole first.
+//!
+//! Media playlists are written through the timeline of the playlist URL the
+//! player follows (`hls/timeline.rs`): across a failover or a provider that
+//! restarted its media sequence, the numbers a player sees keep going up, with
+//! one discontinuity, and its LL-HLS `_HLS_msn` is translated back.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -31,8 +36,9 @@ use crate::hls::fetch::{
     FetchError, Flight, Opened, Playlist, Read, SegmentHead, SegmentSource, MSN_DIRECTIVE,
     PART_DIRECTIVE,
 };
-use crate::hls::render;
+use crate::hls::render::{self, View};
 use crate::hls::rewrite::{self, Kind};
+use crate::hls::timeline::Mapping;
 use crate::hls::token::Claims;
 use crate::metrics::HlsLimit;
 use crate::registry::{ClientGuard, Refused, Stream};
@@ -166,6 +172,13 @@ pub async fn serve(
 ) -> Result<bool> {
     if let Some(t) = stream.spec().transcode.as_ref().filter(|t| t.hls) {
         return super::packaged::serve(app, session, ctx, stream, asked, t).await;
+    }
+    if stream.spec().resolver.is_some() {
+        // Its URL is a page for streamlink or yt-dlp, not a playlist.
+        ctx.local_status = Some(404);
+        let msg = format!("A resolver stream is MPEG-TS: play /stream/{}", stream.id);
+        respond::error(session, 404, &msg).await?;
+        return Ok(true);
     }
     let claims = match request::query_param(session, "t") {
         Some(t) => match app.signer.verify(&stream.id, &t) {
@@ -320,14 +333,30 @@ async fn playlist(
         Ok(x) => x,
         Err(e) => return refuse(session, ctx, stream, &e).await,
     };
-    let p = match hold_for_reload(app, session, stream, &spec, &url, p).await {
-        Ok(p) => p,
-        Err(why) => {
-            ctx.local_status = Some(400);
-            respond::error(session, 400, why).await?;
-            return Ok(true);
+    // The playlist URL this player follows: its numbering stays monotonic
+    // whatever source or provider epoch feeds it (hls/timeline.rs).
+    let lane = claims.as_ref().map_or("", |c| c.url.as_str());
+    let map = |p: &Playlist| {
+        if p.info.is_master {
+            Mapping::default()
+        } else {
+            app.hls.lanes.map(&stream.id, lane, &p.source, &p.facts())
         }
     };
+    let mapping = map(&p);
+    let (p, mapping) =
+        match hold_for_reload(app, session, stream, &spec, &url, p.clone(), &mapping).await {
+            Ok(Some(later)) => {
+                let m = map(&later);
+                (later, m)
+            }
+            Ok(None) => (p, mapping),
+            Err(why) => {
+                ctx.local_status = Some(400);
+                respond::error(session, 400, why).await?;
+                return Ok(true);
+            }
+        };
     stream.started(|| serde_json::json!({ "mode": "hls" }));
     let guard = match attach(app, session, stream, claims.as_ref(), idle_for(Some(&p))) {
         Ok(g) => g,
@@ -338,14 +367,24 @@ async fn playlist(
     };
     let client = guard.client.clone();
     ctx.guard = Some(guard);
-    let recently_switched = stream
-        .last_failover_time()
-        .is_some_and(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default() < SWITCH_WINDOW)
-        && !p.info.is_master;
+    // Viewers that join a lane after a switch (they never saw the old
+    // source) still get a discontinuity at the top for a while; a lane that
+    // saw the switch has its own, exactly before the first new segment.
+    let recently_switched = !mapping.continued
+        && !p.info.is_master
+        && stream
+            .last_failover_time()
+            .is_some_and(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default() < SWITCH_WINDOW);
     // One rendering per playlist generation for every viewer (issue #14 d);
     // the viewer's identity is a suffix spliced in while writing.
     let suffix = render::viewer_suffix(&client.id, client.username.as_deref());
-    let len = p.rendered.len_for(&suffix, recently_switched);
+    let view = View {
+        suffix: &suffix,
+        discontinuity: mapping.discontinuity || recently_switched,
+        msn_delta: mapping.msn_delta,
+        discontinuity_sequence: mapping.discontinuity_sequence,
+    };
+    let len = p.rendered.len_for(&view);
     let max = app.config.hls.rendered_max_bytes;
     if len > max {
         app.metrics.hls_limit(HlsLimit::RenderedBytes);
@@ -356,7 +395,7 @@ async fn playlist(
     }
     let headers = [(header::CACHE_CONTROL, "no-cache".to_string())];
     if start(session, ctx, 200, PLAYLIST_TYPE, &headers, Some(len)).await? {
-        let mut pieces = p.rendered.pieces(&suffix, recently_switched).peekable();
+        let mut pieces = p.rendered.pieces(&view).peekable();
         while let Some(piece) = pieces.next() {
             let last = pieces.peek().is_none();
             send(app, session, ctx, piece, last).await?;
@@ -368,8 +407,10 @@ async fn playlist(
 /// An LL-HLS blocking reload (RFC 8216bis §6.2.5.2): `_HLS_msn`/`_HLS_part`
 /// hold the request until the playlist has that segment or part. Players only
 /// send them because the provider's playlist advertised CAN-BLOCK-RELOAD (it
-/// reaches them unchanged), so without that the query is ignored. Errors are
-/// the §6.2.5.2 client errors, answered 400.
+/// reaches them unchanged), so without that the query is ignored. `_HLS_msn`
+/// is in the numbering the player was served (`mapping`), translated to the
+/// provider's here. Errors are the §6.2.5.2 client errors, answered 400.
+/// `Ok(Some)` is a later playlist to serve instead of `p`.
 async fn hold_for_reload(
     app: &App,
     session: &Session,
@@ -377,14 +418,15 @@ async fn hold_for_reload(
     spec: &crate::registry::StreamSpec,
     url: &Url,
     p: Arc<Playlist>,
-) -> std::result::Result<Arc<Playlist>, &'static str> {
+    mapping: &Mapping,
+) -> std::result::Result<Option<Arc<Playlist>>, &'static str> {
     if !p.info.can_block_reload || p.info.is_master || p.info.endlist {
-        return Ok(p);
+        return Ok(None);
     }
     let msn = request::query_param(session, MSN_DIRECTIVE);
     let part = request::query_param(session, PART_DIRECTIVE);
     let (msn, part) = match (msn, part) {
-        (None, None) => return Ok(p),
+        (None, None) => return Ok(None),
         (Some(m), part) => {
             let m = m
                 .parse::<u64>()
@@ -397,8 +439,12 @@ async fn hold_for_reload(
         }
         (None, Some(_)) => return Err("_HLS_part needs _HLS_msn"),
     };
+    // Before this epoch of the lane: the playlist has it.
+    let Some(msn) = mapping.to_provider(msn) else {
+        return Ok(None);
+    };
     if p.info.has(msn, part) {
-        return Ok(p);
+        return Ok(None);
     }
     // §6.2.5.2: more than two segments past the playlist's last one.
     if msn > p.info.next_msn().saturating_add(1) {
@@ -406,9 +452,8 @@ async fn hold_for_reload(
     }
     Ok(app
         .hls
-        .playlist_at(app, &stream.id, spec, url, msn, part)
-        .await
-        .unwrap_or(p))
+        .playlist_at(app, &stream.id, spec, url, p.source.epoch, msn, part)
+        .await)
 }
 
 /// Answers a failed fetch with its status and a JSON error naming the stream.

@@ -49,6 +49,10 @@ pub fn mode(stream: &RegStream) -> Mode {
         return Mode::Hls;
     }
     let spec = stream.spec();
+    if spec.resolver.is_some() {
+        // A page for streamlink or yt-dlp: the hub plays what it resolves to.
+        return Mode::Hub;
+    }
     let path = url::Url::parse(&spec.url)
         .map(|u| u.path().to_ascii_lowercase())
         .unwrap_or_default();

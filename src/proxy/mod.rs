@@ -4,6 +4,7 @@
 //! redirects, failover before the first byte) and `response` (header hygiene,
 //! byte accounting). Only this module touches a Pingora `Session`.
 
+mod broadcast;
 mod ctx;
 mod hls;
 mod live;

@@ -44,7 +44,11 @@ pub async fn route(app: &Arc<App>, session: &mut Session, ctx: &mut RequestCtx) 
     }
     let client_route = matches!(
         r,
-        Route::Play(_) | Route::HlsPlaylist(_) | Route::HlsSegment(_)
+        Route::Play(_)
+            | Route::HlsPlaylist(_)
+            | Route::HlsSegment(_)
+            | Route::BroadcastPlaylist(_)
+            | Route::BroadcastSegment(..)
     );
     if client_route && session.req_header().method == Method::OPTIONS {
         ctx.local_status = Some(200);
@@ -72,6 +76,12 @@ pub async fn route(app: &Arc<App>, session: &mut Session, ctx: &mut RequestCtx) 
         Route::Play(id) => Box::pin(play(app, session, ctx, id)).await,
         Route::HlsPlaylist(id) => hls_route(app, session, ctx, id, hls::Asked::Playlist).await,
         Route::HlsSegment(id) => hls_route(app, session, ctx, id, hls::Asked::Segment).await,
+        Route::BroadcastPlaylist(id) => {
+            Box::pin(super::broadcast::serve(app, session, ctx, &id, None)).await
+        }
+        Route::BroadcastSegment(id, file) => {
+            Box::pin(super::broadcast::serve(app, session, ctx, &id, Some(&file))).await
+        }
         Route::Standalone(page, token) => {
             Box::pin(crate::playlists::serve::serve(
                 app, session, ctx, page, token,

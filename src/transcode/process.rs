@@ -2,16 +2,22 @@
 //! process group, killed with m3u-edge, stopped with SIGTERM then SIGKILL,
 //! always reaped, stderr to the debug log at a bounded rate.
 
+use std::collections::VecDeque;
 use std::ffi::OsStr;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 
 /// stderr lines logged per window; the rest are counted and summarised.
 const STDERR_LINES: usize = 20;
 const STDERR_WINDOW: Duration = Duration::from_secs(10);
+
+/// stderr lines kept for [`Process::stderr_tail`].
+const TAIL_LINES: usize = 8;
 
 /// A running child, its pipes taken.
 #[derive(Debug)]
@@ -19,6 +25,8 @@ pub struct Process {
     child: Child,
     pid: Option<u32>,
     label: String,
+    /// The last stderr lines, for an error message when it fails.
+    tail: Arc<Mutex<VecDeque<String>>>,
 }
 
 /// The pipes of a started process.
@@ -34,6 +42,27 @@ pub fn spawn<S: AsRef<OsStr>>(
     args: &[S],
     label: &str,
 ) -> std::io::Result<(Process, Pipes)> {
+    start(program, args, label, false).map(|(p, pipes, _)| (p, pipes))
+}
+
+/// Like [`spawn`], but stderr comes to the caller instead of the debug log
+/// (ffmpeg reports filter results such as `silencedetect` there).
+pub fn spawn_reading_stderr<S: AsRef<OsStr>>(
+    program: &OsStr,
+    args: &[S],
+    label: &str,
+) -> std::io::Result<(Process, Pipes, ChildStderr)> {
+    let (p, pipes, stderr) = start(program, args, label, true)?;
+    let stderr = stderr.ok_or_else(|| std::io::Error::other("child stderr missing"))?;
+    Ok((p, pipes, stderr))
+}
+
+fn start<S: AsRef<OsStr>>(
+    program: &OsStr,
+    args: &[S],
+    label: &str,
+    keep_stderr: bool,
+) -> std::io::Result<(Process, Pipes, Option<ChildStderr>)> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::piped())
@@ -65,23 +94,38 @@ pub fn spawn<S: AsRef<OsStr>>(
     else {
         return Err(std::io::Error::other("child pipes missing"));
     };
-    if let Some(stderr) = stderr {
-        tokio::spawn(log_stderr(stderr, label.to_string()));
-    }
+    // A caller reading stderr itself (silence detection) gets the pipe; the
+    // others have it logged and its last lines kept for error messages.
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let stderr = match stderr {
+        Some(e) if keep_stderr => Some(e),
+        Some(e) => {
+            tokio::spawn(log_stderr(e, label.to_string(), tail.clone()));
+            None
+        }
+        None => None,
+    };
     tracing::debug!(pid, label, "child started");
     Ok((
         Process {
             child,
             pid,
             label: label.to_string(),
+            tail,
         },
         Pipes { stdin, stdout },
+        stderr,
     ))
 }
 
 impl Process {
     pub fn pid(&self) -> Option<u32> {
         self.pid
+    }
+
+    /// The last few stderr lines (at most 500 characters each), oldest first.
+    pub fn stderr_tail(&self) -> Vec<String> {
+        self.tail.lock().iter().cloned().collect()
     }
 
     /// Whether it has exited (reaping it if so).
@@ -133,12 +177,23 @@ fn signal_group(pid: Option<u32>, sig: Signal) {
 
 /// Debug-logs stderr, at most [`STDERR_LINES`] per [`STDERR_WINDOW`]; never
 /// to a client.
-async fn log_stderr(stderr: tokio::process::ChildStderr, label: String) {
+async fn log_stderr(
+    stderr: tokio::process::ChildStderr,
+    label: String,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) {
     let mut lines = BufReader::new(stderr).lines();
     let mut window = Instant::now();
     let mut shown = 0usize;
     let mut skipped = 0usize;
     while let Ok(Some(line)) = lines.next_line().await {
+        {
+            let mut t = tail.lock();
+            if t.len() == TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(line.chars().take(500).collect());
+        }
         if window.elapsed() >= STDERR_WINDOW {
             if skipped > 0 {
                 tracing::debug!(label = %label, skipped, "child stderr lines not logged");

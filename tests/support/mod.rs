@@ -11,8 +11,10 @@
 pub mod client;
 pub mod edge;
 pub mod eventually;
+pub mod hls_reset;
 pub mod procs;
 pub mod provider;
+pub mod resolver_site;
 pub mod ts_check;
 pub mod webhook;
 

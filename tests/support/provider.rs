@@ -19,12 +19,14 @@
 //! | `/redirect-abs/{n}/{rest}` | the same with absolute `http://127.0.0.1:PORT/...` Locations |
 //! | `/redirect-rel/{rest}` | 302 with a relative Location without leading slash: one `../` per segment of `{rest}`, then `files/{rest}`; it resolves (RFC 3986 §5.2) to `/files/{rest}`. E.g. `/redirect-rel/sample.mp4` → `../files/sample.mp4`, `/redirect-rel/hls_ts/v0/index.m3u8` → `../../../files/hls_ts/v0/index.m3u8` |
 //! | `/loop/a`, `/loop/b` | 302 to each other forever |
-//! | `/live/{name}.ts` | endless chunked MPEG-TS (loops `sample.ts`), query knobs `kbps`, `drop_after`, `stall_after`, `delay_ms` (see [`LiveOpts`]) |
+//! | `/live/{name}.ts` | endless chunked MPEG-TS (loops `sample.ts`, or `?src=NAME` added with [`Provider::add_file`]), query knobs `kbps`, `drop_after`, `stall_after`, `delay_ms` (see [`LiveOpts`]) |
+//! | `/page`, `/expiring/...` | resolver test pages and signed URLs: see [`super::resolver_site`] |
 //! | `/hls-live/{dir}/index.m3u8` | live sliding window over the VOD playlist `{FIXTURES}/{dir}/index.m3u8` (e.g. `hls_ts/v0`, `hls_fmp4`, `hls_aes`), see [`live_playlist`]; knobs `seg_ms` (default 2000), `window` (default 3) |
 //! | `/hls-live/{dir}/{file}` | the fixture `{dir}/{file}` (segments, keys, init maps), like `/files/` |
 //! | `/hls-ll/{dir}/index.m3u8` | the live window of `/hls-live/` as an LL-HLS playlist (RFC 8216bis): CAN-BLOCK-RELOAD, `parts` (default 4) EXT-X-PARTs per segment and a preload hint, trailing parts of the segment being made; `_HLS_msn`/`_HLS_part` requests are held until that part exists (400 when more than two segments ahead), see [`ll_playlist`]; knobs `seg_ms`, `window`, `parts` |
 //! | `/hls-ll/{dir}/{file}` | the fixture `{dir}/{file}`, like `/files/` |
 //! | `/hls-lagging/{dir}/index.m3u8` | 302 to `/hls-live/{dir}/index.m3u8`, every other time with `lag=3` (or `?lag_by=N`): backends whose live windows lag (query knobs passed on) |
+//! | `/hls-reset/{name}/{dir}/index.m3u8` | a live origin that restarts its media sequence on demand ([`Provider::reset_hls`]), see `hls_reset.rs` |
 //! | `/slow/{ms}/{rest}` | sleeps `ms`, then answers `/{rest}` |
 //! | `/echo-headers` | 200 JSON object of the request headers |
 //! | `/gen-playlist?segs=N&uri=U&pad=P&live=1` | a generated media playlist of N segments (default 1), each URI line U (default `/files/hls_ts/v0/seg000.ts`; `{i}` in it becomes the segment's index) plus `?pad=` and P × `a` when P > 0 (long URIs); `#EXT-X-ENDLIST` unless `live=1` |
@@ -200,6 +202,8 @@ struct State {
     peak_in_flight: AtomicUsize,
     /// `/gated/` gates the test opened.
     gates: watch::Sender<Vec<String>>,
+    /// `/hls-reset/` origins.
+    resets: super::hls_reset::Resets,
     /// `/doc/{name}` documents: body, content type, content encoding.
     docs: Mutex<HashMap<String, Doc>>,
 }
@@ -238,6 +242,7 @@ impl Provider {
             in_flight: AtomicUsize::new(0),
             peak_in_flight: AtomicUsize::new(0),
             gates: watch::channel(Vec::new()).0,
+            resets: Default::default(),
             docs: Mutex::new(HashMap::new()),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -251,6 +256,15 @@ impl Provider {
 
     pub fn addr(&self) -> SocketAddr {
         self.state.addr
+    }
+
+    /// Makes `bytes` available as `name`: `/files/{name}`, and the loop of
+    /// `/live/{x}.ts?src={name}` (e.g. media made by a test with ffmpeg).
+    pub fn add_file(&self, name: &str, bytes: Vec<u8>) {
+        self.state
+            .files
+            .lock()
+            .insert(name.to_string(), Bytes::from(bytes));
     }
 
     pub fn port(&self) -> u16 {
@@ -382,6 +396,11 @@ impl Provider {
     /// Lets every `/gated/{name}/…` answer send its second half.
     pub fn open_gate(&self, name: &str) {
         self.state.gates.send_modify(|g| g.push(name.to_string()));
+    }
+
+    /// Restarts `/hls-reset/{name}/` origin: media sequence 0, all-new segment URIs.
+    pub fn reset_hls(&self, name: &str) {
+        self.state.resets.reset(name);
     }
 
     /// Polls `cond(self)` every 10 ms until true or `timeout`; returns whether it held.
@@ -548,6 +567,17 @@ async fn handle(
         return status_page(code, head);
     }
 
+    // `/expiring/{unix_ms}/{rest}`: a signed URL (see `resolver_site`).
+    let mut until = None;
+    match super::resolver_site::expiring(&path) {
+        Ok(Some((deadline, rest))) => {
+            until = Some(deadline);
+            path = rest;
+        }
+        Ok(None) => {}
+        Err(()) => return status_page(403, head),
+    }
+
     // `/slow/{ms}/{rest}`, possibly nested: sleep, then route `/{rest}`.
     while let Some(tail) = path.strip_prefix("/slow/") {
         let (ms, rest) = tail.split_once('/').unwrap_or((tail, ""));
@@ -559,7 +589,7 @@ async fn handle(
     }
 
     let query = query.as_deref();
-    if let Some(name) = path.strip_prefix("/files/") {
+    let resp = if let Some(name) = path.strip_prefix("/files/") {
         serve_file(&st, name, req.headers(), head).await
     } else if let Some(code) = path.strip_prefix("/status/") {
         match code.parse::<u16>() {
@@ -588,7 +618,29 @@ async fn handle(
         redirect(&with_query("/loop/a", query), head)
     } else if path.starts_with("/live/") && path.len() > "/live/.ts".len() && path.ends_with(".ts")
     {
-        live(st.clone(), &path, LiveOpts::parse(query), unflushed, head).await
+        let src = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "src")
+            .map_or_else(|| "sample.ts".to_string(), |(_, v)| v.into_owned());
+        live(
+            st.clone(),
+            &path,
+            &src,
+            LiveOpts::parse(query),
+            unflushed,
+            head,
+        )
+        .await
+    } else if path == "/page" {
+        match super::resolver_site::page(query) {
+            Some(html) => {
+                let b = with_provider_headers(Response::builder())
+                    .status(StatusCode::OK)
+                    .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+                    .header(header::CONTENT_LENGTH, html.len());
+                finish(b, Bytes::from(html), head)
+            }
+            None => status_page(404, head),
+        }
     } else if let Some(dir) = path
         .strip_prefix("/hls-lagging/")
         .and_then(|p| p.strip_suffix("/index.m3u8"))
@@ -603,6 +655,22 @@ async fn handle(
         let lag = if n % 2 == 0 { 0 } else { behind };
         let q = query.map(|q| format!("&{q}")).unwrap_or_default();
         redirect(&format!("/hls-live/{dir}/index.m3u8?lag={lag}{q}"), head)
+    } else if let Some(tail) = path.strip_prefix("/hls-reset/") {
+        use super::hls_reset::{route, Route};
+        match route(tail) {
+            Some(Route::Playlist { name, dir }) => match vod_playlist(&st, dir).await {
+                Some(vod) => {
+                    let vod = String::from_utf8_lossy(&vod).into_owned();
+                    match st.resets.playlist(name, &vod, query).await {
+                        Ok(body) => live_playlist_response(body, head),
+                        Err(code) => status_page(code, head),
+                    }
+                }
+                None => status_page(404, head),
+            },
+            Some(Route::File(name)) => serve_file(&st, &name, req.headers(), head).await,
+            None => status_page(404, head),
+        }
     } else if let Some(name) = path.strip_prefix("/hls-ll/") {
         match name.strip_suffix("/index.m3u8") {
             Some(dir) => hls_ll(&st, dir, query, head).await,
@@ -665,6 +733,16 @@ async fn handle(
         finish(b, Bytes::from(json), head)
     } else {
         status_page(404, head)
+    };
+    match until {
+        Some(deadline) => {
+            let (parts, body) = resp.into_parts();
+            Response::from_parts(
+                parts,
+                super::resolver_site::Until::new(body, deadline).boxed_unsync(),
+            )
+        }
+        None => resp,
     }
 }
 
@@ -1243,6 +1321,7 @@ impl hyper::body::Body for ChannelBody {
 async fn live(
     st: Arc<State>,
     path: &str,
+    src: &str,
     opts: LiveOpts,
     unflushed: Arc<AtomicBool>,
     head: bool,
@@ -1259,8 +1338,12 @@ async fn live(
         }
         return finish(headers(Response::builder()), Bytes::new(), true);
     }
-    let Some(data) = load_fixture(&st, "sample.ts").await else {
-        return text(StatusCode::INTERNAL_SERVER_ERROR, "no sample.ts", false);
+    let Some(data) = load_fixture(&st, src).await else {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no such live source",
+            false,
+        );
     };
 
     // Check the limit and register under one lock, so two racing requests cannot both
