@@ -27,7 +27,7 @@ use super::{Channel, Phase};
 use crate::app::App;
 use crate::events::EventType;
 use crate::metrics::{FailoverReason, UpstreamErrorKind};
-use crate::provider::Lease;
+use crate::provider::{Full, Lease};
 use crate::registry::StreamSpec;
 use crate::ts::{Aligner, DiscontinuityMarker, Scanner, PACKET_LEN};
 use crate::upstream::sources as static_sources;
@@ -165,15 +165,18 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
     ch.lease.lock().take();
 }
 
-/// Connects once; `Err((status, reason))`.
+/// Sends one request to `url` without following redirects; a 3xx comes back
+/// as `Ok` for [`open`] to follow. `Err((status, reason))`.
 async fn connect_once(
     app: &App,
     spec: &StreamSpec,
     url: &Url,
 ) -> Result<reqwest::Response, (Option<u16>, String)> {
     let ua = app.user_agent_for(spec, url);
+    // `hls_http` follows no redirects: each hop is opened by `open` under
+    // the lease of the provider it goes to.
     let mut req = app
-        .http
+        .hls_http
         .get(url.clone())
         .header(http::header::USER_AGENT, ua)
         .header(http::header::ACCEPT_ENCODING, "identity");
@@ -192,14 +195,12 @@ async fn connect_once(
         .map_err(|e| {
             let reason = if e.is_connect() {
                 "connect error".to_string()
-            } else if e.is_redirect() {
-                "too many redirects".to_string()
             } else {
                 format!("request error: {}", e.without_url())
             };
             (None, reason)
         })?;
-    if !resp.status().is_success() {
+    if !resp.status().is_success() && !resp.status().is_redirection() {
         let code = resp.status().as_u16();
         return Err((Some(code), format!("HTTP {code}")));
     }
@@ -244,6 +245,82 @@ async fn connect(app: &App, spec: &StreamSpec, url: &Url) -> Result<reqwest::Res
     }
 }
 
+/// The provider whose lease a connection to `url` for `spec` takes.
+fn provider_of(app: &App, spec: &StreamSpec, url: &Url) -> Option<String> {
+    // A transcoded channel holds no provider connection: its source does.
+    if spec.transcode.is_some() {
+        return None;
+    }
+    app.providers.for_stream(spec, url).map(|p| p.name.clone())
+}
+
+/// Why [`open`] gave up.
+enum OpenError {
+    /// The source failed (connect, status, redirect rules).
+    Failed(String),
+    /// A redirect led to a provider at its connection limit.
+    Full(Full, Option<String>),
+}
+
+/// An opened source: the response, the lease of the provider it is
+/// connected to, and that provider.
+struct Opened {
+    resp: reqwest::Response,
+    lease: Lease,
+    provider: Option<String>,
+}
+
+/// Opens `url`, holding `lease` (of `provider`), and follows redirects one
+/// hop at a time: before connecting to a host of another provider, its lease
+/// is taken (and the previous one given back). A provider a redirect lands
+/// on so never sees a connection beyond its `max_connections`, not even for
+/// the moment it would take to notice one after the fact.
+async fn open(
+    app: &App,
+    spec: &StreamSpec,
+    url: &Url,
+    mut lease: Lease,
+    mut provider: Option<String>,
+    provider_of: impl Fn(&Url) -> Option<String>,
+) -> Result<Opened, OpenError> {
+    let mut url = url.clone();
+    for _ in 0..=app.config.upstream.max_redirects {
+        let resp = connect(app, spec, &url).await.map_err(OpenError::Failed)?;
+        if !resp.status().is_redirection() {
+            return Ok(Opened {
+                resp,
+                lease,
+                provider,
+            });
+        }
+        let next = resp
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|loc| url.join(loc.trim()).ok())
+            .ok_or_else(|| OpenError::Failed("redirect without a usable Location".into()))?;
+        drop(resp);
+        if !matches!(next.scheme(), "http" | "https") {
+            return Err(OpenError::Failed(
+                "redirect to a URL that is not http(s)".into(),
+            ));
+        }
+        crate::upstream::guard::check_url(&next)
+            .map_err(|refused| OpenError::Failed(refused.to_string()))?;
+        let landed = provider_of(&next);
+        if landed != provider {
+            drop(lease);
+            lease = app
+                .leases
+                .try_acquire(landed.as_deref())
+                .map_err(|full| OpenError::Full(full, landed.clone()))?;
+            provider = landed;
+        }
+        url = next;
+    }
+    Err(OpenError::Failed("too many redirects".into()))
+}
+
 /// A second source kept connected and buffered while the current one serves.
 struct Standby {
     pos: usize,
@@ -281,10 +358,16 @@ async fn standby_task(
     lease: Lease,
     mut ask: mpsc::Receiver<oneshot::Sender<Upstream>>,
 ) -> String {
-    let resp = match connect(&app, &spec, &url).await {
-        Ok(r) if r.content_length().is_some() => return "not a live stream".into(),
-        Ok(r) => r,
-        Err(e) => return e,
+    let provider = provider_of(&app, &spec, &url);
+    let (resp, lease) = match open(&app, &spec, &url, lease, provider, |u| {
+        provider_of(&app, &spec, u)
+    })
+    .await
+    {
+        Ok(o) if o.resp.content_length().is_some() => return "not a live stream".into(),
+        Ok(o) => (o.resp, o.lease),
+        Err(OpenError::Failed(e)) => return e,
+        Err(OpenError::Full(..)) => return "provider at its connection limit".into(),
     };
     let stall = app.config.live.stall_timeout;
     let mut body: Body = Box::pin(resp.bytes_stream());
@@ -552,14 +635,7 @@ impl Reader {
     }
 
     fn provider_of(&self, url: &Url) -> Option<String> {
-        // A transcoded channel holds no provider connection: its source does.
-        if self.spec.transcode.is_some() {
-            return None;
-        }
-        self.app
-            .providers
-            .for_stream(&self.spec, url)
-            .map(|p| p.name.clone())
+        provider_of(&self.app, &self.spec, url)
     }
 
     /// Connects to one source and serves it until it fails or the channel closes.
@@ -718,37 +794,31 @@ impl Reader {
             return Outcome::Cancelled;
         }
         let t0 = Instant::now();
-        let resp = tokio::select! {
+        let opened = tokio::select! {
             _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
-            r = connect(&self.app, &self.spec, fetch) => r,
+            r = open(&self.app, &self.spec, fetch, lease, provider, |u| self.provider_of(u)) => r,
         };
         self.app
             .metrics
             .upstream_connect_seconds
             .observe(t0.elapsed().as_secs_f64());
-        let resp = match resp {
-            Ok(r) => r,
-            Err(reason) => return failed(&reason),
-        };
-        // Redirects were followed: the connection that stays open is to the
-        // final host, and its provider is the one whose limit counts.
-        let landed = self.provider_of(resp.url());
-        let lease = if landed == provider {
-            lease
-        } else {
-            drop(lease);
-            match self.app.leases.try_acquire(landed.as_deref()) {
-                Ok(l) => l,
-                Err(full) => {
-                    drop(resp);
-                    if let Some(p) = &landed {
-                        self.app.hub.free_idle(p, &self.ch.stream.id);
-                    }
-                    if self.ch.phase() == Phase::Connecting {
-                        self.ch.set_phase(Phase::Full(full));
-                    }
-                    return failed("provider at its connection limit");
+        // The connection that stays open is to the host the redirects ended
+        // on, and its provider is the one whose limit counts.
+        let Opened {
+            resp,
+            lease,
+            provider: landed,
+        } = match opened {
+            Ok(o) => o,
+            Err(OpenError::Failed(reason)) => return failed(&reason),
+            Err(OpenError::Full(full, landed)) => {
+                if let Some(p) = &landed {
+                    self.app.hub.free_idle(p, &self.ch.stream.id);
                 }
+                if self.ch.phase() == Phase::Connecting {
+                    self.ch.set_phase(Phase::Full(full));
+                }
+                return failed("provider at its connection limit");
             }
         };
         self.landed = Some(landed);
@@ -959,13 +1029,20 @@ impl Reader {
             Ok(lease) => {
                 let (app, spec) = (self.app.clone(), self.spec.clone());
                 Return::Probe(tokio::spawn(async move {
-                    let resp = connect(&app, &spec, &primary).await?;
+                    let opened = open(&app, &spec, &primary, lease, provider, |u| {
+                        provider_of(&app, &spec, u)
+                    })
+                    .await
+                    .map_err(|e| match e {
+                        OpenError::Failed(reason) => reason,
+                        OpenError::Full(..) => "provider at its connection limit".to_string(),
+                    })?;
                     Ok(Prepared {
                         pos: 0,
                         url: primary,
                         up: Upstream {
-                            body: Box::pin(resp.bytes_stream()),
-                            lease,
+                            body: Box::pin(opened.resp.bytes_stream()),
+                            lease: opened.lease,
                             backlog: None,
                         },
                     })
