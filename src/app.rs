@@ -63,6 +63,8 @@ pub struct App {
     pub hls_http: reqwest::Client,
     /// m3u-editor's networks (`/broadcast/...`).
     pub broadcasts: crate::broadcast::Broadcasts,
+    /// Imported playlists, the guide cache, the HDHomeRun identity.
+    pub playlists: crate::playlists::Playlists,
 }
 
 /// The registry's view of a `streams:` entry.
@@ -198,6 +200,7 @@ impl App {
             packagers: Default::default(),
             resolvers: crate::resolvers::Resolvers::new(&config.resolvers),
             hls_http,
+            playlists: crate::playlists::Playlists::new(&config)?,
             config: Arc::new(config),
         };
         for s in &app.config.streams {

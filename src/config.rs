@@ -125,6 +125,10 @@ pub struct Config {
     pub resolvers: ResolversConfig,
     pub security: SecurityConfig,
     pub broadcast: BroadcastConfig,
+    pub playlists: Vec<PlaylistConfig>,
+    pub playlist: PlaylistExportConfig,
+    pub epg: EpgConfig,
+    pub hdhomerun: HdHomeRunConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -530,4 +534,94 @@ pub struct MetricsConfig {
     /// `127.0.0.1:9100`; never equal to `server.listen`. The main listener
     /// serves `/metrics` too. Default none.
     pub listen: Option<SocketAddr>,
+}
+
+/// `playlists[]`: a provider channel list imported as streams (standalone
+/// use, see `crate::playlists`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaylistConfig {
+    /// Unique; names the list in logs, `/stats` and the streams' metadata.
+    pub name: String,
+    pub source: PlaylistSource,
+    /// Leases, user agent and headers of the fetch and of every entry.
+    pub provider: Option<String>,
+    /// How often the list is fetched again (at least 10 s; default 6 h).
+    pub refresh: Duration,
+    /// Regular expressions (already checked to compile).
+    pub include: PlaylistFilter,
+    pub exclude: PlaylistFilter,
+    /// `live` of every entry (`None`: decided per stream, as for the API).
+    pub live: Option<bool>,
+    /// The XMLTV guide; `None`: the list's own `url-tvg` header.
+    pub epg_url: Option<url::Url>,
+}
+
+/// Where a playlist is read from. A file path only ever comes from the
+/// YAML (nothing a client sends can name one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlaylistSource {
+    Url(url::Url),
+    File(PathBuf),
+}
+
+/// Patterns on an entry's `group-title` and name; absent = no condition.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PlaylistFilter {
+    pub group: Option<String>,
+    pub name: Option<String>,
+}
+
+/// `playlist`: the exported `/playlist.m3u` (and `/epg.xml`, HDHomeRun).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PlaylistExportConfig {
+    /// A token for players only (`?token=`): the management token need not
+    /// be typed into every TV.
+    pub token: Option<String>,
+}
+
+/// `epg`: the XMLTV guide served at `/epg.xml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpgConfig {
+    /// Wins over the playlists' `epg_url` and `url-tvg`.
+    pub url: Option<url::Url>,
+    /// How long a fetched guide is served before it is fetched again.
+    pub refresh: Duration,
+}
+
+impl Default for EpgConfig {
+    fn default() -> Self {
+        EpgConfig {
+            url: None,
+            refresh: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// `hdhomerun`: look like an HDHomeRun tuner to Plex, Emby and Jellyfin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HdHomeRunConfig {
+    pub enabled: bool,
+    pub friendly_name: String,
+    /// 8 hex digits; `None`: derived from the listen address and state file.
+    pub device_id: Option<String>,
+    /// `None`: the sum of the providers' `max_connections`.
+    pub tuner_count: Option<u32>,
+    /// Answer SSDP discovery (UDP 1900) on the LAN.
+    pub ssdp: bool,
+    /// The HDHomeRun documents answer without a token (media servers that
+    /// take only host:port).
+    pub open: bool,
+}
+
+impl Default for HdHomeRunConfig {
+    fn default() -> Self {
+        HdHomeRunConfig {
+            enabled: true,
+            friendly_name: "m3u-edge".to_owned(),
+            device_id: None,
+            tuner_count: None,
+            ssdp: false,
+            open: false,
+        }
+    }
 }

@@ -18,6 +18,7 @@
 //! | `ts`        | MPEG-TS packet parsing for the live hub, pure |
 //! | `resolvers` | streamlink and yt-dlp: page URL → media URL (or their stdout), cookies files |
 //! | `silence`   | silence detection on live channels (ffmpeg `silencedetect`) → failover |
+//! | `playlists` | standalone use: M3U import, `/playlist.m3u`, `/epg.xml`, HDHomeRun |
 //!
 //! Request flow: `proxy::Edge::request_filter` routes every request. API calls
 //! are answered there; `/stream/{id}` continues through `upstream_peer`
@@ -37,6 +38,7 @@ pub mod hub;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod playlists;
 pub mod provider;
 pub mod proxy;
 pub mod registry;

@@ -186,6 +186,14 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
             server.watch_execution_phase(),
         ),
     ));
+    server.add_service(background_service(
+        "playlists",
+        m3u_edge::playlists::import::PlaylistService { app: app.clone() },
+    ));
+    server.add_service(background_service(
+        "ssdp",
+        m3u_edge::playlists::ssdp::SsdpService { app: app.clone() },
+    ));
     if let Some(addr) = app.config.metrics.listen {
         server.add_service(m3u_edge::metrics::service(app.metrics.clone(), addr));
         tracing::info!(%addr, "metrics listener");

@@ -304,6 +304,12 @@ pub struct Metrics {
     pub client_connections: IntGauge,
     /// `m3u_edge_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
+    /// `m3u_edge_playlist_refreshes_total{result}`: playlist imports, `ok`
+    /// or `failed` (the previous list stays).
+    pub playlist_refreshes: IntCounterVec,
+    /// `m3u_edge_playlist_refresh_failing`: playlists whose latest refresh
+    /// failed.
+    pub playlist_refresh_failing: IntGauge,
 }
 
 impl Metrics {
@@ -456,6 +462,17 @@ impl Metrics {
                 r,
                 "client_connections",
                 "Open client connections (live viewers included).",
+            )?,
+            playlist_refreshes: counter_vec(
+                r,
+                "playlist_refreshes_total",
+                "Playlist imports (playlists: in the config) by result: ok, or failed (the previous list stays).",
+                "result",
+            )?,
+            playlist_refresh_failing: gauge(
+                r,
+                "playlist_refresh_failing",
+                "Playlists whose latest refresh failed.",
             )?,
             build_info: gauge_vec(
                 r,

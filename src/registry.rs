@@ -37,10 +37,35 @@ pub enum Origin {
     Config,
     /// `POST /streams`: persisted in the state file, expires when unwatched.
     Api,
+    /// An entry of a `playlists:` import: read-only for the API, never
+    /// expires, added, updated and removed by the playlist's refreshes.
+    Playlist,
+}
+
+impl Origin {
+    /// Declared by the operator (YAML or an imported playlist): the API may
+    /// neither replace nor delete it.
+    pub fn read_only(self) -> bool {
+        self != Origin::Api
+    }
+}
+
+/// What [`Registry::upsert_playlist`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upsert {
+    Added,
+    /// The spec changed (metadata, user agent...): swapped in place, so
+    /// viewers and the live channel stay.
+    Updated,
+    Unchanged,
+    /// The id belongs to a YAML or API stream, which is left as it is.
+    Taken,
+    /// `limits.max_streams` reached.
+    Full,
 }
 
 /// What a stream is: everything the client sent or the YAML declared.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StreamSpec {
     pub url: String,
     #[serde(default)]
@@ -223,16 +248,17 @@ impl Stream {
     fn new(
         id: String,
         origin: Origin,
-        spec: StreamSpec,
+        spec: impl Into<Arc<StreamSpec>>,
         created_at: DateTime<Utc>,
         events: Option<Arc<Events>>,
     ) -> Self {
+        let spec = spec.into();
         let current_url = spec.url.clone();
         let current = url::Url::parse(&current_url).ok();
         Stream {
             id,
             origin,
-            spec: RwLock::new(Arc::new(spec)),
+            spec: RwLock::new(spec),
             created_at,
             last_access: Mutex::new(Utc::now()),
             bytes: AtomicU64::new(0),
@@ -647,7 +673,7 @@ impl Registry {
         let mut map = self.streams.write();
         if let Some(old) = map.get(&id).cloned() {
             old.touch();
-            if old.origin == Origin::Config || old.client_count() > 0 || *old.spec() == spec {
+            if old.origin.read_only() || old.client_count() > 0 || *old.spec() == spec {
                 return Ok(Registered {
                     stream: old,
                     replaced: false,
@@ -697,6 +723,41 @@ impl Registry {
 
     pub fn get(&self, id: &str) -> Option<Arc<Stream>> {
         self.streams.read().get(id).cloned()
+    }
+
+    /// Adds or updates a stream of an imported playlist. An existing
+    /// playlist stream keeps its identity (clients, counters, live channel):
+    /// only its spec is swapped, which takes effect at the next upstream
+    /// connection; the URL, and thus the id, cannot change.
+    pub fn upsert_playlist(&self, id: &str, spec: Arc<StreamSpec>) -> Upsert {
+        if let Some(old) = self.streams.read().get(id) {
+            return match old.origin {
+                Origin::Playlist if *old.spec() == *spec => Upsert::Unchanged,
+                Origin::Playlist => {
+                    *old.spec.write() = spec;
+                    Upsert::Updated
+                }
+                _ => Upsert::Taken,
+            };
+        }
+        let mut map = self.streams.write();
+        if map.contains_key(id) {
+            // Raced with another writer: settle it next refresh.
+            return Upsert::Taken;
+        }
+        let max = self.caps.max_streams;
+        if max > 0 && map.len() >= max {
+            return Upsert::Full;
+        }
+        let s = Stream::new(
+            id.to_owned(),
+            Origin::Playlist,
+            spec,
+            Utc::now(),
+            self.events.clone(),
+        );
+        map.insert(id.to_owned(), Arc::new(s));
+        Upsert::Added
     }
 
     /// All streams, oldest first.

@@ -47,6 +47,45 @@ pub enum Api {
     BroadcastStop(String),
     /// `/broadcast/{network_id}/status`
     BroadcastStatus(String),
+    /// `/playlists`: status of the `playlists:` imports.
+    Playlists,
+    /// `/playlists/refresh`
+    PlaylistsRefresh,
+}
+
+/// Player-facing documents of standalone use (`crate::playlists`), with a
+/// token in the query or, under `/hdhr/{token}/`, in the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// `/playlist.m3u` (also `.m3u8`)
+    Playlist,
+    /// `/epg.xml`
+    Epg,
+    /// `/discover.json`
+    Discover,
+    /// `/lineup.json`
+    Lineup,
+    /// `/lineup_status.json`
+    LineupStatus,
+    /// `/lineup.post` (Plex asks for a scan; there is nothing to scan)
+    LineupPost,
+    /// `/device.xml`
+    DeviceXml,
+}
+
+impl Page {
+    fn from_name(name: &str) -> Option<Page> {
+        Some(match name {
+            "playlist.m3u" | "playlist.m3u8" => Page::Playlist,
+            "epg.xml" => Page::Epg,
+            "discover.json" => Page::Discover,
+            "lineup.json" => Page::Lineup,
+            "lineup_status.json" => Page::LineupStatus,
+            "lineup.post" => Page::LineupPost,
+            "device.xml" => Page::DeviceXml,
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +106,9 @@ pub enum Route {
     /// `/broadcast/{network_id}/segment/{file}`: one of its segments (no
     /// token); the file name is checked where it is served.
     BroadcastSegment(String, String),
+    /// `/playlist.m3u`, `/epg.xml`, HDHomeRun documents; `Some(token)` when
+    /// reached as `/hdhr/{token}/{page}`.
+    Standalone(Page, Option<String>),
     NotFound,
 }
 
@@ -78,6 +120,9 @@ pub fn decode(path: &str, root_path: &str) -> Route {
         .filter(|p| !p.is_empty())
         .unwrap_or(path);
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if let Some(r) = standalone(&parts) {
+        return r;
+    }
     match parts.as_slice() {
         ["health"] => Route::Api(Api::Health),
         ["info"] => Route::Api(Api::Info),
@@ -115,12 +160,28 @@ pub fn decode(path: &str, root_path: &str) -> Route {
         ["broadcast", id, file] if valid_id(id) && segment_name(file) => {
             Route::BroadcastSegment(id.to_string(), file.to_string())
         }
+        ["playlists"] => Route::Api(Api::Playlists),
+        ["playlists", "refresh"] => Route::Api(Api::PlaylistsRefresh),
         ["metrics"] => Route::Metrics,
         ["openapi.json"] => Route::OpenApi,
         ["stream", id] if valid_id(id) => Route::Play(id.to_string()),
         ["hls", id, "playlist.m3u8"] if valid_id(id) => Route::HlsPlaylist(id.to_string()),
         ["hls", id, "segment.ts" | "segment"] if valid_id(id) => Route::HlsSegment(id.to_string()),
         _ => Route::NotFound,
+    }
+}
+
+fn standalone(parts: &[&str]) -> Option<Route> {
+    match parts {
+        [name] => Some(Route::Standalone(Page::from_name(name)?, None)),
+        ["hdhr", token, name] if !token.is_empty() => {
+            let page = Page::from_name(name)?;
+            let token = percent_encoding::percent_decode_str(token)
+                .decode_utf8_lossy()
+                .into_owned();
+            Some(Route::Standalone(page, Some(token)))
+        }
+        _ => None,
     }
 }
 
@@ -208,6 +269,15 @@ mod tests {
             ),
             ("/broadcast/n/x.ts", Route::NotFound),
             ("/broadcast/../segment/live1.ts", Route::NotFound),
+            ("/playlist.m3u", Route::Standalone(Page::Playlist, None)),
+            ("/m3u-proxy/epg.xml", Route::Standalone(Page::Epg, None)),
+            ("/discover.json", Route::Standalone(Page::Discover, None)),
+            (
+                "/hdhr/a%20b/lineup.json",
+                Route::Standalone(Page::Lineup, Some("a b".into())),
+            ),
+            ("/hdhr/t/stream.json", Route::NotFound),
+            ("/playlists/refresh", Route::Api(Api::PlaylistsRefresh)),
             ("/hls/ab/key.bin", Route::NotFound),
             ("/stream/../etc", Route::NotFound),
             ("/m3u-proxyhealth", Route::NotFound),

@@ -17,6 +17,7 @@ mod hls_security;
 mod live;
 mod live_memory;
 mod openapi;
+mod playlists;
 mod reliability;
 mod resolvers;
 mod security;

@@ -142,6 +142,8 @@ pub async fn handle(app: &App, api: &Api, req: &ApiRequest) -> ApiReply {
             );
             ApiReply::ok(json!({ "valid": checked.valid, "message": checked.message }))
         }
+        (Api::Playlists, &M::GET) => crate::playlists::api::status(app),
+        (Api::PlaylistsRefresh, &M::POST) => crate::playlists::api::refresh(app, req).await,
         _ => ApiReply::method_not_allowed(),
     }
 }
@@ -164,6 +166,8 @@ pub fn allowed_methods(api: &Api) -> &'static str {
         Api::Broadcasts | Api::BroadcastStatus(_) => "GET, HEAD, OPTIONS",
         Api::BroadcastStart(_) | Api::BroadcastStop(_) => "POST, OPTIONS",
         Api::Broadcast(_) => "DELETE, OPTIONS",
+        Api::Playlists => "GET, HEAD, OPTIONS",
+        Api::PlaylistsRefresh => "POST, OPTIONS",
     }
 }
 

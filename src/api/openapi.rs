@@ -12,7 +12,7 @@ mod tests {
     use serde_json::Value;
 
     use super::SPEC;
-    use crate::route::{decode, Api, Route};
+    use crate::route::{decode, Api, Page, Route};
 
     const ROOT: &str = "/m3u-proxy";
     const SAMPLE_ID: &str = "0123456789abcdef0123456789abcdef";
@@ -66,7 +66,10 @@ mod tests {
                 Api::BroadcastStart(_) => &["/broadcast/{network_id}/start"],
                 Api::BroadcastStop(_) => &["/broadcast/{network_id}/stop"],
                 Api::BroadcastStatus(_) => &["/broadcast/{network_id}/status"],
+                Api::Playlists => &["/playlists"],
+                Api::PlaylistsRefresh => &["/playlists/refresh"],
             },
+            Route::Standalone(page, token) => standalone_templates(*page, token.is_some()),
             Route::Metrics => &["/metrics"],
             Route::OpenApi => &["/openapi.json"],
             Route::Play(_) => &["/stream/{stream_id}"],
@@ -78,6 +81,37 @@ mod tests {
                 "/broadcast/{network_id}/{segment}",
             ],
             Route::NotFound => &[],
+        }
+    }
+
+    const PAGES: [Page; 7] = [
+        Page::Playlist,
+        Page::Epg,
+        Page::Discover,
+        Page::Lineup,
+        Page::LineupStatus,
+        Page::LineupPost,
+        Page::DeviceXml,
+    ];
+
+    fn standalone_templates(page: Page, in_path: bool) -> &'static [&'static str] {
+        match (page, in_path) {
+            (Page::Playlist, false) => &["/playlist.m3u", "/playlist.m3u8"],
+            (Page::Epg, false) => &["/epg.xml"],
+            (Page::Discover, false) => &["/discover.json"],
+            (Page::Lineup, false) => &["/lineup.json"],
+            (Page::LineupStatus, false) => &["/lineup_status.json"],
+            (Page::LineupPost, false) => &["/lineup.post"],
+            (Page::DeviceXml, false) => &["/device.xml"],
+            (Page::Playlist, true) => {
+                &["/hdhr/{token}/playlist.m3u", "/hdhr/{token}/playlist.m3u8"]
+            }
+            (Page::Epg, true) => &["/hdhr/{token}/epg.xml"],
+            (Page::Discover, true) => &["/hdhr/{token}/discover.json"],
+            (Page::Lineup, true) => &["/hdhr/{token}/lineup.json"],
+            (Page::LineupStatus, true) => &["/hdhr/{token}/lineup_status.json"],
+            (Page::LineupPost, true) => &["/hdhr/{token}/lineup.post"],
+            (Page::DeviceXml, true) => &["/hdhr/{token}/device.xml"],
         }
     }
 
@@ -107,6 +141,8 @@ mod tests {
             Api::BroadcastStart(net()),
             Api::BroadcastStop(net()),
             Api::BroadcastStatus(net()),
+            Api::Playlists,
+            Api::PlaylistsRefresh,
         ];
         let mut all: Vec<Route> = apis.into_iter().map(Route::Api).collect();
         all.extend([
@@ -118,6 +154,10 @@ mod tests {
             Route::BroadcastPlaylist(net()),
             Route::BroadcastSegment(net(), SAMPLE_SEGMENT.to_string()),
         ]);
+        for page in PAGES {
+            all.push(Route::Standalone(page, None));
+            all.push(Route::Standalone(page, Some("{token}".into())));
+        }
         all
     }
 

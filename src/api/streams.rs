@@ -106,7 +106,7 @@ pub fn get(app: &App, id: &str) -> ApiReply {
 
 /// Removes an API stream and closes its viewers; YAML streams are read-only.
 fn remove(app: &App, s: &Arc<Stream>, reason: &str) -> bool {
-    if s.origin == Origin::Config {
+    if s.origin.read_only() {
         return false;
     }
     app.remove_stream(&s.id, reason)
@@ -121,6 +121,12 @@ pub fn delete(app: &App, id: &str) -> ApiReply {
         return ApiReply::detail(
             409,
             format!("Stream {id} is declared in the config file and cannot be deleted"),
+        );
+    }
+    if s.origin == Origin::Playlist {
+        return ApiReply::detail(
+            409,
+            format!("Stream {id} is imported from a playlist and cannot be deleted"),
         );
     }
     remove(app, &s, "manual_deletion");
@@ -264,7 +270,7 @@ pub fn delete_by_metadata(app: &App, req: &ApiRequest) -> ApiReply {
                 continue;
             }
         }
-        if s.origin == Origin::Config {
+        if s.origin.read_only() {
             skipped.push(json!({ "stream_id": s.id, "reason": "configured_stream" }));
             continue;
         }

@@ -191,6 +191,7 @@ pub fn stats(app: &App, req: &ApiRequest) -> ApiReply {
     proxy_stats["hls_sequence_resets"] = json!(app.hls.sequence_resets.load(Ordering::Relaxed));
     ApiReply::ok(json!({
         "proxy_stats": proxy_stats,
+        "playlists": app.playlists.stats(),
         "providers": app.leases.usage().into_iter().map(|(name, in_use, max)| json!({
             "name": name,
             "connections": in_use,

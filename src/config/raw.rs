@@ -42,11 +42,15 @@ pub(super) struct RawConfig {
     pub resolvers: Option<RawResolvers>,
     pub security: Option<RawSecurity>,
     pub broadcast: Option<RawBroadcast>,
+    pub playlists: Option<Vec<RawPlaylist>>,
+    pub playlist: Option<RawPlaylistExport>,
+    pub epg: Option<RawEpg>,
+    pub hdhomerun: Option<RawHdHomeRun>,
 }
 
 /// Top-level keys, for the message about a document that is not a mapping.
 const SECTIONS: &str =
-    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast";
+    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast, playlists, playlist, epg, hdhomerun";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,6 +230,52 @@ pub(super) struct RawHls {
 pub(super) struct RawSecurity {
     pub deny_private_upstreams: Leaf<Scalar>,
     pub private_allowlist: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `playlists[]`: a provider's channel list to import (standalone use).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPlaylist {
+    pub name: Spanned<String>,
+    pub url: Spanned<String>,
+    pub provider: Leaf<String>,
+    pub refresh: Leaf<Scalar>,
+    pub include: Option<RawPlaylistFilter>,
+    pub exclude: Option<RawPlaylistFilter>,
+    pub live: Leaf<Scalar>,
+    pub epg_url: Leaf<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPlaylistFilter {
+    pub group: Leaf<String>,
+    pub name: Leaf<String>,
+}
+
+/// `playlist`: the exported `/playlist.m3u`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPlaylistExport {
+    pub token: Leaf<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEpg {
+    pub url: Leaf<String>,
+    pub refresh: Leaf<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHdHomeRun {
+    pub enabled: Leaf<Scalar>,
+    pub friendly_name: Leaf<String>,
+    pub device_id: Leaf<String>,
+    pub tuner_count: Leaf<Scalar>,
+    pub ssdp: Leaf<Scalar>,
+    pub open: Leaf<Scalar>,
 }
 
 /// A YAML scalar with the type YAML resolved for it, for keys that take a

@@ -146,6 +146,16 @@ fn example_config_documents_every_key() {
         "max_networks:",
         "callback_timeout:",
         "keep_stopped:",
+        "playlists:",
+        "refresh:",
+        "include:",
+        "exclude:",
+        "epg_url:",
+        "friendly_name:",
+        "device_id:",
+        "tuner_count:",
+        "ssdp:",
+        "open:",
     ];
     for key in keys {
         assert!(text.contains(key), "{key} is not documented");
@@ -179,6 +189,73 @@ fn commented_examples_in_the_example_config_parse() {
     assert_eq!(s.live, None);
     assert_eq!(c.transcode.profiles.len(), 1);
     assert_eq!(c.transcode.profiles[0].defaults["video_bitrate"], "1200k");
+    assert_eq!(c.playlists.len(), 1);
+    let pl = &c.playlists[0];
+    assert_eq!(pl.name, "my-iptv");
+    assert_eq!(pl.refresh, Duration::from_secs(6 * 3600));
+    assert_eq!(pl.include.group.as_deref(), Some("^(News|Sports)"));
+    assert_eq!(pl.exclude.name.as_deref(), Some("(?i)\\b(backup|test)\\b"));
+    assert!(pl.epg_url.is_some());
+}
+
+#[test]
+fn playlists_sections() {
+    let c = ok(r#"
+providers:
+  - name: p
+    hosts: [p.example]
+    max_connections: 3
+playlists:
+  - name: a
+    url: http://p.example/list.m3u
+    provider: p
+    refresh: 30m
+    include: { group: "^News$" }
+    exclude: { name: "HD$" }
+    live: true
+  - name: b
+    url: /srv/lists/b.m3u
+playlist:
+  token: player-secret-1
+epg:
+  url: https://p.example/epg.xml.gz
+  refresh: 2h
+hdhomerun:
+  friendly_name: Living room
+  device_id: 1054a3f2
+  tuner_count: 2
+  ssdp: true
+  open: true
+"#);
+    assert_eq!(c.playlists.len(), 2);
+    assert_eq!(
+        c.playlists[1].source,
+        crate::config::PlaylistSource::File("/srv/lists/b.m3u".into())
+    );
+    assert_eq!(c.playlists[0].live, Some(true));
+    assert_eq!(c.playlists[0].refresh, Duration::from_secs(1800));
+    assert_eq!(c.playlist.token.as_deref(), Some("player-secret-1"));
+    assert_eq!(c.epg.refresh, Duration::from_secs(7200));
+    assert_eq!(c.hdhomerun.device_id.as_deref(), Some("1054A3F2"));
+    assert_eq!(c.hdhomerun.tuner_count, Some(2));
+    assert!(c.hdhomerun.ssdp);
+    assert!(c.hdhomerun.open);
+
+    let e = errors(
+        "playlists:\n  - name: a\n    url: ftp://x/\n    refresh: 1s\n    include: { group: \"(\" }\n    provider: nope\n  - name: a\n    url: relative/path.m3u\nhdhomerun:\n  device_id: xyz\n",
+    )
+    .join("\n");
+    for want in [
+        "playlists[0].url",
+        "playlists[0].refresh",
+        "playlists[0].include.group",
+        "playlists[0].provider",
+        "playlists[1].name",
+        "playlists[1].url",
+        "hdhomerun.device_id",
+    ] {
+        assert!(e.contains(want), "{want} not reported in:\n{e}");
+    }
 }
 
 #[test]
@@ -319,7 +396,8 @@ fn unknown_key_at_top_level() {
     assert_eq!(
         error("servr:\n  listen: 127.0.0.1:1\n"),
         "conf/test.yaml:1:1: servr: unknown field `servr`, expected one of: \
-         server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast \
+         server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast, \
+         playlists, playlist, epg, hdhomerun \
          (did you mean `server`?)"
     );
 }
@@ -423,7 +501,7 @@ fn wrong_types() {
 #[test]
 fn top_level_must_be_a_mapping() {
     let expected = "conf/test.yaml:1:1: the file must be a mapping of sections \
-                    (server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast)";
+                    (server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast, playlists, playlist, epg, hdhomerun)";
     assert_eq!(error("- server\n"), expected);
     assert_eq!(error("hello\n"), expected);
 }

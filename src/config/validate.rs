@@ -28,6 +28,8 @@ use super::{
 use crate::events::EventType;
 use crate::transcode::profiles::Profile;
 
+mod standalone;
+
 type Check<T> = Result<T, String>;
 type At = Option<(u64, u64)>;
 
@@ -115,6 +117,10 @@ impl Validator<'_> {
         let resolvers = self.resolvers(raw.resolvers.unwrap_or_default());
         let security = self.security(raw.security.unwrap_or_default());
         let broadcast = self.broadcast(raw.broadcast.unwrap_or_default());
+        let playlists = self.playlists(raw.playlists.unwrap_or_default(), &providers);
+        let playlist = self.playlist_export(raw.playlist.unwrap_or_default());
+        let epg = self.epg(raw.epg.unwrap_or_default());
+        let hdhomerun = self.hdhomerun(raw.hdhomerun.unwrap_or_default());
         Config {
             server,
             api,
@@ -130,6 +136,10 @@ impl Validator<'_> {
             transcode,
             resolvers,
             security,
+            playlists,
+            playlist,
+            epg,
+            hdhomerun,
             broadcast,
         }
     }

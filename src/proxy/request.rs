@@ -82,6 +82,13 @@ pub async fn route(app: &Arc<App>, session: &mut Session, ctx: &mut RequestCtx) 
         Route::BroadcastSegment(id, file) => {
             Box::pin(super::broadcast::serve(app, session, ctx, &id, Some(&file))).await
         }
+        Route::Standalone(page, token) => {
+            Box::pin(crate::playlists::serve::serve(
+                app, session, ctx, page, token,
+            ))
+            .await?;
+            Ok(true)
+        }
     }
 }
 
