@@ -58,8 +58,10 @@ pub struct App {
     pub resolvers: crate::resolvers::Resolvers,
     /// In-memory HLS of transcodes that asked for HLS.
     pub packagers: crate::transcode::packager::Packagers,
-    /// For HLS playlists, segments, keys and init maps: redirects are followed
-    /// hop by hop (`hls::fetch::open`) and sockets are not kept.
+    /// For HLS playlists, segments, keys and init maps, and the live hub's
+    /// sources: redirects are followed hop by hop (`hls::fetch::open`,
+    /// `hub::reader::open`), each under its provider's lease, and sockets are
+    /// not kept.
     pub hls_http: reqwest::Client,
     /// m3u-editor's networks (`/broadcast/...`).
     pub broadcasts: crate::broadcast::Broadcasts,

@@ -1043,18 +1043,7 @@ mod tests {
     fn spec(url: &str) -> StreamSpec {
         StreamSpec {
             url: url.into(),
-            failover_urls: vec![],
-            failover_resolver_url: None,
-            user_agent: None,
-            headers: vec![],
-            metadata: BTreeMap::new(),
-            live: None,
-            sticky: false,
-            strict_live_ts: false,
-            provider: None,
-            transcode: None,
-            resolver: None,
-            silence: None,
+            ..Default::default()
         }
     }
 

@@ -111,22 +111,13 @@ impl Broadcasts {
         }
         let spec = StreamSpec {
             url: format!("broadcast:{id}"),
-            failover_urls: Vec::new(),
-            failover_resolver_url: None,
-            user_agent: None,
-            headers: Vec::new(),
             metadata: [
                 ("type".to_string(), "broadcast".to_string()),
                 ("network_id".to_string(), id.to_string()),
             ]
             .into(),
             live: Some(true),
-            sticky: false,
-            strict_live_ts: false,
-            provider: None,
-            transcode: None,
-            resolver: None,
-            silence: None,
+            ..Default::default()
         };
         let viewers = self.viewers.add_config(id.to_string(), spec);
         let n = Arc::new(Network::new(id, self.dir_of(id), viewers));

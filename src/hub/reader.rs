@@ -638,6 +638,37 @@ impl Reader {
         provider_of(&self.app, &self.spec, url)
     }
 
+    /// A lease on `provider`: at once if one is free, else after asking an
+    /// idle channel of it to close (a zap on a one-connection account) and
+    /// waiting up to [`LEASE_WAIT`]. None when it stays full.
+    async fn lease(&self, provider: Option<String>) -> Option<Lease> {
+        if let Ok(l) = self.app.leases.try_acquire(provider.as_deref()) {
+            return Some(l);
+        }
+        if let Some(p) = &provider {
+            self.app.hub.free_idle(p, &self.ch.stream.id);
+        }
+        match self
+            .app
+            .leases
+            .acquire(provider.as_deref(), LEASE_WAIT)
+            .await
+        {
+            Ok(l) => Some(l),
+            Err(full) => {
+                self.note_full(full);
+                None
+            }
+        }
+    }
+
+    /// A channel still connecting tells its viewers the provider is full.
+    fn note_full(&self, full: Full) {
+        if self.ch.phase() == Phase::Connecting {
+            self.ch.set_phase(Phase::Full(full));
+        }
+    }
+
     /// Connects to one source and serves it until it fails or the channel closes.
     async fn serve_source(&mut self, picker: &mut Picker, pos: usize, url: &Url) -> Outcome {
         if let Some(t) = self.spec.transcode.clone() {
@@ -706,20 +737,8 @@ impl Reader {
                 return failed(why);
             }
         }
-        let provider = self.provider_of(url);
-        let lease = match self
-            .app
-            .leases
-            .acquire(provider.as_deref(), LEASE_WAIT)
-            .await
-        {
-            Ok(l) => l,
-            Err(full) => {
-                if self.ch.phase() == Phase::Connecting {
-                    self.ch.set_phase(Phase::Full(full));
-                }
-                return failed("provider at its connection limit".into());
-            }
+        let Some(lease) = self.lease(self.provider_of(url)).await else {
+            return failed("provider at its connection limit".into());
         };
         let opened = tokio::select! {
             _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
@@ -768,27 +787,8 @@ impl Reader {
             handover: None,
         };
         let provider = self.provider_of(fetch);
-        let lease = match self.app.leases.try_acquire(provider.as_deref()) {
-            Ok(l) => l,
-            Err(_) => {
-                if let Some(p) = &provider {
-                    self.app.hub.free_idle(p, &self.ch.stream.id);
-                }
-                match self
-                    .app
-                    .leases
-                    .acquire(provider.as_deref(), LEASE_WAIT)
-                    .await
-                {
-                    Ok(l) => l,
-                    Err(full) => {
-                        if self.ch.phase() == Phase::Connecting {
-                            self.ch.set_phase(Phase::Full(full));
-                        }
-                        return failed("provider at its connection limit");
-                    }
-                }
-            }
+        let Some(lease) = self.lease(provider.clone()).await else {
+            return failed("provider at its connection limit");
         };
         if self.ch.is_closed() {
             return Outcome::Cancelled;
@@ -815,9 +815,7 @@ impl Reader {
                 if let Some(p) = &landed {
                     self.app.hub.free_idle(p, &self.ch.stream.id);
                 }
-                if self.ch.phase() == Phase::Connecting {
-                    self.ch.set_phase(Phase::Full(full));
-                }
+                self.note_full(full);
                 return failed("provider at its connection limit");
             }
         };

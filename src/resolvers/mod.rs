@@ -311,17 +311,7 @@ mod tests {
         let spec = crate::registry::StreamSpec {
             url: "hls://http://127.0.0.1:8080/a.m3u8".into(),
             failover_urls: vec!["https://b.example/p".into()],
-            failover_resolver_url: None,
-            user_agent: None,
-            headers: vec![],
-            metadata: Default::default(),
-            live: None,
-            sticky: false,
-            strict_live_ts: false,
-            provider: None,
-            transcode: None,
-            resolver: None,
-            silence: None,
+            ..Default::default()
         };
         // The normalised URL (`hls://http//...`) maps back to the text sent.
         let parsed = Url::parse(&spec.url).unwrap();
