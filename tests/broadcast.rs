@@ -240,6 +240,24 @@ async fn a_programme_plays_as_hls_in_ffmpeg_with_the_streams_user_agent() {
         "client_connected of the network"
     );
     assert!(v["bytes_written"].as_u64().unwrap_or(0) > 0, "{v}");
+    // ...and listed with the other clients.
+    let (st, clients) = api(&e, Method::GET, "/clients", None).await;
+    assert_eq!(st, 200);
+    assert!(
+        clients["clients"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["stream_id"] == NET)),
+        "{clients}"
+    );
+    assert!(
+        clients["total_clients"].as_u64().unwrap_or(0) >= 1,
+        "{clients}"
+    );
+    let (_, stats) = api(&e, Method::GET, "/stats", None).await;
+    assert!(
+        stats["proxy_stats"]["active_clients"].as_u64().unwrap_or(0) >= 1,
+        "{stats}"
+    );
     let (st, list) = api(&e, Method::GET, "/broadcast", None).await;
     assert_eq!(st, 200);
     assert_eq!(list["count"], 1);

@@ -1,6 +1,7 @@
 //! `/health`, `/info`, `/stats`, `/clients` and `/test-connection`.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -53,7 +54,16 @@ fn totals(app: &App) -> Totals {
         t.bytes += s.bytes.load(Ordering::Relaxed);
         t.segments += s.segments.load(Ordering::Relaxed);
     }
+    // Viewers of m3u-editor's networks are clients too (not of a stream).
+    t.clients += app.broadcasts.viewers.all_clients().len();
     t
+}
+
+/// Every client: the streams' and the networks' viewers.
+fn every_client(app: &App) -> Vec<Arc<crate::registry::Client>> {
+    let mut all = app.registry.all_clients();
+    all.extend(app.broadcasts.viewers.all_clients());
+    all
 }
 
 /// The state file's status for `/health` and `/stats`.
@@ -208,7 +218,7 @@ pub fn stats(app: &App, req: &ApiRequest) -> ApiReply {
         "slow_viewers_dropped": app.hub.slow_viewers_dropped.load(Ordering::Relaxed),
         "state_file": state_json(app),
         "streams": streams,
-        "clients": page.slice(&app.registry.all_clients()).iter().map(|c| j_client(c)).collect::<Vec<_>>(),
+        "clients": page.slice(&every_client(app)).iter().map(|c| j_client(c)).collect::<Vec<_>>(),
     }))
 }
 
@@ -220,7 +230,7 @@ pub fn clients(app: &App, req: &ApiRequest) -> ApiReply {
         Ok(p) => p,
         Err(e) => return e,
     };
-    let all = app.registry.all_clients();
+    let all = every_client(app);
     let total = all.len();
     let clients: Vec<Value> = page.slice(&all).iter().map(|c| j_client(c)).collect();
     let mut out = json!({ "total_clients": total, "clients": clients });
