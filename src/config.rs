@@ -455,6 +455,8 @@ pub struct ResolversConfig {
     pub yt_dlp: PathBuf,
     /// Cookies files may only come from here; None = none allowed.
     pub cookies_dir: Option<PathBuf>,
+    /// How long a resolved media URL is reused; zero: resolve every time.
+    pub url_ttl: Duration,
 }
 
 impl Default for ResolversConfig {
@@ -463,6 +465,7 @@ impl Default for ResolversConfig {
             streamlink: PathBuf::from("streamlink"),
             yt_dlp: PathBuf::from("yt-dlp"),
             cookies_dir: None,
+            url_ttl: Duration::from_secs(300),
         }
     }
 }

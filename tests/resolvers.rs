@@ -432,6 +432,41 @@ async fn a_cached_url_that_expired_meanwhile_is_resolved_again_on_the_next_join(
     );
 }
 
+/// Page fetches (resolutions) for two viewers one after the other, the
+/// channel closed in between, with `extra` config.
+async fn resolutions_for_two_joins(yt: &std::path::Path, extra: &str) -> usize {
+    let p = Provider::start().await;
+    let e = Edge::start(&resolver_config(
+        "/nonexistent/streamlink",
+        &yt.display().to_string(),
+        extra,
+    ))
+    .await;
+    let page = p.url("page?src=/live/ttl.ts%3Fkbps%3D1000");
+    let (s, v) = transcode(&e, json!({"url": page, "resolver": "ytdlp"})).await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["stream_id"].as_str().unwrap().to_string();
+    for viewer in ["first", "second"] {
+        let mut w = watch(&e, &id, viewer).await;
+        is_valid_ts(&w.read_n(188 * 100, T).await).unwrap();
+        drop(w);
+        assert!(eventually(T, || p.open_streams("/live/") == 0).await);
+    }
+    p.requests_to("/page").len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_ttl_decides_whether_a_resolution_is_reused() {
+    let Some(yt) = ytdlp() else { return };
+    // Default (5 min): the second join reuses the first resolution.
+    assert_eq!(resolutions_for_two_joins(&yt, "").await, 1);
+    // "0s": every start resolves the page again.
+    assert_eq!(
+        resolutions_for_two_joins(&yt, "  url_ttl: \"0s\"\n").await,
+        2
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_video_file_is_remuxed_to_mpegts_shared_by_viewers_and_ends_with_the_file() {
     let Some(yt) = ytdlp() else { return };

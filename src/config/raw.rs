@@ -100,6 +100,7 @@ pub(super) struct RawResolvers {
     pub streamlink: Leaf<String>,
     pub yt_dlp: Leaf<String>,
     pub cookies_dir: Leaf<String>,
+    pub url_ttl: Leaf<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -207,6 +207,10 @@ impl Validator<'_> {
                     Err("use an absolute path".to_owned())
                 }
             }),
+            // Signed CDN URLs live minutes to hours; a day is past any.
+            url_ttl: self.leaf(&raw.url_ttl, "resolvers.url_ttl", d.url_ttl, |s| {
+                duration(s).and_then(|d| at_most(d, Duration::from_secs(24 * 3600)))
+            }),
         }
     }
 

@@ -21,9 +21,6 @@ use url::Url;
 
 use crate::config::ResolversConfig;
 
-/// How long a resolved media URL is used before the page is resolved again
-/// (signed CDN URLs typically live for hours; a failure re-resolves anyway).
-pub const RESOLVED_TTL: Duration = Duration::from_secs(300);
 /// Cached resolutions kept at most (oldest dropped first).
 const CACHE_CAP: usize = 4096;
 
@@ -246,6 +243,8 @@ pub enum Resolved {
 #[derive(Default)]
 pub struct Resolvers {
     pub versions: Versions,
+    /// `resolvers.url_ttl`.
+    ttl: Duration,
     cache: Mutex<HashMap<(String, String), (Resolved, Instant)>>,
 }
 
@@ -253,6 +252,7 @@ impl Resolvers {
     pub fn new(cfg: &ResolversConfig) -> Self {
         Resolvers {
             versions: probe(cfg),
+            ttl: cfg.url_ttl,
             cache: Mutex::default(),
         }
     }
@@ -262,7 +262,7 @@ impl Resolvers {
         let mut cache = self.cache.lock();
         let key = (id.to_string(), page.to_string());
         match cache.get(&key) {
-            Some((r, at)) if at.elapsed() < RESOLVED_TTL => Some(r.clone()),
+            Some((r, at)) if at.elapsed() < self.ttl => Some(r.clone()),
             Some(_) => {
                 cache.remove(&key);
                 None
@@ -272,9 +272,12 @@ impl Resolvers {
     }
 
     pub fn remember(&self, id: &str, page: &str, r: Resolved) {
+        if self.ttl.is_zero() {
+            return;
+        }
         let mut cache = self.cache.lock();
         if cache.len() >= CACHE_CAP {
-            cache.retain(|_, (_, at)| at.elapsed() < RESOLVED_TTL);
+            cache.retain(|_, (_, at)| at.elapsed() < self.ttl);
             if cache.len() >= CACHE_CAP {
                 if let Some(oldest) = cache
                     .iter()
@@ -341,12 +344,19 @@ mod tests {
 
     #[test]
     fn the_cache_expires_and_forgets() {
-        let r = Resolvers::default();
+        let r = Resolvers {
+            ttl: Duration::from_secs(60),
+            ..Resolvers::default()
+        };
         assert_eq!(r.cached("s", "p"), None);
         r.remember("s", "p", Resolved::Pipe);
         assert_eq!(r.cached("s", "p"), Some(Resolved::Pipe));
         assert_eq!(r.cached("other", "p"), None);
         r.forget("s", "p");
         assert_eq!(r.cached("s", "p"), None);
+        // url_ttl 0: nothing is kept.
+        let off = Resolvers::default();
+        off.remember("s", "p", Resolved::Pipe);
+        assert_eq!(off.cached("s", "p"), None);
     }
 }
