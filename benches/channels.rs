@@ -36,7 +36,6 @@ use tokio::net::TcpStream;
 use support::edge::Edge;
 use support::provider::Provider;
 
-const READ_BUF: usize = 256 * 1024;
 const VIEWERS_PER_CHANNEL: usize = 2;
 const LINGER_SECS: u64 = 3;
 
@@ -155,40 +154,7 @@ async fn viewer(addr: String, path: String, stats: Arc<ViewerStats>, until: Inst
         return;
     };
     stats.bytes.fetch_add(first.len() as u64, Ordering::Relaxed);
-    let mut buf = vec![0u8; READ_BUF];
-    let mut last = Instant::now();
-    while Instant::now() < until {
-        let left = until.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                // Dropped: count the rest of the window as a wait.
-                stats.max_gap_us.fetch_max(
-                    until.duration_since(last).as_micros() as u64,
-                    Ordering::Relaxed,
-                );
-                return;
-            }
-            Ok(Ok(n)) => {
-                let now = Instant::now();
-                stats.max_gap_us.fetch_max(
-                    now.duration_since(last).as_micros() as u64,
-                    Ordering::Relaxed,
-                );
-                last = now;
-                stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Err(_) => break,
-        }
-    }
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
+    support::load::read_until(&mut s, &stats.bytes, &stats.max_gap_us, until).await;
 }
 
 async fn register(e: &Edge, url: &str) -> String {
@@ -310,7 +276,7 @@ async fn step(p: &Provider, build: &Build, n: usize, kbps: u64, ring: u64, secs:
     let per_ch = u1.held_over(&base) / n as f64;
     let per_ch_linger = lingering.held_over(&base) / n as f64;
     let min = rates.iter().cloned().fold(f64::INFINITY, f64::min);
-    let med = percentile(&mut rates, 0.5);
+    let med = support::load::percentile(&mut rates, 0.5);
     // When the machine cannot keep the bitrate up, the ring holds
     // ring_seconds of what actually arrived.
     let ring_delivered = ring as f64 * med * 1e6 / 8.0;
@@ -347,7 +313,11 @@ fn clean_start(b: &[u8], source: &[u8]) -> bool {
 
 /// Request → first body byte in ms: p50 / p99.
 fn summary(v: &mut [f64]) -> String {
-    format!("{:.1} / {:.1}", percentile(v, 0.5), percentile(v, 0.99))
+    format!(
+        "{:.1} / {:.1}",
+        support::load::percentile(v, 0.5),
+        support::load::percentile(v, 0.99)
+    )
 }
 
 /// 100 zaps among 10 warm channels, and 100 to cold ones (unless `warm_only`).

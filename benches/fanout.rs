@@ -26,7 +26,6 @@ use support::edge::Edge;
 use support::provider::Provider;
 
 const KBPS: u64 = 8000;
-const READ_BUF: usize = 256 * 1024;
 
 fn config(extra: &str) -> String {
     format!(
@@ -101,40 +100,7 @@ async fn viewer(addr: String, id: String, stats: Arc<ViewerStats>, until: Instan
         .first_byte_us
         .store(first.as_micros() as u64, Ordering::Relaxed);
     stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
-    let mut buf = vec![0u8; READ_BUF];
-    let mut last = Instant::now();
-    while Instant::now() < until {
-        let left = until.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                // Dropped: count the rest of the window as a wait.
-                stats.max_gap_us.fetch_max(
-                    until.duration_since(last).as_micros() as u64,
-                    Ordering::Relaxed,
-                );
-                return;
-            }
-            Ok(Ok(n)) => {
-                let now = Instant::now();
-                stats.max_gap_us.fetch_max(
-                    now.duration_since(last).as_micros() as u64,
-                    Ordering::Relaxed,
-                );
-                last = now;
-                stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Err(_) => break,
-        }
-    }
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
+    support::load::read_until(&mut s, &stats.bytes, &stats.max_gap_us, until).await;
 }
 
 async fn register(e: &Edge, url: &str, extra: &str) -> String {
@@ -260,7 +226,7 @@ async fn measure(t: &Target, n: usize, secs: u64) -> String {
         .count();
     let per_viewer_kib = (rss1 as f64 - rss0 as f64) / n as f64;
     let min = rates.iter().cloned().fold(f64::INFINITY, f64::min);
-    let med = percentile(&mut rates, 0.5);
+    let med = support::load::percentile(&mut rates, 0.5);
     format!(
         "| {n:>5} | {cores:>5.2} | {:>7.1} | {per_viewer_kib:>6.1} | {min:>5.2} / {med:>5.2} | {waited:>4} |",
         rss1 as f64 / 1024.0
@@ -279,8 +245,8 @@ async fn join_times(p: &Provider) -> (f64, f64) {
             v.push(t.as_secs_f64() * 1000.0);
         }
     }
-    let p50 = percentile(&mut v, 0.5);
-    let p99 = percentile(&mut v, 0.99);
+    let p50 = support::load::percentile(&mut v, 0.5);
+    let p99 = support::load::percentile(&mut v, 0.99);
     (p50, p99)
 }
 
@@ -306,7 +272,10 @@ async fn teardown(p: &Provider) -> (f64, f64) {
         }
         v.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
-    (percentile(&mut v, 0.5), percentile(&mut v, 1.0))
+    (
+        support::load::percentile(&mut v, 0.5),
+        support::load::percentile(&mut v, 1.0),
+    )
 }
 
 /// Largest pause a viewer sees around a source switch (primary dropped).

@@ -12,6 +12,7 @@ pub mod client;
 pub mod edge;
 pub mod eventually;
 pub mod hls_reset;
+pub mod load;
 pub mod procs;
 pub mod provider;
 pub mod resolver_site;
