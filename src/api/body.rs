@@ -32,8 +32,22 @@ pub fn object(body: &[u8]) -> Result<Map<String, Value>, ApiReply> {
     }
 }
 
-fn wrong(field: &str, msg: &str, input: &Value) -> ApiReply {
+pub fn wrong(field: &str, msg: &str, input: &Value) -> ApiReply {
     ApiReply::invalid(&["body", field], msg, input.clone())
+}
+
+/// A string field the body must have, with m3u-proxy's (pydantic's) 422s
+/// when it is missing or not a string.
+pub fn required_str(m: &Map<String, Value>, field: &str) -> Result<String, ApiReply> {
+    match m.get(field) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        None | Some(Value::Null) => Err(ApiReply::invalid(
+            &["body", field],
+            "Field required",
+            Value::Null,
+        )),
+        Some(v) => Err(wrong(field, "Input should be a valid string", v)),
+    }
 }
 
 fn opt_str(m: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiReply> {
@@ -178,17 +192,7 @@ pub struct CreateStream {
 
 pub fn create_stream(body: &[u8]) -> Result<CreateStream, ApiReply> {
     let m = object(body)?;
-    let url = match m.get("url") {
-        Some(Value::String(s)) => s.clone(),
-        None | Some(Value::Null) => {
-            return Err(ApiReply::invalid(
-                &["body", "url"],
-                "Field required",
-                Value::Null,
-            ))
-        }
-        Some(v) => return Err(wrong("url", "Input should be a valid string", v)),
-    };
+    let url = required_str(&m, "url")?;
     // A resolver's sources are pages, possibly with a streamlink prefix.
     let page = m.get("resolver").is_some_and(|v| !v.is_null());
     check_url_for("url", &url, page)?;

@@ -104,10 +104,6 @@ pub struct Start {
     pub next: Option<Box<Start>>,
 }
 
-fn wrong(field: &str, msg: &str, input: &Value) -> ApiReply {
-    ApiReply::invalid(&["body", field], msg, input.clone())
-}
-
 fn bad(msg: String) -> ApiReply {
     ApiReply::detail(400, msg)
 }
@@ -133,7 +129,7 @@ fn number(m: &Map<String, Value>, field: &str, default: u64, max: u64) -> Result
         _ => None,
     };
     let Some(n) = n else {
-        return Err(wrong(field, "Input should be a valid integer", v));
+        return Err(body::wrong(field, "Input should be a valid integer", v));
     };
     if n < 0 {
         return Err(bad(format!("{field} must not be negative, got {n}")));
@@ -148,7 +144,7 @@ fn flag(m: &Map<String, Value>, field: &str) -> Result<bool, ApiReply> {
     match m.get(field) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(wrong(field, "Input should be a valid boolean", v)),
+        Some(v) => Err(body::wrong(field, "Input should be a valid boolean", v)),
     }
 }
 
@@ -157,7 +153,7 @@ fn text<'a>(m: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, A
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.trim())),
-        Some(v) => Err(wrong(field, "Input should be a valid string", v)),
+        Some(v) => Err(body::wrong(field, "Input should be a valid string", v)),
     }
 }
 
@@ -211,7 +207,7 @@ fn kbits(
             let t = s.trim();
             t.strip_suffix(['k', 'K']).unwrap_or(t).parse::<u64>().ok()
         }
-        _ => return Err(wrong(field, "Input should be a valid string", v)),
+        _ => return Err(body::wrong(field, "Input should be a valid string", v)),
     };
     match n {
         Some(n) if (8..=200_000).contains(&n) => Ok(Some(n)),
@@ -239,17 +235,7 @@ pub fn parse(raw: &[u8]) -> Result<Start, ApiReply> {
 }
 
 fn parse_object(m: &Map<String, Value>) -> Result<Start, ApiReply> {
-    let stream_url_as_sent = match m.get("stream_url") {
-        Some(Value::String(s)) => s.clone(),
-        None | Some(Value::Null) => {
-            return Err(ApiReply::invalid(
-                &["body", "stream_url"],
-                "Field required",
-                Value::Null,
-            ))
-        }
-        Some(v) => return Err(wrong("stream_url", "Input should be a valid string", v)),
-    };
+    let stream_url_as_sent = body::required_str(m, "stream_url")?;
     body::check_url("stream_url", &stream_url_as_sent)?;
     let mut stream_url = Url::parse(&stream_url_as_sent)
         .map_err(|e| bad(format!("stream_url is not a URL: {e}")))?;
@@ -293,17 +279,17 @@ fn parse_object(m: &Map<String, Value>) -> Result<Start, ApiReply> {
                 let value = match v {
                     Value::String(s) => s.trim().to_string(),
                     Value::Number(_) | Value::Bool(_) => v.to_string(),
-                    _ => return Err(wrong(&field, "Input should be a valid string", v)),
+                    _ => return Err(body::wrong(&field, "Input should be a valid string", v)),
                 };
                 let name = k.trim();
                 if HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    return Err(wrong(&field, "not a valid HTTP header name", v));
+                    return Err(body::wrong(&field, "not a valid HTTP header name", v));
                 }
                 if crate::upstream::headers::is_reserved(name)
                     || name.eq_ignore_ascii_case("host")
                     || name.eq_ignore_ascii_case("user-agent")
                 {
-                    return Err(wrong(
+                    return Err(body::wrong(
                         &field,
                         "Host, User-Agent, hop-by-hop and framing headers are set by m3u-edge itself",
                         v,
@@ -314,12 +300,18 @@ fn parse_object(m: &Map<String, Value>) -> Result<Start, ApiReply> {
                 }
                 // Refuses CR and LF too: one value cannot add a header.
                 if HeaderValue::from_str(&value).is_err() {
-                    return Err(wrong(&field, "not a valid HTTP header value", v));
+                    return Err(body::wrong(&field, "not a valid HTTP header value", v));
                 }
                 headers.push((name.to_string(), value));
             }
         }
-        Some(v) => return Err(wrong("headers", "Input should be a valid dictionary", v)),
+        Some(v) => {
+            return Err(body::wrong(
+                "headers",
+                "Input should be a valid dictionary",
+                v,
+            ))
+        }
     }
     let mut metadata = BTreeMap::new();
     match m.get("metadata") {
@@ -331,7 +323,13 @@ fn parse_object(m: &Map<String, Value>) -> Result<Start, ApiReply> {
                 }
             }
         }
-        Some(v) => return Err(wrong("metadata", "Input should be a valid dictionary", v)),
+        Some(v) => {
+            return Err(body::wrong(
+                "metadata",
+                "Input should be a valid dictionary",
+                v,
+            ))
+        }
     }
     Ok(Start {
         stream_url_as_sent,

@@ -8,16 +8,14 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use tokio::io::AsyncReadExt;
-use tokio_util::io::ReaderStream;
 
 use super::resolve::{argv, Want};
 use super::ResolverSpec;
 use crate::app::App;
 use crate::registry::StreamSpec;
 use crate::transcode::process::{self, Process};
-use crate::transcode::source::Body;
+use crate::transcode::source::{stdout_body, Body};
 
 const STOP_GRACE: Duration = Duration::from_secs(2);
 const READ_CHUNK: usize = 64 * 1024;
@@ -109,14 +107,7 @@ async fn run(
     };
     first.truncate(n);
     let guard = Guard(Some(proc));
-    let body = ReaderStream::with_capacity(stdout, READ_CHUNK)
-        .take_while(|r| futures::future::ready(r.is_ok()))
-        .filter_map(move |r| {
-            // The guard lives as long as the body: dropping the body stops the tool.
-            let _ = &guard;
-            futures::future::ready(r.ok().map(Ok))
-        });
-    Ok((Box::pin(body), Bytes::from(first)))
+    Ok((stdout_body(stdout, READ_CHUNK, guard), Bytes::from(first)))
 }
 
 struct Guard(Option<Process>);

@@ -17,12 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::ChildStdin;
 
 use crate::app::App;
-use crate::hub::{Channel, Next, Phase};
+use crate::hub::{Channel, Phase};
 use crate::transcode::process;
+use crate::transcode::source::{copy_into, Fed};
 
 /// ffmpeg gets this long after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -261,19 +262,8 @@ async fn feed(app: Arc<App>, ch: Arc<Channel>, mut stdin: ChildStdin) {
         let Some(mut tap) = app.hub.tap(&ch) else {
             return;
         };
-        loop {
-            let data = match tap.next(128 * 1024).await {
-                Next::Data(b) => b,
-                Next::Span(span) => match span.bytes() {
-                    Ok(b) => b,
-                    Err(_) => break,
-                },
-                Next::Lagged => break,
-                Next::Ended => return,
-            };
-            if stdin.write_all(&data).await.is_err() {
-                return;
-            }
+        if let Fed::Done = copy_into(&mut tap, &mut stdin, 128 * 1024).await {
+            return;
         }
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::ChildStdin;
+use tokio::process::{ChildStdin, ChildStdout};
 use tokio::task::JoinHandle;
 use tokio_util::io::ReaderStream;
 
@@ -24,7 +24,7 @@ use super::process::{self, Process};
 use crate::app::App;
 use crate::config::{HwAccel, TranscodeConfig};
 use crate::conn::caps::Slot;
-use crate::hub::Next;
+use crate::hub::{Next, Viewer};
 use crate::registry::TranscodeSpec;
 
 /// How long ffmpeg gets after SIGTERM.
@@ -95,14 +95,7 @@ pub async fn open(
         feeder,
         _slot: slot,
     };
-    let body = ReaderStream::with_capacity(stdout, READ_CHUNK)
-        .take_while(|r| futures::future::ready(r.is_ok()))
-        .filter_map(move |r| {
-            // The guard lives as long as the body: dropping the body stops ffmpeg.
-            let _ = &guard;
-            futures::future::ready(r.ok().map(Ok))
-        });
-    Ok((Box::pin(body), Bytes::from(first)))
+    Ok((stdout_body(stdout, READ_CHUNK, guard), Bytes::from(first)))
 }
 
 /// Copies the source channel's bytes into ffmpeg's stdin until either ends.
@@ -149,22 +142,51 @@ async fn feed_inner(
                 return;
             }
         };
-        loop {
-            let data = match viewer.next(READ_CHUNK * 2).await {
-                Next::Data(b) => b,
-                Next::Span(span) => match span.bytes() {
-                    Ok(b) => b,
-                    Err(_) => break,
-                },
-                Next::Lagged => break,
-                Next::Ended => return,
-            };
-            if stdin.write_all(&data).await.is_err() {
-                return;
-            }
+        if let Fed::Done = copy_into(&mut viewer, &mut stdin, READ_CHUNK * 2).await {
+            return;
         }
         tracing::debug!(stream_id = %source.id, transcoded = %transcoded, "transcoder fell behind its source: rejoining at the live edge");
     }
+}
+
+/// How [`copy_into`] ended.
+pub enum Fed {
+    /// The child fell behind the ring: join again at the live edge.
+    Lagged,
+    /// The channel or the child ended.
+    Done,
+}
+
+/// Copies `viewer`'s bytes into a child's `stdin`, up to `max` at a time,
+/// until the child falls behind the ring or either side ends.
+pub async fn copy_into(viewer: &mut Viewer, stdin: &mut ChildStdin, max: usize) -> Fed {
+    loop {
+        let data = match viewer.next(max).await {
+            Next::Data(b) => b,
+            Next::Span(span) => match span.bytes() {
+                Ok(b) => b,
+                Err(_) => return Fed::Lagged,
+            },
+            Next::Lagged => return Fed::Lagged,
+            Next::Ended => return Fed::Done,
+        };
+        if stdin.write_all(&data).await.is_err() {
+            return Fed::Done;
+        }
+    }
+}
+
+/// The body of a child's `stdout`, read `chunk` bytes at a time, holding
+/// `guard` (what stops the child) for as long as the body lives.
+pub fn stdout_body<G: Send + 'static>(stdout: ChildStdout, chunk: usize, guard: G) -> Body {
+    let body = ReaderStream::with_capacity(stdout, chunk)
+        .take_while(|r| futures::future::ready(r.is_ok()))
+        .filter_map(move |r| {
+            // Dropping the body drops the guard, which stops the child.
+            let _ = &guard;
+            futures::future::ready(r.ok().map(Ok))
+        });
+    Box::pin(body)
 }
 
 /// Owns what a running transcode holds.
