@@ -6,7 +6,8 @@
 # metrics tests use to lint /metrics, ffmpeg, which the transcoding tests
 # run, Chromium, which plays HLS in the browser test, and schemathesis (PyPI,
 # in a private venv under target/), which the API tests run against
-# docs/openapi.json; without them those checks are skipped. m3u-edge itself
+# docs/openapi.json, and redis-server, which the cluster tests start; without
+# them those checks are skipped. m3u-edge itself
 # needs ffmpeg only to transcode (`apt-get install ffmpeg`).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -214,6 +215,24 @@ install_resolvers() {
     return 0
 }
 
+# redis-server (Debian's package) for the cluster tests, which start their
+# own instances on free loopback ports. The package also ships a system
+# service listening on 6379: stopped and disabled here, the tests never use it.
+install_redis() {
+    command -v redis-server >/dev/null 2>&1 && return 0
+    install_optional redis-server redis-server "the cluster tests" || true
+    if command -v redis-server >/dev/null 2>&1; then
+        local sudo=""
+        [ "$(id -u)" != 0 ] && sudo="sudo"
+        if [ -d /run/systemd/system ]; then
+            $sudo systemctl disable --now redis-server >/dev/null 2>&1 || true
+        else
+            $sudo service redis-server stop >/dev/null 2>&1 || true
+        fi
+    fi
+    return 0
+}
+
 # Only the test suite needs these: `scripts/test.sh` asks with --test-tools.
 if [ "${1:-}" = "--test-tools" ]; then
     install_promtool || true
@@ -221,4 +240,5 @@ if [ "${1:-}" = "--test-tools" ]; then
     install_optional chromium chromium "the browser playback test" || true
     install_schemathesis || true
     install_resolvers || true
+    install_redis || true
 fi

@@ -67,6 +67,8 @@ pub struct App {
     pub broadcasts: crate::broadcast::Broadcasts,
     /// Imported playlists, the guide cache, the HDHomeRun identity.
     pub playlists: crate::playlists::Playlists,
+    /// `cluster:`: the shared state on Redis; `None` on a single node.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The registry's view of a `streams:` entry.
@@ -169,6 +171,10 @@ impl App {
             hls_per_stream: config.limits.max_hls_clients_per_stream,
             hls_per_address: config.limits.max_hls_clients_per_address,
         };
+        let cluster = match &config.cluster {
+            Some(c) => Some(crate::cluster::Cluster::new(c, metrics.registry())?),
+            None => None,
+        };
         let app = App {
             registry: Registry::with_caps(Some(events.clone()), limits),
             broadcasts: crate::broadcast::Broadcasts::new(
@@ -203,6 +209,7 @@ impl App {
             resolvers: crate::resolvers::Resolvers::new(&config.resolvers),
             hls_http,
             playlists: crate::playlists::Playlists::new(&config)?,
+            cluster,
             config: Arc::new(config),
         };
         for s in &app.config.streams {

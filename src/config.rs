@@ -129,6 +129,9 @@ pub struct Config {
     pub playlist: PlaylistExportConfig,
     pub epg: EpgConfig,
     pub hdhomerun: HdHomeRunConfig,
+    /// `cluster:`: several nodes on Redis (`crate::cluster`). `None`: one
+    /// node on its state file, no Redis.
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -626,5 +629,38 @@ impl Default for HdHomeRunConfig {
             ssdp: false,
             open: false,
         }
+    }
+}
+
+/// The `cluster:` section (../shared/CLUSTER.md).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Key prefix `m3e:{<name>}:`: one Redis can hold several clusters.
+    pub name: String,
+    /// `redis://` or `rediss://`, with password and database as Redis takes them.
+    pub redis_url: String,
+    pub node_id: String,
+    /// The internal listener: `/_cluster/*` only.
+    pub listen: SocketAddr,
+    /// How peers reach `listen`.
+    pub advertise: SocketAddr,
+    /// HMAC key of node-to-node requests, at least 32 bytes.
+    pub secret: Vec<u8>,
+    pub node_ttl: Duration,
+    pub heartbeat: Duration,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    // The secret and the Redis password stay out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("name", &self.name)
+            .field("redis_url", &crate::cluster::redact_url(&self.redis_url))
+            .field("node_id", &self.node_id)
+            .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
+            .field("node_ttl", &self.node_ttl)
+            .field("heartbeat", &self.heartbeat)
+            .finish_non_exhaustive()
     }
 }

@@ -29,6 +29,7 @@
 pub mod api;
 pub mod app;
 pub mod broadcast;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod events;

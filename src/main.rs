@@ -63,6 +63,9 @@ fn check_free(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<()> {
     }
 }
 
+/// How long start-up waits for the cluster session before serving anyway.
+const CLUSTER_JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match config::load(&cli.conf) {
@@ -110,6 +113,13 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
     // endless retry: both checked before Pingora starts. With `-u` the
     // sockets come from the running instance and the state file is free
     // once it has handed them over (see lifecycle.rs).
+    if cli.upgrade && config.cluster.is_some() {
+        // Two processes of one node would share one node id and session.
+        anyhow::bail!(
+            "-u (upgrade) is not supported in cluster mode: restart nodes one at a time; \
+             their channels move to the other nodes and back"
+        );
+    }
     let state_file = config.server.state_file.clone();
     let mut lock = None;
     if !cli.upgrade {
@@ -117,6 +127,9 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
         check_free(listen, "server.listen")?;
         if let Some(addr) = config.metrics.listen {
             check_free(addr, "metrics.listen")?;
+        }
+        if let Some(c) = &config.cluster {
+            check_free(c.listen, "cluster.listen")?;
         }
     }
     let shutdown_timeout = config.server.shutdown_timeout.as_secs_f64().ceil() as u64;
@@ -194,6 +207,24 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
         "ssdp",
         m3u_edge::playlists::ssdp::SsdpService { app: app.clone() },
     ));
+    if let Some(cluster) = &app.cluster {
+        cluster.start();
+        let mut internal = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            Edge::internal(app.clone()),
+            "cluster",
+        );
+        internal.add_tcp(&cluster.config().listen.to_string());
+        server.add_service(internal);
+        // Serve once the node has a session, or after the wait (Redis down
+        // at boot: /health says why and the node joins when Redis is back).
+        if !cluster.join_blocking(CLUSTER_JOIN_WAIT) {
+            tracing::warn!(
+                "cluster: no session after {:?} (Redis unreachable?); serving anyway, /health answers 503 until joined",
+                CLUSTER_JOIN_WAIT
+            );
+        }
+    }
     if let Some(addr) = app.config.metrics.listen {
         server.add_service(m3u_edge::metrics::service(app.metrics.clone(), addr));
         tracing::info!(%addr, "metrics listener");

@@ -633,25 +633,30 @@ fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help).namespace("m3u_edge")
 }
 
-fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+pub(crate) fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
     let g = IntGauge::with_opts(opts(name, help))?;
     r.register(Box::new(g.clone()))?;
     Ok(g)
 }
 
-fn gauge_vec(r: &Registry, name: &str, help: &str, label: &str) -> prometheus::Result<IntGaugeVec> {
+pub(crate) fn gauge_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+) -> prometheus::Result<IntGaugeVec> {
     let g = IntGaugeVec::new(opts(name, help), &[label])?;
     r.register(Box::new(g.clone()))?;
     Ok(g)
 }
 
-fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+pub(crate) fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
     let c = IntCounter::with_opts(opts(name, help))?;
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
-fn counter_vec(
+pub(crate) fn counter_vec(
     r: &Registry,
     name: &str,
     help: &str,
@@ -662,7 +667,7 @@ fn counter_vec(
     Ok(c)
 }
 
-fn histogram(
+pub(crate) fn histogram(
     r: &Registry,
     name: &str,
     help: &str,

@@ -8,6 +8,7 @@ mod api;
 mod broadcast;
 mod browser;
 mod cli;
+mod cluster;
 mod common;
 mod config;
 mod events;

@@ -92,7 +92,7 @@ pub fn health(app: &App) -> ApiReply {
     } else {
         "healthy"
     };
-    ApiReply::ok(json!({
+    let mut body = json!({
         "status": status,
         "state_file": state_json(app),
         "root_path": app.config.server.root_path,
@@ -102,7 +102,17 @@ pub fn health(app: &App) -> ApiReply {
         "active_clients": t.clients,
         "total_bytes_served": t.bytes,
         "stats": t.json(uptime),
-    }))
+    });
+    if let Some(c) = &app.cluster {
+        body["cluster"] = c.status();
+        // A node cut off from Redis has fenced itself: 503 so the load
+        // balancer sends players to the nodes that can serve them.
+        if !c.healthy() {
+            body["status"] = json!("unhealthy");
+            return ApiReply { status: 503, body };
+        }
+    }
+    ApiReply::ok(body)
 }
 
 /// `GET /info`: m3u-editor reads `version`, `hardware_acceleration.enabled` and
@@ -110,6 +120,10 @@ pub fn health(app: &App) -> ApiReply {
 /// Redis: it says so in m3u-proxy's shape.
 pub fn info(app: &App) -> ApiReply {
     let c = &app.config;
+    let redis_url = c
+        .cluster
+        .as_ref()
+        .and_then(|k| url::Url::parse(&k.redis_url).ok());
     ApiReply::ok(json!({
         "version": VERSION,
         "ffmpeg_version": app.ffmpeg.version,
@@ -128,10 +142,10 @@ pub fn info(app: &App) -> ApiReply {
                 .collect::<Vec<_>>(),
         },
         "redis": {
-            "enabled": false,
+            "enabled": app.cluster.is_some(),
             "pooling_enabled": false,
-            "host": null,
-            "port": null,
+            "host": redis_url.as_ref().and_then(|u| u.host_str().map(str::to_owned)),
+            "port": redis_url.as_ref().and_then(|u| u.port_or_known_default()),
             "password": null,
             "db": null,
             "max_clients_per_stream": null,
@@ -199,7 +213,7 @@ pub fn stats(app: &App, req: &ApiRequest) -> ApiReply {
     proxy_stats["hls_sequence_regressions"] =
         json!(app.hls.sequence_regressions.load(Ordering::Relaxed));
     proxy_stats["hls_sequence_resets"] = json!(app.hls.sequence_resets.load(Ordering::Relaxed));
-    ApiReply::ok(json!({
+    let mut body = json!({
         "proxy_stats": proxy_stats,
         "playlists": app.playlists.stats(),
         "providers": app.leases.usage().into_iter().map(|(name, in_use, max)| json!({
@@ -219,7 +233,11 @@ pub fn stats(app: &App, req: &ApiRequest) -> ApiReply {
         "state_file": state_json(app),
         "streams": streams,
         "clients": page.slice(&every_client(app)).iter().map(|c| j_client(c)).collect::<Vec<_>>(),
-    }))
+    });
+    if let Some(c) = &app.cluster {
+        body["cluster"] = c.status();
+    }
+    ApiReply::ok(body)
 }
 
 /// `GET /clients`: every client, m3u-proxy's shape. With `?limit=` and/or

@@ -46,11 +46,12 @@ pub(super) struct RawConfig {
     pub playlist: Option<RawPlaylistExport>,
     pub epg: Option<RawEpg>,
     pub hdhomerun: Option<RawHdHomeRun>,
+    pub cluster: Option<RawCluster>,
 }
 
 /// Top-level keys, for the message about a document that is not a mapping.
 const SECTIONS: &str =
-    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast, playlists, playlist, epg, hdhomerun";
+    "server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast, playlists, playlist, epg, hdhomerun, cluster";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,6 +93,20 @@ pub(super) struct RawBroadcast {
     pub max_networks: Leaf<Scalar>,
     pub callback_timeout: Leaf<Scalar>,
     pub keep_stopped: Leaf<Scalar>,
+}
+
+/// `cluster:`: the keys without which a node cannot join are required.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub name: Leaf<String>,
+    pub redis_url: Spanned<String>,
+    pub node_id: Leaf<String>,
+    pub listen: Spanned<String>,
+    pub advertise: Leaf<String>,
+    pub secret: Spanned<String>,
+    pub node_ttl: Leaf<Scalar>,
+    pub heartbeat: Leaf<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]

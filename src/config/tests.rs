@@ -397,7 +397,7 @@ fn unknown_key_at_top_level() {
         error("servr:\n  listen: 127.0.0.1:1\n"),
         "conf/test.yaml:1:1: servr: unknown field `servr`, expected one of: \
          server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast, \
-         playlists, playlist, epg, hdhomerun \
+         playlists, playlist, epg, hdhomerun, cluster \
          (did you mean `server`?)"
     );
 }
@@ -501,7 +501,7 @@ fn wrong_types() {
 #[test]
 fn top_level_must_be_a_mapping() {
     let expected = "conf/test.yaml:1:1: the file must be a mapping of sections \
-                    (server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast, playlists, playlist, epg, hdhomerun)";
+                    (server, api, upstream, providers, streams, live, log, events, metrics, hls, limits, transcode, resolvers, security, broadcast, playlists, playlist, epg, hdhomerun, cluster)";
     assert_eq!(error("- server\n"), expected);
     assert_eq!(error("hello\n"), expected);
 }
@@ -1365,4 +1365,70 @@ fn broadcast_section() {
     assert!(text.contains("x.yaml:2:13: broadcast.work_dir"), "{text}");
     assert!(text.contains("broadcast.max_networks"), "{text}");
     assert!(text.contains("broadcast.callback_timeout"), "{text}");
+}
+
+fn cluster_yaml(body: &str) -> String {
+    format!(
+        "server:\n  listen: 127.0.0.1:8085\ncluster:\n  redis_url: redis://127.0.0.1:6379\n  \
+         listen: 127.0.0.1:9090\n  secret: 0123456789abcdef0123456789abcdef\n{body}"
+    )
+}
+
+#[test]
+fn commented_cluster_example_parses() {
+    let text = include_str!("../../conf/m3u-edge.yaml");
+    let start = text.find("# cluster:").expect("cluster example");
+    let block: String = text[start..]
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| {
+            let l = l.strip_prefix('#').unwrap_or(l);
+            let l = l.strip_prefix(' ').unwrap_or(l);
+            if l.trim_start().starts_with('#') {
+                String::new()
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    let c = ok(&block).cluster.expect("cluster section");
+    assert_eq!(c.node_id, "edge-1");
+    assert_eq!(c.listen.to_string(), "10.0.0.11:9090");
+    assert_eq!(c.node_ttl, Duration::from_secs(5));
+    assert_eq!(c.heartbeat, Duration::from_secs(1));
+    assert_eq!(c.name, "m3u-edge");
+    // The password never reaches a log line.
+    assert!(!format!("{c:?}").contains("change-me"));
+}
+
+#[test]
+fn cluster_defaults_and_checks() {
+    assert!(ok("server:\n  listen: 127.0.0.1:8085\n").cluster.is_none());
+    let c = ok(&cluster_yaml("")).cluster.unwrap();
+    assert_eq!(c.advertise, c.listen);
+    assert!(!c.node_id.is_empty());
+    assert_eq!(c.node_ttl, Duration::from_secs(5));
+    for (body, needle) in [
+        ("  node_id: 'a b'\n", "cluster.node_id"),
+        ("  node_ttl: 1s\n", "cluster.node_ttl"),
+        ("  heartbeat: 3s\n", "cluster.heartbeat"),
+        ("  advertise: 0.0.0.0:9090\n", "cluster.advertise"),
+    ] {
+        let e = error(&cluster_yaml(body));
+        assert!(e.contains(needle), "{body}: {e}");
+    }
+    let short = "server:\n  listen: 127.0.0.1:8085\ncluster:\n  redis_url: redis://h:1\n  \
+                 listen: 127.0.0.1:9090\n  secret: short\n";
+    assert!(error(short).contains("cluster.secret"));
+    let wild = "server:\n  listen: 127.0.0.1:8085\ncluster:\n  redis_url: redis://h:1\n  \
+                listen: 0.0.0.0:9090\n  secret: 0123456789abcdef0123456789abcdef\n";
+    assert!(error(wild).contains("cluster.advertise"));
+    let clash = "server:\n  listen: 127.0.0.1:8085\ncluster:\n  redis_url: redis://h:1\n  \
+                 listen: 127.0.0.1:8085\n  secret: 0123456789abcdef0123456789abcdef\n";
+    assert!(error(clash).contains("cluster.listen"));
+    let scheme = "server:\n  listen: 127.0.0.1:8085\ncluster:\n  redis_url: http://h:1\n  \
+                  listen: 127.0.0.1:9090\n  secret: 0123456789abcdef0123456789abcdef\n";
+    assert!(error(scheme).contains("cluster.redis_url"));
+    let missing = "cluster:\n  redis_url: redis://h:1\n  listen: 127.0.0.1:9090\n";
+    assert!(errors(missing).iter().any(|e| e.contains("secret")));
 }

@@ -28,6 +28,7 @@ use super::{
 use crate::events::EventType;
 use crate::transcode::profiles::Profile;
 
+mod cluster;
 mod standalone;
 
 type Check<T> = Result<T, String>;
@@ -121,6 +122,7 @@ impl Validator<'_> {
         let playlist = self.playlist_export(raw.playlist.unwrap_or_default());
         let epg = self.epg(raw.epg.unwrap_or_default());
         let hdhomerun = self.hdhomerun(raw.hdhomerun.unwrap_or_default());
+        let cluster = raw.cluster.map(|c| self.cluster(c, &server, &metrics));
         Config {
             server,
             api,
@@ -141,6 +143,7 @@ impl Validator<'_> {
             epg,
             hdhomerun,
             broadcast,
+            cluster,
         }
     }
 

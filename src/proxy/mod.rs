@@ -28,11 +28,24 @@ pub use ctx::RequestCtx;
 
 pub struct Edge {
     pub app: Arc<App>,
+    /// The cluster's internal listener: `/_cluster/*` only, authenticated.
+    internal: bool,
 }
 
 impl Edge {
     pub fn new(app: Arc<App>) -> Self {
-        Edge { app }
+        Edge {
+            app,
+            internal: false,
+        }
+    }
+
+    /// The proxy of `cluster.listen` (see `crate::cluster::internal`).
+    pub fn internal(app: Arc<App>) -> Self {
+        Edge {
+            app,
+            internal: true,
+        }
     }
 }
 
@@ -47,6 +60,9 @@ impl ProxyHttp for Edge {
     /// Routes the request: API and errors are answered here (`Ok(true)`);
     /// `/stream/{id}` continues into the proxy phases with its sources chosen.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if self.internal {
+            return crate::cluster::internal::route(&self.app, session, ctx).await;
+        }
         if let Some(msg) = protocol::host_problem(session.req_header()) {
             protocol::reject(session, ctx, 400, msg).await?;
             return Ok(true);

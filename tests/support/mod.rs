@@ -9,12 +9,14 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod cluster;
 pub mod edge;
 pub mod eventually;
 pub mod hls_reset;
 pub mod load;
 pub mod procs;
 pub mod provider;
+pub mod redis;
 pub mod resolver_site;
 pub mod ts_check;
 pub mod webhook;

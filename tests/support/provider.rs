@@ -652,7 +652,7 @@ async fn handle(
             .find(|(k, _)| k == "lag_by")
             .and_then(|(_, v)| v.parse::<u64>().ok())
             .unwrap_or(3);
-        let lag = if n % 2 == 0 { 0 } else { behind };
+        let lag = if n.is_multiple_of(2) { 0 } else { behind };
         let q = query.map(|q| format!("&{q}")).unwrap_or_default();
         redirect(&format!("/hls-live/{dir}/index.m3u8?lag={lag}{q}"), head)
     } else if let Some(tail) = path.strip_prefix("/hls-reset/") {
