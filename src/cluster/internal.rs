@@ -37,10 +37,15 @@ pub async fn route(app: &Arc<App>, session: &mut Session, ctx: &mut RequestCtx) 
         }
     };
     tracing::debug!(peer = %peer, %method, path = %path, "cluster request");
+    let hls_stream = super::hls::fetch_path(&path).map(str::to_owned);
     let status = match (method.as_str(), path.as_str()) {
         ("GET", "/_cluster/ping") => {
             respond::json(session, 200, &json!({ "node": cluster.node_id() })).await?;
             200
+        }
+        ("GET", _) if hls_stream.is_some() => {
+            let id = hls_stream.unwrap_or_default();
+            super::hls::serve(app, &cluster, session, ctx, &id).await?
         }
         _ => {
             respond::error(session, 404, "Not Found").await?;

@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod hls;
 pub mod internal;
 pub mod keys;
 pub mod metrics;
@@ -112,6 +113,8 @@ pub struct Cluster {
     peers: Mutex<Vec<NodeInfo>>,
     pub metrics: ClusterMetrics,
     started_ms: i64,
+    /// Who fetches each HLS stream (hls.rs).
+    pub hls: hls::HlsOwners,
 }
 
 impl Drop for Cluster {
@@ -169,6 +172,7 @@ impl Cluster {
             peers: Mutex::new(Vec::new()),
             metrics: ClusterMetrics::new(registry)?,
             started_ms: chrono::Utc::now().timestamp_millis(),
+            hls: hls::HlsOwners::default(),
         }))
     }
 

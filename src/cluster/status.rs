@@ -50,6 +50,7 @@ impl Cluster {
             "redis_error": if self.redis_up() { None } else { self.last_error() },
             "session": self.holds_session(),
             "peers": peers,
+            "hls": self.hls_status(),
         })
     }
 }

@@ -46,6 +46,9 @@ const STATIC_PLAYLIST_TTL: Duration = Duration::from_secs(10);
 /// Bounds of a live playlist's cache life (half its target duration).
 const MIN_LIVE_TTL: Duration = Duration::from_millis(500);
 const MAX_LIVE_TTL: Duration = Duration::from_secs(5);
+/// A copy from the cluster's HLS owner is kept at least this long, however
+/// old it was there (peers would ask again at every poll).
+const MIN_REMAINING_TTL: Duration = Duration::from_millis(250);
 /// Segments larger than this are relayed but not cached (a VOD file behind a
 /// playlist would evict the whole live edge).
 const MAX_CACHED_SEGMENT_FRACTION: usize = 4;
@@ -55,7 +58,7 @@ pub const PART_DIRECTIVE: &str = "_HLS_part";
 
 /// `url` without blocking-reload directives: what a redirect kept of them
 /// must not stick to the backend or the base of relative URIs.
-fn without_directives(url: &Url) -> Url {
+pub(crate) fn without_directives(url: &Url) -> Url {
     let Some(query) = url.query() else {
         return url.clone();
     };
@@ -135,6 +138,9 @@ pub struct Fetched {
     pub content_type: Option<String>,
     /// The URL after redirects: the base for relative URIs.
     pub final_url: Url,
+    /// Cluster: fetched from the stream's HLS owner (`cluster::hls`), which
+    /// had this copy for so long already.
+    pub via_owner: Option<Duration>,
 }
 
 /// A cached upstream playlist: the raw bytes (for variant mapping) and the
@@ -157,6 +163,12 @@ pub struct Playlist {
 impl Playlist {
     fn is_fresh(&self) -> bool {
         self.fetched.elapsed() < self.ttl
+    }
+
+    /// How long ago this copy was fetched (the cluster's HLS owner tells its
+    /// peers, so they keep it only for the rest of its life).
+    pub fn age(&self) -> Duration {
+        self.fetched.elapsed()
     }
 
     /// The numbers the timeline maps.
@@ -451,7 +463,8 @@ impl HlsFetcher {
         fetched: Fetched,
         info: PlaylistInfo,
     ) -> Result<(Arc<Playlist>, Verdict), FetchError> {
-        if spec.sticky && fetched.final_url != *url {
+        // A copy from the cluster's HLS owner: the owner keeps the sticky backend.
+        if spec.sticky && fetched.via_owner.is_none() && fetched.final_url != *url {
             *slot.sticky.lock() = Some(fetched.final_url.clone());
         }
         let rendered = Rendered::new(
@@ -540,6 +553,15 @@ impl HlsFetcher {
                 .unwrap_or(MIN_LIVE_TTL)
                 .clamp(MIN_LIVE_TTL, MAX_LIVE_TTL)
         };
+        // From the cluster's HLS owner: only the rest of the owner's copy's
+        // life, so the cluster polls the provider as often as one node would.
+        let fetched_at = match fetched.via_owner {
+            Some(age) => {
+                let age = age.min(ttl.saturating_sub(MIN_REMAINING_TTL));
+                Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+            }
+            None => Instant::now(),
+        };
         static GENERATION: AtomicU64 = AtomicU64::new(1);
         let p = Arc::new(Playlist {
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
@@ -552,7 +574,7 @@ impl HlsFetcher {
                 url: Arc::from(url.as_str()),
                 epoch,
             },
-            fetched: Instant::now(),
+            fetched: fetched_at,
             ttl,
         });
         *slot.current.write() = Some(p.clone());
@@ -982,6 +1004,9 @@ pub struct Opened {
     pub resp: reqwest::Response,
     pub final_url: Url,
     pub lease: Lease,
+    /// Cluster: the answer of the stream's HLS owner (`cluster::hls`), whose
+    /// copy was this old; `None` from the provider.
+    pub via_owner: Option<Duration>,
 }
 
 /// Takes a lease of `provider`, waiting for one within the limit (idle
@@ -1010,12 +1035,32 @@ async fn lease(app: &App, provider: Option<&str>, stream_id: &str) -> Result<Lea
     }
 }
 
+/// GETs `url` for a segment, key or init map: from the provider, or in a
+/// cluster from the stream's HLS owner when another node is it
+/// (`cluster::hls`).
+pub async fn open(
+    app: &App,
+    stream_id: &str,
+    spec: &StreamSpec,
+    url: &Url,
+    range: Option<&str>,
+    header_timeout: Duration,
+) -> Result<Opened, FetchError> {
+    let kind = rewrite::Kind::Segment;
+    if let Some(o) =
+        crate::cluster::hls::open_via_owner(app, stream_id, url, kind, range, header_timeout).await
+    {
+        return o;
+    }
+    open_provider(app, stream_id, spec, url, range, header_timeout).await
+}
+
 /// GETs `url` with the stream's identity (R7) and `Connection: close` (an HLS
 /// provider socket lives as long as its fetch, like the hub's: an idle stream
 /// holds no provider slot). Redirects are followed here, hop by hop, so each
 /// hop's address is checked (`security.deny_private_upstreams`) and the lease
 /// is of the provider of the host actually connected to.
-pub async fn open(
+async fn open_provider(
     app: &App,
     stream_id: &str,
     spec: &StreamSpec,
@@ -1080,6 +1125,7 @@ pub async fn open(
             resp,
             final_url: url,
             lease,
+            via_owner: None,
         });
     }
     Err(FetchError::Redirect("too many redirects"))
@@ -1094,11 +1140,19 @@ async fn fetch_playlist(
     limits: &Limits,
 ) -> Result<Fetched, FetchError> {
     let work = async {
+        let kind = rewrite::Kind::Playlist;
+        let via_owner =
+            crate::cluster::hls::open_via_owner(app, stream_id, url, kind, None, limits.header);
+        let opened = match via_owner.await {
+            Some(o) => o,
+            None => open_provider(app, stream_id, spec, url, None, limits.header).await,
+        };
         let Opened {
             resp,
             final_url,
             lease,
-        } = open(app, stream_id, spec, url, None, limits.header).await?;
+            via_owner,
+        } = opened?;
         let _lease = lease;
         let status = resp.status().as_u16();
         if status >= 300 {
@@ -1144,6 +1198,7 @@ async fn fetch_playlist(
             body: body.freeze(),
             content_type,
             final_url,
+            via_owner,
         })
     };
     match tokio::time::timeout(limits.total, work).await {

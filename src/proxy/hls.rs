@@ -102,7 +102,7 @@ async fn start(
 
 /// A whole response with a body known in full (the in-memory HLS of a
 /// transcode).
-pub(super) async fn write(
+pub(crate) async fn write(
     app: &App,
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -483,7 +483,7 @@ async fn refuse(
     Ok(true)
 }
 
-fn default_type(kind: Kind, url: &Url) -> &'static str {
+pub(crate) fn default_type(kind: Kind, url: &Url) -> &'static str {
     match kind {
         Kind::Key => "application/octet-stream",
         Kind::Map => "video/mp4",
@@ -633,7 +633,7 @@ fn byte_range(value: &str, total: usize) -> Option<Option<(usize, usize)>> {
 }
 
 /// Serves a shared fetch, whole or one range of it, as its bytes arrive.
-async fn serve_shared(
+pub(crate) async fn serve_shared(
     app: &App,
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -698,7 +698,7 @@ async fn serve_shared(
 
 /// Streams a provider answer through for this request alone (objects too big
 /// to share): one piece in memory at a time.
-async fn serve_direct(
+pub(crate) async fn serve_direct(
     app: &App,
     session: &mut Session,
     ctx: &mut RequestCtx,

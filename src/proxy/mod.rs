@@ -6,7 +6,7 @@
 
 mod broadcast;
 mod ctx;
-mod hls;
+pub(crate) mod hls;
 mod live;
 mod packaged;
 mod protocol;
