@@ -260,7 +260,8 @@ async fn takeover_run(p: &Provider, run: u64) -> Option<(Option<f64>, usize)> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let reads: Vec<Arc<Mutex<Vec<Instant>>>> = (0..2).map(|_| Arc::default()).collect();
     let mut tasks = Vec::new();
-    let until = Instant::now() + Duration::from_secs(22);
+    // Kill after 2 s; CLUSTER.md expects a ~5–6 s gap: 10 s after the kill.
+    let until = Instant::now() + Duration::from_secs(12);
     for (i, log) in reads.iter().enumerate() {
         let addr = addrs[i + 1].1.clone();
         let log = log.clone();

@@ -116,6 +116,9 @@ impl Lifecycle {
             clients = cut,
             "viewers disconnected and live channels closed"
         );
+        if let Some(c) = &app.cluster {
+            crate::cluster::hls::release_all(c).await;
+        }
         if !handover {
             app.final_save();
         }

@@ -316,6 +316,40 @@ async fn sweep(c: Arc<Cluster>) {
     }
 }
 
+/// At shutdown (SIGTERM): gives up every HLS stream this node owns, so the
+/// next node to fetch takes it at once instead of after the session expired.
+pub async fn release_all(c: &Arc<Cluster>) {
+    let owned: Vec<(String, u64)> = {
+        let mut roles = c.hls.roles.lock();
+        let owned = roles
+            .iter()
+            .filter_map(|(id, e)| match e.role {
+                Role::Owner { epoch, .. } => Some((id.clone(), epoch)),
+                _ => None,
+            })
+            .collect::<Vec<_>>();
+        roles.clear();
+        owned
+    };
+    if owned.is_empty() {
+        return;
+    }
+    let cc = c.clone();
+    let work = c.spawn(async move {
+        for (id, epoch) in owned {
+            if let Ok(true) = ownership::release(&cc, &id, epoch).await {
+                cc.publish(Bus::Released { stream: id });
+            }
+        }
+    });
+    if tokio::time::timeout(Duration::from_secs(2), work)
+        .await
+        .is_err()
+    {
+        tracing::warn!("cluster: HLS streams not all released at shutdown (Redis slow?)");
+    }
+}
+
 /// Whether `id` can be written in a path as it is (ids are letters, digits,
 /// `_`, `-` and md5 hex; anything else is fetched directly).
 fn plain_id(id: &str) -> bool {

@@ -320,3 +320,70 @@ async fn without_redis_each_node_fetches_for_itself() {
         );
     }
 }
+
+/// (next segment number, parts of it made, CAN-BLOCK-RELOAD) of an LL-HLS playlist.
+fn ll_state(body: &str) -> (u64, u64, bool) {
+    let (mut segments, mut trailing) = (0, 0);
+    for l in body.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !l.starts_with('#') {
+            segments += 1;
+            trailing = 0;
+        } else if l.starts_with("#EXT-X-PART:") {
+            trailing += 1;
+        }
+    }
+    (
+        media_sequence(body).unwrap_or(0) + segments,
+        trailing,
+        body.contains("CAN-BLOCK-RELOAD=YES"),
+    )
+}
+
+/// LL-HLS blocking reloads from players on three nodes are held at the
+/// owner: the provider sees one held request per part, not one per node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llhls_blocking_reloads_on_three_nodes_are_one_provider_request() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    let ll = "/hls-ll/hls_ts/v0/index.m3u8?seg_ms=1000&parts=4";
+    let mut c = ClusterNodes::start(&redis, 3, &body(&p, ll)).await;
+    let bases: Vec<String> = (0..3).map(|i| c.node(i).base()).collect();
+    let (s, b) = fetch(&format!("{}/hls/{STREAM}/playlist.m3u8", bases[0])).await;
+    assert_eq!(s, 200);
+    let (next, _, can_block) = ll_state(&String::from_utf8_lossy(&b));
+    assert!(can_block);
+    // The last part of the segment after the next one: ~1.5 s away.
+    let (msn, part) = (next + 1, 3);
+    let mut tasks = Vec::new();
+    for (i, base) in bases.iter().enumerate() {
+        for k in 0..2 {
+            let u = format!(
+                "{base}/hls/{STREAM}/playlist.m3u8?client_id=ll{i}{k}&_HLS_msn={msn}&_HLS_part={part}"
+            );
+            tasks.push(tokio::spawn(async move { fetch(&u).await }));
+        }
+    }
+    for t in tasks {
+        let (s, b) = t.await.unwrap();
+        let text = String::from_utf8_lossy(&b).into_owned();
+        assert_eq!(s, 200, "{text}");
+        let (n, trailing, _) = ll_state(&text);
+        assert!(
+            n > msn || (n == msn && trailing > part),
+            "part {part} of segment {msn} missing:\n{text}"
+        );
+    }
+    let held: Vec<String> = p
+        .requests()
+        .into_iter()
+        .map(|r| r.path)
+        .filter(|path| path.contains(&format!("_HLS_msn={msn}&_HLS_part={part}")))
+        .collect();
+    assert_eq!(
+        held.len(),
+        1,
+        "one held provider request for six players on three nodes: {held:?}"
+    );
+}
