@@ -83,7 +83,7 @@ async fn one_owner_fencing_epochs_and_take_over() {
     winner.shutdown();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let taken = loop {
-        match ownership::take(&loser, "ch1", "live").await {
+        match ownership::take(loser, "ch1", "live").await {
             Ok(Take::Mine(o)) => break o,
             Ok(Take::Theirs(o)) => assert_eq!(o.node, winner_id),
             Err(e) => panic!("{e}"),
@@ -93,10 +93,8 @@ async fn one_owner_fencing_epochs_and_take_over() {
     };
     assert!(taken.epoch > owner.epoch);
     assert_eq!(taken.node, loser.node_id());
-    assert!(ownership::release(&loser, "ch1", taken.epoch)
-        .await
-        .unwrap());
-    assert_eq!(ownership::current(&loser, "ch1").await.unwrap(), None);
+    assert!(ownership::release(loser, "ch1", taken.epoch).await.unwrap());
+    assert_eq!(ownership::current(loser, "ch1").await.unwrap(), None);
 }
 
 #[tokio::test]
