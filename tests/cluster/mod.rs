@@ -5,3 +5,4 @@
 
 mod hls;
 mod membership;
+mod ownership;
