@@ -40,6 +40,11 @@ use support::redis::RedisServer;
 
 const KBPS: u64 = 8000;
 const CHANNEL: &str = "bench";
+/// An HLS stream (1 s segments) configured beside the channel.
+const HLS: &str = "hlsbench";
+const HLS_PLAYLIST: &str = "/hls-live/hls_ts/v0/index.m3u8";
+/// The same reference-signing key on every node.
+const TOKEN_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -51,8 +56,9 @@ fn env_num(name: &str, default: u64) -> u64 {
 /// A node's YAML (without `cluster:`): the channel configured by id.
 fn body(p: &Provider, path: &str) -> String {
     format!(
-        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n  threads: 2\nlog:\n  level: warn\nstreams:\n  - id: {CHANNEL}\n    url: \"{}\"\n",
-        p.url(path)
+        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n  threads: 2\nlog:\n  level: warn\nhls:\n  token_key: \"{TOKEN_KEY}\"\nstreams:\n  - id: {CHANNEL}\n    url: \"{}\"\n  - id: {HLS}\n    url: \"{}\"\n",
+        p.url(path),
+        p.url(&format!("{}?seg_ms=1000", &HLS_PLAYLIST[1..]))
     )
 }
 
@@ -341,6 +347,81 @@ where
     )
 }
 
+/// HLS players (`per_node` on each of `bases`) polling the playlist every
+/// second and fetching each new segment once, for `secs`: what the provider
+/// saw. Returns the table row's cells.
+async fn hls_step(p: &Provider, bases: &[String], per_node: usize, secs: u64) -> String {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let polls0 = p.hits(HLS_PLAYLIST);
+    let segs0 = p.requests().len();
+    let until = Instant::now() + Duration::from_secs(secs);
+    let requests = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, base) in bases.iter().enumerate() {
+        for k in 0..per_node {
+            let (client, base) = (client.clone(), base.clone());
+            let (requests, failed) = (requests.clone(), failed.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut seen = std::collections::HashSet::new();
+                let get = |url: String| {
+                    let client = client.clone();
+                    let (requests, failed) = (requests.clone(), failed.clone());
+                    async move {
+                        requests.fetch_add(1, Ordering::Relaxed);
+                        let body = match client.get(url).send().await {
+                            Ok(r) if r.status() == 200 => r.bytes().await.ok(),
+                            _ => None,
+                        };
+                        if body.is_none() {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        body
+                    }
+                };
+                while Instant::now() < until {
+                    let url = format!("{base}/hls/{HLS}/playlist.m3u8?client_id=n{i}p{k}");
+                    if let Some(b) = get(url).await {
+                        let text = String::from_utf8_lossy(&b).into_owned();
+                        for u in text
+                            .lines()
+                            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        {
+                            if seen.insert(u.to_owned()) {
+                                get(format!("{base}{u}")).await;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let polls = p.hits(HLS_PLAYLIST) - polls0;
+    let segs: Vec<String> = p.requests()[segs0..]
+        .iter()
+        .filter(|r| r.path_only().starts_with("/hls-live/") && r.path_only().ends_with(".ts"))
+        .map(|r| r.path.clone())
+        .collect();
+    let distinct: std::collections::HashSet<&String> = segs.iter().collect();
+    format!(
+        "{:.2} | {} / {} | {} / {} |",
+        polls as f64 / wall,
+        segs.len(),
+        distinct.len(),
+        failed.load(Ordering::Relaxed),
+        requests.load(Ordering::Relaxed)
+    )
+}
+
 /// Whether the answer came whole with a status `want` accepts.
 async fn ok(r: reqwest::Result<reqwest::Response>, want: impl Fn(u16) -> bool) -> bool {
     match r {
@@ -426,6 +507,25 @@ fn main() {
         if s.provider_peak > 1 {
             println!("\nprovider connections > 1: this build does not relay live channels between nodes (each node opened its own).");
         }
+
+        // HLS fetched once cluster-wide: players on the three nodes vs one node.
+        let hls_players = env_num("CLUSTER_HLS_PLAYERS", 50) as usize;
+        let hls_secs = 10;
+        println!("\nHLS, 1 s segments: {hls_players} players per node polling every second, {hls_secs} s");
+        println!();
+        println!("| setup | players | provider playlist fetches / s | provider segment fetches / distinct segments | failed / player requests |");
+        println!("|---|---:|---:|---:|---:|");
+        let bases: Vec<String> = nodes.iter().map(|e| e.base()).collect();
+        println!(
+            "| 3 nodes | 3 × {hls_players} | {}",
+            hls_step(&p, &bases, hls_players, hls_secs).await
+        );
+        let e = single(&p, &format!("live/hls-single.ts?kbps={KBPS}")).await;
+        println!(
+            "| single node (floor) | {hls_players} | {}",
+            hls_step(&p, &[e.base()], hls_players, hls_secs).await
+        );
+        drop(e);
 
         // API latency on a non-owner node while n1 owns the channel.
         let client = reqwest::Client::builder().no_proxy().build().expect("client");
