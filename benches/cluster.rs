@@ -10,7 +10,13 @@
 //! 2. Take-over gap: a viewer on n2 and on n3 of a channel n1 owns; `kill -9`
 //!    n1; time from the kill until a remote viewer gets bytes again (p50 and
 //!    max over R runs, a fresh cluster each run).
-//! 3. API latency on a non-owner node (n2 while n1 owns the channel):
+//! 3. HLS (1 s segments): P players per node polling every second: provider
+//!    playlist fetches per second and segment fetches vs distinct segments,
+//!    beside P players on the single node; and a take-over: a player on each
+//!    node, `kill -9` of the HLS owner, the longest wait between new segments
+//!    on the other nodes beside the same measure before the kill (the 1 s
+//!    segment cadence is the floor).
+//! 4. API latency on a non-owner node (n2 while n1 owns the channel):
 //!    `GET /streams/{id}` and `POST /streams`, p50 / p99 over N calls each,
 //!    beside the same calls on the single node.
 //!
@@ -18,8 +24,9 @@
 //! or not the shared registry is there; `POST /streams` registers new ones.
 //!
 //! Run: `cargo bench --bench cluster` (env: CLUSTER_VIEWERS per node (500),
-//! CLUSTER_SECS measured window (10), CLUSTER_RUNS take-over runs (10),
-//! CLUSTER_API_CALLS (200)). Quick check: `CLUSTER_VIEWERS=50 CLUSTER_RUNS=2`.
+//! CLUSTER_SECS measured window (10), CLUSTER_RUNS take-over runs (10; HLS
+//! take-over: at most 5), CLUSTER_HLS_PLAYERS per node (50), CLUSTER_API_CALLS
+//! (200)). Quick check: `CLUSTER_VIEWERS=50 CLUSTER_RUNS=2`.
 //! Skips (with a message) when redis-server is not installed.
 
 #[path = "../tests/support/mod.rs"]
@@ -325,6 +332,94 @@ async fn takeover_run(p: &Provider, run: u64) -> Option<(Option<f64>, usize)> {
     Some((gap, peak_before))
 }
 
+/// HLS take-over: a player on each node (n1 first: it owns the stream),
+/// polling every 200 ms; `kill -9` n1 after 3 s. Returns, for the players on
+/// n2 and n3, the longest wait between two new segments delivered after the
+/// kill and before it (the floor: the segment cadence, 1 s), in ms, and the
+/// requests that failed after the kill.
+async fn hls_takeover_run(p: &Provider) -> Option<(f64, f64, usize)> {
+    let redis = RedisServer::start().await?;
+    let mut nodes = cluster(&redis, p, &format!("live/unused.ts?kbps={KBPS}")).await;
+    let bases: Vec<String> = nodes.iter().map(|e| e.base()).collect();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let first = client
+        .get(format!("{}/hls/{HLS}/playlist.m3u8", bases[0]))
+        .send()
+        .await;
+    if !matches!(first, Ok(r) if r.status() == 200) {
+        return None;
+    }
+    let until = Instant::now() + Duration::from_secs(12);
+    let mut tasks = Vec::new();
+    for (i, base) in bases.iter().enumerate() {
+        let (client, base) = (client.clone(), base.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut seen, mut got, mut failed) =
+                (std::collections::HashSet::new(), Vec::new(), Vec::new());
+            while Instant::now() < until {
+                let url = format!("{base}/hls/{HLS}/playlist.m3u8?client_id=t{i}");
+                let body = match client.get(url).send().await {
+                    Ok(r) if r.status() == 200 => r.bytes().await.ok(),
+                    _ => None,
+                };
+                let Some(b) = body else {
+                    failed.push(Instant::now());
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                let text = String::from_utf8_lossy(&b).into_owned();
+                for u in text
+                    .lines()
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                {
+                    if seen.contains(u) {
+                        continue;
+                    }
+                    if ok(client.get(format!("{base}{u}")).send().await, |s| s == 200).await {
+                        seen.insert(u.to_owned());
+                        got.push(Instant::now());
+                    } else {
+                        failed.push(Instant::now());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            (got, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    nodes[0].kill();
+    let killed = Instant::now();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.ok()?);
+    }
+    let longest = |times: &[Instant], from: Instant, to: Instant| {
+        let inside: Vec<Instant> = times
+            .iter()
+            .copied()
+            .filter(|t| *t >= from && *t <= to)
+            .collect();
+        inside
+            .windows(2)
+            .map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1000.0)
+            .fold(0.0, f64::max)
+    };
+    let (mut after, mut before, mut failed) = (0.0f64, 0.0f64, 0);
+    for (got, fails) in results.iter().skip(1) {
+        // From the last segment before the kill to the end.
+        let from = got.iter().copied().rfind(|t| *t < killed).unwrap_or(killed);
+        after = after.max(longest(got, from, until));
+        before = before.max(longest(got, killed - Duration::from_millis(2500), killed));
+        failed += fails.iter().filter(|t| **t >= killed).count();
+    }
+    Some((after, before, failed))
+}
+
 /// p50 / p99 (ms) of `n` calls made by `call`.
 async fn latency<F, Fut>(n: u64, mut call: F) -> (f64, f64, usize)
 where
@@ -572,6 +667,20 @@ fn main() {
         );
         if peaks.iter().any(|&n| n > 1) {
             println!("\nmore than one provider connection before the kill: remote viewers had their own, so the gap does not measure a take-over on this build.");
+        }
+
+        let hls_runs = runs.min(5);
+        println!("\nHLS take-over: a player on each node, n1 owns the stream (1 s segments); kill -9 n1; longest wait between new segments for the players on n2 and n3 ({hls_runs} runs)");
+        println!();
+        println!("| run | after the kill (ms) | floor: before the kill (ms) | failed requests after the kill |");
+        println!("|---:|---:|---:|---:|");
+        for run in 0..hls_runs {
+            match hls_takeover_run(&p).await {
+                Some((after, before, failed)) => {
+                    println!("| {} | {after:.0} | {before:.0} | {failed} |", run + 1)
+                }
+                None => println!("| {} | (no start) | | |", run + 1),
+            }
         }
     });
 }
