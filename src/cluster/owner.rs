@@ -47,6 +47,8 @@ pub struct Table {
     relayed: Mutex<HashMap<String, String>>,
     /// Shutting down: take nothing any more.
     draining: AtomicBool,
+    /// The bus listener of owned channels runs (started once).
+    listener: std::sync::OnceLock<()>,
 }
 
 impl Table {
@@ -107,6 +109,11 @@ impl Table {
     /// (owned, relayed) channel counts.
     pub fn counts(&self) -> (usize, usize) {
         (self.owned.lock().len(), self.relayed.lock().len())
+    }
+
+    /// Runs `start` the first time only.
+    pub fn start_listener(&self, start: impl FnOnce()) {
+        self.listener.get_or_init(start);
     }
 
     pub fn drain(&self) {
@@ -235,6 +242,23 @@ return 1
 
 static WRITE_FIELDS_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(WRITE_FIELDS));
+
+/// Writes `stream:{s}` fields without an epoch (an API call's decision,
+/// such as a forced failover, not an owner's).
+pub async fn write_shared(
+    c: &Cluster,
+    stream: &str,
+    fields: &[(&str, String)],
+) -> Result<(), ClusterError> {
+    let mut conn = c.redis().await?;
+    let mut cmd = redis::cmd("HSET");
+    cmd.arg(c.keys().stream(stream));
+    for (k, v) in fields {
+        cmd.arg(*k).arg(v);
+    }
+    let _: i64 = c.run(cmd.query_async(&mut conn)).await?;
+    Ok(())
+}
 
 /// Records the channel's detection when it turned out not to be live
 /// (file or HLS), so every node routes the stream alike.

@@ -46,6 +46,9 @@ const REDIS_WAIT: Duration = Duration::from_millis(500);
 /// A relay that delivers nothing valid for this long (at least; the
 /// channel's `stall_timeout` when longer) is checked against `own:{s}`.
 const PEER_STALL_MIN: Duration = Duration::from_secs(2);
+/// Added to `node_ttl` for the shortest time a channel waits for a source:
+/// a dead owner's session must expire and a node take over first.
+const GIVE_UP_SLACK: Duration = Duration::from_secs(5);
 /// How long a new channel waits for a closing channel of the same stream on
 /// this node to give its ownership record back.
 const HANDOFF_WAIT: Duration = Duration::from_secs(3);
@@ -62,6 +65,9 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
         return;
     };
     let id = ch.stream.id.clone();
+    c.table().start_listener(|| {
+        c.spawn(listen(app.clone(), c.clone()));
+    });
     // Another node may already know this is a file or HLS: route alike.
     if let Some((detected, _, _)) = owner::read_shared(&c, &id).await {
         owner::apply_detected(&ch.stream, detected.as_deref());
@@ -76,7 +82,25 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
     let stall = app.config.live.stall_timeout.max(PEER_STALL_MIN);
     let mut next = Next::Take;
     let mut retry = RETRY_FIRST;
+    // Since when no source (provider or relay) fed the channel: like a
+    // provider outage, it ends after `live.give_up_after` (at least long
+    // enough for a take-over).
+    let give_up = app
+        .config
+        .live
+        .give_up_after
+        .max(c.config().node_ttl + GIVE_UP_SLACK);
+    let mut sourceless: Option<Instant> = None;
     while !ch.is_closed() {
+        if sourceless.is_some_and(|t| t.elapsed() >= give_up) {
+            tracing::warn!(stream_id = %id, "cluster: no owner reachable and no provider for live.give_up_after: channel ended");
+            ch.set_phase(if ch.phase() == Phase::Connecting {
+                Phase::Unavailable(502)
+            } else {
+                Phase::Ended("no source for live.give_up_after".into())
+            });
+            break;
+        }
         let step = match next.take() {
             Next::Take if c.table().draining() => Step::Wait(REDIS_WAIT),
             Next::Take => match take(&c, &ch).await {
@@ -87,6 +111,7 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
         };
         match step {
             Step::Wait(d) => {
+                sourceless.get_or_insert_with(Instant::now);
                 sleep_or_closed(&ch, d).await;
                 next = Next::Resolve { broken: None };
             }
@@ -96,19 +121,21 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
                     Owning::Ended | Owning::Closed => break,
                     Owning::Yielded => {
                         feed.note_switch();
-                        // Fenced: wait for a session before anything else.
-                        while !c.holds_session() && !ch.is_closed() {
-                            sleep_or_closed(&ch, REDIS_WAIT).await;
-                        }
+                        sourceless = Some(Instant::now());
                         next = Next::Resolve { broken: None };
                     }
                 }
             }
             Step::Got(Take::Theirs(o)) => match relay(&c, &ch, &mut feed, &o, stall).await {
                 Relaying::Ended => break,
-                Relaying::Broken(why) => {
+                Relaying::Broken { why, fed } => {
                     tracing::info!(stream_id = %id, owner = %o.node, reason = %why, "cluster: relay broke, looking for the owner");
-                    feed.note_switch();
+                    if fed {
+                        feed.note_switch();
+                        sourceless = Some(Instant::now());
+                    } else {
+                        sourceless.get_or_insert_with(Instant::now);
+                    }
                     next = Next::Resolve { broken: Some(o) };
                 }
             },
@@ -287,8 +314,9 @@ async fn own(c: &Arc<Cluster>, ch: &Arc<Channel>, feed: &mut Reader, o: Owner) -
 enum Relaying {
     /// The channel closed, or the owner said it is not a live channel.
     Ended,
-    /// The connection broke or was refused: find the owner again.
-    Broken(String),
+    /// The connection broke (`fed`: after feeding the channel) or was
+    /// refused: find the owner again.
+    Broken { why: String, fed: bool },
 }
 
 /// Relays the channel from `o` until the connection breaks or the channel ends.
@@ -307,7 +335,7 @@ async fn relay(
     };
     let mut body = match opened {
         Ok(b) => b,
-        Err(Refusal::Retry(why)) => return Relaying::Broken(why),
+        Err(Refusal::Retry(why)) => return Relaying::Broken { why, fed: false },
         Err(Refusal::Final(phase)) => {
             apply_final(ch, phase);
             return Relaying::Ended;
@@ -319,14 +347,19 @@ async fn relay(
     let end = loop {
         match feed.run_peer(body, stall, &stop).await {
             PeerEnd::Stopped => break Relaying::Ended,
-            PeerEnd::Broken(why) => break Relaying::Broken(why),
+            PeerEnd::Broken(why) => break Relaying::Broken { why, fed: true },
             PeerEnd::Stalled(b) => {
                 // Quiet: read on while it is still the owner (its provider
                 // may be failing over); else look again.
                 match ownership::current(c, id).await {
                     Ok(Some(now)) if now.node == o.node && now.epoch == o.epoch => body = b,
                     Err(_) => body = b,
-                    Ok(_) => break Relaying::Broken("the owner changed or was lost".into()),
+                    Ok(_) => {
+                        break Relaying::Broken {
+                            why: "the owner changed or was lost".into(),
+                            fed: true,
+                        }
+                    }
                 }
             }
         }
@@ -432,4 +465,45 @@ pub async fn drain(app: &App, within: Duration) {
     while Instant::now() < end && table.counts().0 > 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Bus messages for owned channels: `FailoverNow` from the node whose API
+/// was asked to fail a stream over (the owner switches its provider).
+async fn listen(app: Arc<App>, c: Arc<Cluster>) {
+    let mut rx = c.subscribe();
+    loop {
+        let env = match rx.recv().await {
+            Ok(env) => env,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        if env.from == c.node_id() {
+            continue;
+        }
+        if let Bus::FailoverNow { stream } = env.msg {
+            let Some(o) = c.table().owned(&stream) else {
+                continue;
+            };
+            // The API node recorded the new source in `stream:{s}`.
+            owner::adopt_shared(&c, &o.ch.stream).await;
+            if app.hub.force_failover(&stream) {
+                tracing::info!(stream_id = %stream, from = %env.from, "cluster: failover asked by another node");
+            }
+        }
+    }
+}
+
+/// `POST /streams/{id}/failover` on a cluster node: records the new source
+/// in `stream:{s}` and tells the owner (wherever it runs) to switch to it.
+pub async fn failover_everywhere(c: &Cluster, stream: &str, index: i64, url: &str) {
+    let fields = [
+        ("current_url", url.to_string()),
+        ("failover_index", index.to_string()),
+    ];
+    if let Err(e) = owner::write_shared(c, stream, &fields).await {
+        tracing::warn!(stream_id = %stream, error = %e, "cluster: could not share the forced failover");
+    }
+    c.publish(Bus::FailoverNow {
+        stream: stream.to_string(),
+    });
 }

@@ -400,3 +400,43 @@ async fn frozen_owner_is_replaced_and_yields_after_resume() {
         assert_eq!(status, 409, "old-epoch relay request to n{}", i + 1);
     }
 }
+
+/// `POST /streams/{id}/failover` on a node that only relays the channel switches
+/// the owner's provider connection (over the bus and `stream:{s}`); viewers on both
+/// nodes stay connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_asked_on_a_relaying_node_switches_the_owner() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n\
+         live:\n  stall_timeout: \"1s\"\n  retry_backoff: \"1s\"\n\
+         streams:\n  - id: fo\n    url: \"{}\"\n    live: true\n    failover_urls:\n      - \"{}\"\n",
+        p.url("live/fa.ts?kbps=800"),
+        p.url("live/fb.ts?kbps=800"),
+    );
+    let mut c = ClusterNodes::start(&redis, 2, &yaml).await;
+    let mut a = joined(c.node(0), "fo", "a").await;
+    let mut b = joined(c.node(1), "fo", "b").await;
+    assert_eq!(p.open_streams("/live/fa"), 1);
+    let (status, v) = client::api(
+        c.node(1),
+        http::Method::POST,
+        "/streams/fo/failover",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        p.wait_until(T, |p| p.open_streams("/live/fb") == 1
+            && p.open_streams("/live/fa") == 0)
+            .await,
+        "the owner did not switch to the failover source"
+    );
+    keeps_watching(&mut a, "viewer on n1", T).await;
+    keeps_watching(&mut b, "viewer on n2", T).await;
+    assert_eq!(p.open_streams("/live/"), 1);
+}
