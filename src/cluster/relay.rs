@@ -126,6 +126,12 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
                     }
                 }
             }
+            Step::Got(Take::Theirs(o)) if o.kind == "hls" => {
+                // Another node serves it as HLS (its first response was a
+                // playlist): local viewers go to the HLS path too.
+                apply_final(&ch, Phase::Hls);
+                break;
+            }
             Step::Got(Take::Theirs(o)) => match relay(&c, &ch, &mut feed, &o, stall).await {
                 Relaying::Ended => break,
                 Relaying::Broken { why, fed } => {
