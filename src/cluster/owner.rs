@@ -43,8 +43,9 @@ pub struct Owned {
 #[derive(Default)]
 pub struct Table {
     owned: Mutex<HashMap<String, Owned>>,
-    /// Channels fed from another node: stream → owner node.
-    relayed: Mutex<HashMap<String, String>>,
+    /// Channels fed from another node: stream → open relay connections
+    /// (one, but a closing channel may overlap a new one for a moment).
+    relayed: Mutex<HashMap<String, usize>>,
     /// Shutting down: take nothing any more.
     draining: AtomicBool,
     /// The bus listener of owned channels runs (started once).
@@ -94,13 +95,14 @@ impl Table {
             .collect()
     }
 
-    pub fn set_relayed(&self, stream: &str, owner: Option<&str>) {
+    /// A relay connection of `stream` opened (`true`) or ended.
+    pub fn set_relayed(&self, stream: &str, open: bool) {
         let mut r = self.relayed.lock();
-        match owner {
-            Some(o) => {
-                r.insert(stream.to_string(), o.to_string());
-            }
-            None => {
+        if open {
+            *r.entry(stream.to_string()).or_default() += 1;
+        } else if let Some(n) = r.get_mut(stream) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
                 r.remove(stream);
             }
         }

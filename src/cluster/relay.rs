@@ -338,6 +338,8 @@ async fn relay(
     let opened = tokio::select! {
         _ = stop.cancelled() => return Relaying::Ended,
         r = open(c, id, o) => r,
+        // A frozen owner accepts connections but never answers.
+        _ = owner_gone(c, id, o) => Err(Refusal::Retry("the owner changed or was lost".into())),
     };
     let mut body = match opened {
         Ok(b) => b,
@@ -348,7 +350,7 @@ async fn relay(
         }
     };
     tracing::info!(stream_id = %id, owner = %o.node, epoch = o.epoch, "cluster: relaying the channel from its owner");
-    c.table().set_relayed(id, Some(&o.node));
+    c.table().set_relayed(id, true);
     c.metrics.relays_open.inc();
     let end = loop {
         match feed.run_peer(body, stall, &stop).await {
@@ -371,8 +373,21 @@ async fn relay(
         }
     };
     c.metrics.relays_open.dec();
-    c.table().set_relayed(id, None);
+    c.table().set_relayed(id, false);
     end
+}
+
+/// Resolves once `o` is no longer the live owner of `id` (checked every
+/// [`PEER_STALL_MIN`]; a Redis error counts as no change).
+async fn owner_gone(c: &Cluster, id: &str, o: &Owner) {
+    loop {
+        tokio::time::sleep(PEER_STALL_MIN).await;
+        match ownership::current(c, id).await {
+            Ok(Some(now)) if now.node == o.node && now.epoch == o.epoch => {}
+            Err(_) => {}
+            Ok(_) => return,
+        }
+    }
 }
 
 /// Why the owner did not serve a relay.
