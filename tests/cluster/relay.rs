@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::support::client::{self, BodyReader};
 use crate::support::cluster::{ClusterNodes, SECRET};
 use crate::support::edge::Edge;
+use crate::support::eventually::eventually;
 use crate::support::provider::Provider;
 use crate::support::redis::RedisServer;
 use crate::support::ts_check::{check_clean_join, is_valid_ts};
@@ -439,6 +440,37 @@ async fn failover_asked_on_a_relaying_node_switches_the_owner() {
     keeps_watching(&mut a, "viewer on n1", T).await;
     keeps_watching(&mut b, "viewer on n2", T).await;
     assert_eq!(p.open_streams("/live/"), 1);
+}
+
+/// Relaying nodes send no `stream_started` and no `failover_triggered`: only the
+/// owner, whose reader opened the provider, does (issue #17 item 5 makes the
+/// owner's events once-only across take-overs through `sess:{s}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_owner_sends_stream_started() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let hook = crate::support::webhook::WebhookReceiver::start().await;
+    let yaml = format!(
+        "{}events:\n  webhooks:\n    - url: \"{}\"\n      events: [stream_started, failover_triggered]\n",
+        body(&p, &["ch1"]),
+        hook.url("/hook")
+    );
+    let mut c = ClusterNodes::start(&redis, 3, &yaml).await;
+    let mut viewers = Vec::new();
+    for i in 0..3 {
+        viewers.push(joined(c.node(i), "ch1", &format!("v{i}")).await);
+    }
+    assert!(
+        eventually(T, || hook.events_of("stream_started").len() == 1).await,
+        "no stream_started"
+    );
+    for (i, v) in viewers.iter_mut().enumerate() {
+        keeps_watching(v, &format!("viewer {i}"), T).await;
+    }
+    assert_eq!(hook.events_of("stream_started").len(), 1);
+    assert_eq!(hook.events_of("failover_triggered").len(), 0);
 }
 
 /// The bounded randomized "nemesis" run (CLUSTER.md): three nodes and two channels
