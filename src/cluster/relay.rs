@@ -294,16 +294,15 @@ async fn own(c: &Arc<Cluster>, ch: &Arc<Channel>, feed: &mut Reader, o: Owner) -
     // The provider socket is closed (the reader returned): a successor can
     // open its own without overlap.
     match ownership::release(c, &id, epoch).await {
-        Ok(true) => {
-            c.metrics.ownership_changes.inc();
-            c.publish(Bus::Released { stream: id.clone() });
-        }
+        Ok(true) => c.publish(Bus::Released { stream: id.clone() }),
         Ok(false) => {}
         Err(e) => {
             tracing::warn!(stream_id = %id, error = %e, "cluster: release failed; the record ends with this node's session")
         }
     }
     c.table().disown(&id, ch);
+    // Given up or released: no longer this node's.
+    c.metrics.ownership_changes.inc();
     match ended {
         None => Owning::Yielded,
         Some(_) if ch.is_closed() => Owning::Closed,
