@@ -108,6 +108,12 @@ impl Table {
         }
     }
 
+    /// Whether a channel of `stream` on this node may hold a provider
+    /// connection (it is not relayed from another node).
+    pub fn is_sourced_here(&self, stream: &str) -> bool {
+        !self.relayed.lock().contains_key(stream)
+    }
+
     /// (owned, relayed) channel counts.
     pub fn counts(&self) -> (usize, usize) {
         (self.owned.lock().len(), self.relayed.lock().len())

@@ -290,6 +290,7 @@ async fn own(c: &Arc<Cluster>, ch: &Arc<Channel>, feed: &mut Reader, o: Owner) -
     };
     // Relays served end now: their nodes look for the new owner.
     served.cancel();
+    ch.clear_provider();
     owner::write_detected(c, ch, epoch).await;
     // The provider socket is closed (the reader returned): a successor can
     // open its own without overlap.

@@ -169,6 +169,12 @@ impl Channel {
         self.cancel.is_cancelled()
     }
 
+    /// The channel no longer has a provider connection of its own (its
+    /// source moved to another node).
+    pub(crate) fn clear_provider(&self) {
+        self.provider.lock().take();
+    }
+
     /// The provider of the current source, if it has one.
     pub fn provider_name(&self) -> Option<String> {
         self.provider.lock().clone()
