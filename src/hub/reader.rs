@@ -1143,6 +1143,11 @@ impl Reader {
         if !picker.is_available(0) {
             return Return::Later;
         }
+        if let Some(c) = &self.app.cluster {
+            if !crate::cluster::owner::may_open_provider(c) {
+                return Return::Later;
+            }
+        }
         if self.spec.resolver.is_some() {
             // The primary is a page to resolve: switch, resolving it.
             return Return::Switch;
