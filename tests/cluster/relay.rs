@@ -665,3 +665,41 @@ async fn nemesis() {
         channels.map(|ch| p.open_streams(&format!("/live/{ch}.")))
     );
 }
+
+/// The owner's live/file detection is shared in `stream:{s}.detected`: once n1
+/// found the stream is a file, n2 proxies it per client at once, without opening
+/// a hub connection to find out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_detection_is_shared_between_nodes() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n\
+         streams:\n  - id: f1\n    url: \"{}\"\n",
+        p.url("files/sample.ts"),
+    );
+    let mut c = ClusterNodes::start(&redis, 2, &yaml).await;
+    let size = crate::support::fixture("sample.ts").len();
+    let (status, _, body) = client::get_body(&c.node(0).url("/stream/f1")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), size);
+    // The hub's first response showed a file; then the per-client request.
+    assert_eq!(p.hits("/files/sample.ts"), 2);
+    let detected = redis
+        .command(&[
+            "HGET",
+            &m3u_edge::cluster::Keys::new("m3u-edge").stream("f1"),
+            "detected",
+        ])
+        .await;
+    assert!(
+        detected.contains("file"),
+        "stream:f1 detected = {detected:?}"
+    );
+    let (status, _, body) = client::get_body(&c.node(1).url("/stream/f1")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), size);
+    assert_eq!(p.hits("/files/sample.ts"), 3, "n2 probed the file again");
+}
