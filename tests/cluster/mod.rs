@@ -6,3 +6,4 @@
 mod hls;
 mod membership;
 mod ownership;
+mod relay;
