@@ -108,6 +108,10 @@ impl Lifecycle {
             // released), so viewers elsewhere keep watching.
             crate::cluster::relay::drain(app, CLUSTER_HANDOVER_WAIT).await;
         }
+        if let Some(c) = &app.cluster {
+            // HLS streams too: the next node that fetches takes them at once.
+            crate::cluster::hls::release_all(c).await;
+        }
         let grace = app.config.server.grace_period;
         tracing::info!(
             grace_ms = grace.as_millis() as u64,
@@ -125,9 +129,6 @@ impl Lifecycle {
             clients = cut,
             "viewers disconnected and live channels closed"
         );
-        if let Some(c) = &app.cluster {
-            crate::cluster::hls::release_all(c).await;
-        }
         if !handover {
             app.final_save();
         }

@@ -99,6 +99,8 @@ pub struct HlsOwners {
     sweeper: OnceLock<()>,
     /// "Fetching directly (no session)" was logged and not taken back yet.
     alone: AtomicBool,
+    /// Shutting down: owns nothing any more, takes nothing.
+    closing: AtomicBool,
 }
 
 impl HlsOwners {
@@ -178,6 +180,9 @@ async fn via(c: &Arc<Cluster>, stream: &str) -> Via {
     owners.sweeper.get_or_init(|| {
         c.spawn(sweep(c.clone()));
     });
+    if owners.closing.load(Ordering::Relaxed) {
+        return Via::Provider;
+    }
     if !c.holds_session() {
         if !owners.alone.swap(true, Ordering::Relaxed) {
             tracing::warn!(
@@ -319,6 +324,9 @@ async fn sweep(c: Arc<Cluster>) {
 /// At shutdown (SIGTERM): gives up every HLS stream this node owns, so the
 /// next node to fetch takes it at once instead of after the session expired.
 pub async fn release_all(c: &Arc<Cluster>) {
+    // Requests still in flight here during the grace period fetch for
+    // themselves rather than take a stream back for a node about to go.
+    c.hls.closing.store(true, Ordering::Relaxed);
     let owned: Vec<(String, u64)> = {
         let mut roles = c.hls.roles.lock();
         let owned = roles
