@@ -3,4 +3,6 @@
 //! (tests/support/redis.rs, tests/support/cluster.rs). Each test skips with a
 //! message when redis-server is not installed.
 
+mod events;
+mod leases;
 mod membership;
