@@ -162,3 +162,27 @@ async fn a_killed_nodes_lease_frees_itself() {
     let seen = connections(c.node(2), 1).await;
     assert_eq!(seen["connections"], 1, "n3's /stats: {seen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_refuses_new_provider_connections_with_a_reason() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    let mut c = ClusterNodes::start(&redis, 2, &body(&p)).await;
+    // A hung Redis: the limit cannot be checked, so nothing is opened.
+    redis.pause();
+    let resp = client::get(&c.node(0).url("/stream/ch0?client_id=a")).await;
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap_or_default();
+    let hits = p.hits("/live/");
+    redis.resume();
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["provider"], "tiny");
+    let detail = v["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("cannot be checked"), "{detail}");
+    assert_eq!(hits, 0, "a provider connection opened while Redis was down");
+    // Redis back: the channel plays.
+    let again = plays_within(c.node(0), "ch0", "a", Duration::from_secs(15)).await;
+    assert!(again.is_some(), "ch0 did not play after Redis came back");
+}
