@@ -6,3 +6,4 @@
 mod events;
 mod leases;
 mod membership;
+mod ownership;
