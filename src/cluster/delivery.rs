@@ -485,3 +485,40 @@ async fn lead(
     }
     st.resign().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack() -> (Arc<Ack>, mpsc::UnboundedReceiver<String>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let a = Arc::new(Ack {
+            id: "1-0".into(),
+            remaining: AtomicUsize::new(1),
+            done: tx,
+        });
+        (a, rx)
+    }
+
+    #[test]
+    fn an_entry_is_acknowledged_once_after_its_last_job() {
+        let (a, mut rx) = ack();
+        a.add();
+        a.add();
+        // A fast job may finish before the dispatch itself is done.
+        a.complete();
+        assert!(rx.try_recv().is_err());
+        a.complete(); // the dispatch
+        assert!(rx.try_recv().is_err());
+        a.complete();
+        assert_eq!(rx.try_recv().unwrap(), "1-0");
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn an_entry_nobody_wants_is_acknowledged_at_once() {
+        let (a, mut rx) = ack();
+        a.complete();
+        assert_eq!(rx.try_recv().unwrap(), "1-0");
+    }
+}

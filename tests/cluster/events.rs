@@ -206,3 +206,26 @@ async fn a_new_leader_delivers_what_the_killed_one_had_pending() {
     assert_eq!(started.len(), 1, "{:?}", bodies(&hook));
     drop(v);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_leader_stopping_cleanly_hands_its_last_events_on() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &hook.url("/hook"), "")).await;
+    // Viewers on the leader itself: its own stop events are the last it
+    // writes, and another node must deliver them.
+    let lead = leader(&redis).await;
+    let v = watch(c.node(lead), "s0", "w").await;
+    assert_eq!(hook.wait_for_events("stream_started", 1, T).await.len(), 1);
+    c.node(lead).stop().await;
+    drop(v);
+    let stopped = hook.wait_for_events("stream_stopped", 1, T).await;
+    assert_eq!(stopped.len(), 1, "{:?}", bodies(&hook));
+    assert_eq!(stopped[0]["data"]["metadata"]["provider_profile_id"], "40");
+    assert_ne!(leader(&redis).await, lead);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(of_type(&bodies(&hook), "stream_stopped", "s0").len(), 1);
+}
