@@ -266,15 +266,27 @@ impl State {
         }
         tracing::info!(node = c.node_id(), "webhook delivery: this node leads");
         self.leading = Some(v);
-        let created: Result<(), _> = c
-            .run(conn.xgroup_create_mkstream(&self.key, GROUP, "0"))
-            .await;
-        if let Err(e) = created {
-            if !e.to_string().contains("BUSYGROUP") {
+        self.ensure_group().await;
+        true
+    }
+
+    /// Creates the consumer group (from the stream's start) unless it
+    /// exists. Not through `Cluster::run`: "BUSYGROUP" is the usual answer
+    /// and says nothing about Redis being unavailable.
+    async fn ensure_group(&self) {
+        let Ok(mut conn) = self.cluster.redis().await else {
+            return;
+        };
+        let created = tokio::time::timeout(
+            super::COMMAND_TIMEOUT,
+            conn.xgroup_create_mkstream::<_, _, _, ()>(&self.key, GROUP, "0"),
+        )
+        .await;
+        if let Ok(Err(e)) = created {
+            if e.code() != Some("BUSYGROUP") {
                 tracing::debug!(error = %e, "delivery group not created");
             }
         }
-        true
     }
 
     /// Claims pending entries idle at least `min_idle` (any consumer).
@@ -322,9 +334,8 @@ impl State {
             match c.run(conn.xread_options(&[&self.key], &[">"], &opts)).await {
                 Ok(r) => r,
                 Err(e) if e.to_string().contains("NOGROUP") => {
-                    let _: Result<(), _> = c
-                        .run(conn.xgroup_create_mkstream(&self.key, GROUP, "0"))
-                        .await;
+                    // The stream or group was deleted under us.
+                    self.ensure_group().await;
                     return Ok(0);
                 }
                 Err(e) => return Err(e),
