@@ -271,8 +271,35 @@ impl ClusterEvents {
         // after fencing.
         let mut joined: HashMap<String, (String, bool)> = HashMap::new();
         let mut sessions = self.cluster.session_changes();
+        let mut bus = self.cluster.subscribe();
         loop {
             tokio::select! {
+                msg = bus.recv() => {
+                    // A stream deleted anywhere cuts its viewers on every
+                    // node: let go of its session even if the local removal
+                    // does not report a stop (the last holder sends it).
+                    let id = match msg {
+                        Ok(super::Envelope { msg: super::Bus::StreamDeleted { id }, .. }) => id,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    };
+                    let Some((meta, transcoded)) = joined.remove(&id) else {
+                        continue;
+                    };
+                    let metadata: Value = serde_json::from_str(&meta).unwrap_or_else(|_| json!({}));
+                    let ev = Event::new(
+                        EventType::StreamStopped,
+                        &id,
+                        json!({
+                            "reason": "manual_deletion",
+                            "duration_seconds": null,
+                            "bytes_served": 0,
+                            "was_transcoded": transcoded,
+                            "metadata": metadata,
+                        }),
+                    );
+                    self.run_op(Op::Stopped(ev), true).await;
+                }
                 op = rx.recv() => {
                     let Some(op) = op else { return };
                     // Whether this node held the session being stopped.
