@@ -3,7 +3,9 @@
 //! (tests/support/redis.rs, tests/support/cluster.rs). Each test skips with a
 //! message when redis-server is not installed.
 
+mod events;
 mod hls;
+mod leases;
 mod membership;
 mod ownership;
 mod relay;
