@@ -224,6 +224,7 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
                 CLUSTER_JOIN_WAIT
             );
         }
+        m3u_edge::cluster::registry::upkeep::start(&app, cluster, CLUSTER_JOIN_WAIT);
     }
     if let Some(addr) = app.config.metrics.listen {
         server.add_service(m3u_edge::metrics::service(app.metrics.clone(), addr));

@@ -14,6 +14,7 @@ pub mod internal;
 pub mod keys;
 pub mod metrics;
 pub mod ownership;
+pub mod registry;
 pub mod ring;
 mod session;
 pub mod status;

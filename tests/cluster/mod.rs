@@ -4,3 +4,4 @@
 //! message when redis-server is not installed.
 
 mod membership;
+mod registry;
