@@ -192,7 +192,7 @@ async fn second_loop(app: Arc<App>, c: Arc<Cluster>) {
         if let Err(e) = clients::sweep_dead_nodes(&app, &c).await {
             tracing::debug!(error = %e, "cluster: dead-node sweep skipped");
         }
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             webhooks::sync(&app, &c).await;
             forget_idle(&app);
         }
