@@ -312,3 +312,168 @@ async fn redis_unavailable_api_503_fast_viewers_keep_watching() {
     .await;
     viewer.read_n(188 * 50, Duration::from_secs(5)).await;
 }
+
+/// A node config with a short `stream_idle_ttl` (expiry and idle sweeps each
+/// second) and the YAML webhook `hook` for `events`.
+fn quick_body(hook: &str, events: &str) -> String {
+    format!(
+        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n  \
+         stream_idle_ttl: \"4s\"\napi:\n  token: \"{}\"\nupstream:\n  connect_timeout: \"2s\"\n  \
+         read_timeout: \"3s\"\nevents:\n  webhooks:\n    - url: \"{hook}\"\n      events: [{events}]\n",
+        crate::common::TOKEN
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hls_client_on_three_nodes_connects_and_disconnects_once() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let body = quick_body(&hook.url("/ev"), "client_connected, client_disconnected");
+    let mut cluster = ClusterNodes::start(&redis, 3, &body).await;
+    let nodes: &[Edge] = cluster.nodes();
+    let id = register(
+        &nodes[0],
+        json!({"url": p.url("hls-live/hls_ts/v0/index.m3u8"), "metadata": {"id": 77}}),
+    )
+    .await;
+    // The player's requests land on n1, n2, n3, n1, ... (round-robin balancer).
+    let mut segments = Vec::new();
+    for round in 0..6 {
+        let n = &nodes[round % 3];
+        let (s, _, body) =
+            client::get_body(&n.url(&format!("/hls/{id}/playlist.m3u8?client_id=rr"))).await;
+        assert_eq!(s, 200, "playlist from n{}", round % 3 + 1);
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if let Some(seg) = body.lines().rev().find(|l| l.contains("/segment.ts?t=")) {
+            segments.push(seg.trim().to_owned());
+        }
+        let seg = segments.last().expect("a segment reference");
+        let (s, _, _) = client::get_body(&nodes[(round + 1) % 3].url(seg)).await;
+        assert_eq!(s, 200, "segment from n{}", (round + 1) % 3 + 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (_, v) = api(&nodes[2], Method::GET, "/clients", None).await;
+    assert_eq!(
+        v["total_clients"], 1,
+        "one client however many nodes served it: {v}"
+    );
+    // Idle: 6 s, plus the 2 s slack of the holds, plus the 1 s sweeps.
+    let gone = hook
+        .wait_for_events("client_disconnected", 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(gone.len(), 1, "client_disconnected");
+    assert_eq!(gone[0]["data"]["client_id"], "rr");
+    assert_eq!(gone[0]["data"]["metadata"]["id"], "77");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        hook.events_of("client_connected").len(),
+        1,
+        "client_connected once"
+    );
+    assert_eq!(
+        hook.events_of("client_disconnected").len(),
+        1,
+        "client_disconnected once"
+    );
+    let (_, v) = api(&nodes[0], Method::GET, "/clients", None).await;
+    assert_eq!(v["total_clients"], 0, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_node_leave_once() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let body = quick_body(&hook.url("/ev"), "client_disconnected");
+    let mut cluster = ClusterNodes::start(&redis, 3, &body).await;
+    let id = {
+        let nodes: &[Edge] = cluster.nodes();
+        register(&nodes[0], json!({"url": p.url("live/cl6.ts?kbps=800")})).await
+    };
+    let mut on_n1 = watch(cluster.nodes(), 0, &id, "doomed").await;
+    let mut on_n2 = watch(cluster.nodes(), 1, &id, "survivor").await;
+    {
+        let n3 = &cluster.nodes()[2];
+        until(Duration::from_secs(5), "both listed", || async {
+            let (_, v) = api(n3, Method::GET, "/clients", None).await;
+            v["total_clients"] == 2
+        })
+        .await;
+    }
+    on_n1.read_n(188, Duration::from_secs(5)).await;
+    cluster.node(0).kill();
+    // node_ttl 5 s + a 1 s sweep, with room for a busy machine.
+    let nodes: &[Edge] = cluster.nodes();
+    until(
+        Duration::from_secs(12),
+        "the dead node's client gone",
+        || async {
+            let (_, v) = api(&nodes[2], Method::GET, "/clients", None).await;
+            v["total_clients"] == 1 && v["clients"][0]["client_id"] == "survivor"
+        },
+    )
+    .await;
+    let gone = hook
+        .wait_for_events("client_disconnected", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0]["data"]["client_id"], "doomed");
+    assert_eq!(gone[0]["data"]["reason"], "node_lost");
+    on_n2.read_n(188 * 10, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(hook.events_of("client_disconnected").len(), 1, "once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwatched_api_stream_expires_once_cluster_wide() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let body = quick_body(&hook.url("/ev"), "stream_stopped");
+    let mut cluster = ClusterNodes::start(&redis, 3, &body).await;
+    let nodes: &[Edge] = cluster.nodes();
+    let watched = register(&nodes[0], json!({"url": p.url("live/kept.ts?kbps=800")})).await;
+    let idle = register(
+        &nodes[1],
+        json!({"url": p.url("live/idle.ts"), "metadata": {"id": 9}}),
+    )
+    .await;
+    let mut viewer = watch(nodes, 2, &watched, "v").await;
+    // Every node has a copy of the idle one (asked for it).
+    for n in nodes {
+        let (s, _) = api(n, Method::GET, &format!("/streams/{idle}"), None).await;
+        assert_eq!(s, 200);
+    }
+    until(
+        Duration::from_secs(15),
+        "the unwatched stream expired",
+        || async {
+            api(&nodes[0], Method::GET, &format!("/streams/{idle}"), None)
+                .await
+                .0
+                == 404
+        },
+    )
+    .await;
+    hook.wait_for_events("stream_stopped", 1, Duration::from_secs(5))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stops: Vec<_> = hook
+        .events_of("stream_stopped")
+        .into_iter()
+        .filter(|e| e["stream_id"] == idle.as_str())
+        .collect();
+    assert_eq!(stops.len(), 1, "one stream_stopped: {stops:?}");
+    assert_eq!(stops[0]["data"]["reason"], "inactive_timeout");
+    // The watched one (viewer on n3, registered on n1) stays.
+    viewer.read_n(188 * 10, Duration::from_secs(5)).await;
+    let (s, _) = api(&nodes[1], Method::GET, &format!("/streams/{watched}"), None).await;
+    assert_eq!(s, 200);
+}
