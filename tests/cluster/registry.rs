@@ -477,3 +477,213 @@ async fn unwatched_api_stream_expires_once_cluster_wide() {
     let (s, _) = api(&nodes[1], Method::GET, &format!("/streams/{watched}"), None).await;
     assert_eq!(s, 200);
 }
+
+/// The registry's Lua scripts alone, against a real redis-server: their
+/// edge cases without three nodes around them.
+mod scripts {
+    use m3u_edge::cluster::registry::lua;
+    use redis::Value;
+
+    use crate::support::redis::RedisServer;
+
+    const P: &str = "m3e:{t}:";
+
+    struct Db(redis::aio::MultiplexedConnection);
+
+    impl Db {
+        async fn open(redis: &RedisServer) -> Db {
+            let client = redis::Client::open(redis.url()).expect("redis url");
+            Db(client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("redis connection"))
+        }
+
+        async fn run(&mut self, script: &redis::Script, args: &[&str]) -> Value {
+            let mut inv = script.prepare_invoke();
+            inv.arg(P);
+            for a in args {
+                inv.arg(*a);
+            }
+            inv.invoke_async(&mut self.0).await.expect("script")
+        }
+
+        async fn cmd<T: redis::FromRedisValue>(&mut self, args: &[&str]) -> T {
+            let mut c = redis::cmd(args[0]);
+            for a in &args[1..] {
+                c.arg(*a);
+            }
+            c.query_async(&mut self.0).await.expect("command")
+        }
+    }
+
+    fn texts(v: &Value) -> Vec<String> {
+        match v {
+            Value::Array(a) => a
+                .iter()
+                .map(|x| match x {
+                    Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                    Value::SimpleString(s) => s.clone(),
+                    Value::Int(i) => i.to_string(),
+                    _ => String::new(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn spec(url: &str, meta: &str) -> String {
+        format!(r#"{{"url":"{url}","metadata":{meta}}}"#)
+    }
+
+    #[tokio::test]
+    async fn repost_rule_metadata_index_and_cap() {
+        let Some(redis) = RedisServer::start().await else {
+            return;
+        };
+        let mut db = Db::open(&redis).await;
+        let a = spec("http://h/a.ts", r#"{"p":"1","id":"5"}"#);
+        let b = spec("http://h/a.ts", r#"{"p":"2"}"#);
+        let r = texts(&db.run(&lua::REGISTER_SCRIPT, &["s1", &a, "0"]).await);
+        assert_eq!(r[0], "created");
+        let r = texts(&db.run(&lua::REGISTER_SCRIPT, &["s1", &a, "0"]).await);
+        assert_eq!(r[0], "same");
+        // A client on any node keeps the stored stream unchanged.
+        db.run(&lua::JOIN_SCRIPT, &["s1", "c1", "n1", "inf", "{}"])
+            .await;
+        let r = texts(&db.run(&lua::REGISTER_SCRIPT, &["s1", &b, "0"]).await);
+        assert_eq!((r[0].as_str(), r[1].as_str()), ("kept", a.as_str()));
+        db.run(&lua::LEAVE_SCRIPT, &["s1", "c1", "n1"]).await;
+        let r = texts(&db.run(&lua::REGISTER_SCRIPT, &["s1", &b, "0"]).await);
+        assert_eq!((r[0].as_str(), r[1].as_str()), ("replaced", b.as_str()));
+        let old: Vec<String> = db.cmd(&["SMEMBERS", &format!("{P}meta:p:1")]).await;
+        let new: Vec<String> = db.cmd(&["SMEMBERS", &format!("{P}meta:p:2")]).await;
+        assert!(old.is_empty(), "the old metadata index is cleared: {old:?}");
+        assert_eq!(new, vec!["s1".to_owned()]);
+        // The cap counts API streams.
+        let r = texts(&db.run(&lua::REGISTER_SCRIPT, &["s2", &a, "1"]).await);
+        assert_eq!(r[0], "full");
+        let r = texts(&db.run(&lua::DELETE_SCRIPT, &["s1"]).await);
+        assert_eq!(r[0], b);
+        let r = texts(&db.run(&lua::DELETE_SCRIPT, &["s1"]).await);
+        assert!(r.is_empty(), "a second delete finds nothing");
+        let left: i64 = db
+            .cmd(&["EXISTS", &format!("{P}meta:p:2"), &format!("{P}stream:s1")])
+            .await;
+        assert_eq!(left, 0);
+    }
+
+    #[tokio::test]
+    async fn a_client_held_by_two_nodes_leaves_once_and_dead_nodes_are_swept() {
+        let Some(redis) = RedisServer::start().await else {
+            return;
+        };
+        let mut db = Db::open(&redis).await;
+        let j = texts(
+            &db.run(&lua::JOIN_SCRIPT, &["s", "c", "n1", "inf", "{}"])
+                .await,
+        );
+        assert_eq!(j, ["1", "1"], "the first node's ZADD creates the member");
+        let j = texts(
+            &db.run(&lua::JOIN_SCRIPT, &["s", "c", "n2", "60000", "{}"])
+                .await,
+        );
+        assert_eq!(j, ["0", "1"], "a second node's join is not new");
+        let l = texts(&db.run(&lua::LEAVE_SCRIPT, &["s", "c", "n1"]).await);
+        assert_eq!(l, ["0"], "n2 still holds it");
+        let l = texts(&db.run(&lua::LEAVE_SCRIPT, &["s", "c", "n2"]).await);
+        assert_eq!(l[0], "1", "the last holder removes it");
+        let l = texts(&db.run(&lua::LEAVE_SCRIPT, &["s", "c", "n2"]).await);
+        assert_eq!(l, ["0"], "and only once");
+
+        // n3 is dead (no session key), n4 alive; both hold c2, n3 alone holds c3.
+        let _: () = db.cmd(&["SET", &format!("{P}node:n4"), "tok"]).await;
+        db.run(&lua::JOIN_SCRIPT, &["s", "c2", "n3", "inf", "{}"])
+            .await;
+        db.run(&lua::JOIN_SCRIPT, &["s", "c2", "n4", "inf", "{}"])
+            .await;
+        db.run(
+            &lua::JOIN_SCRIPT,
+            &["s", "c3", "n3", "inf", r#"{"ip":"1.2.3.4"}"#],
+        )
+        .await;
+        let listed = match db.run(&lua::CLIENTS_SCRIPT, &["all"]).await {
+            Value::Array(a) => a.len(),
+            _ => 0,
+        };
+        assert_eq!(listed, 1, "a dead node's viewers are not listed");
+        assert!(
+            texts(&db.run(&lua::SWEEP_NODE_SCRIPT, &["n4"]).await).is_empty(),
+            "alive"
+        );
+        let swept = match db.run(&lua::SWEEP_NODE_SCRIPT, &["n3"]).await {
+            Value::Array(a) => a,
+            _ => Vec::new(),
+        };
+        assert_eq!(swept.len(), 1, "only c3 was held by n3 alone: {swept:?}");
+        let again = match db.run(&lua::SWEEP_NODE_SCRIPT, &["n3"]).await {
+            Value::Array(a) => a.len(),
+            _ => 0,
+        };
+        assert_eq!(again, 0, "swept once");
+        let n: i64 = db.cmd(&["ZCARD", &format!("{P}clients:s")]).await;
+        assert_eq!(n, 1, "c2 stays (n4 holds it)");
+    }
+
+    #[tokio::test]
+    async fn delete_by_metadata_excludes_drops_and_keeps_watched() {
+        let Some(redis) = RedisServer::start().await else {
+            return;
+        };
+        let mut db = Db::open(&redis).await;
+        for (id, meta) in [
+            ("a", r#"{"p":"1","id":"10"}"#),
+            ("b", r#"{"p":"1","id":"11"}"#),
+            ("c", r#"{"p":"1","id":"12"}"#),
+        ] {
+            db.run(
+                &lua::REGISTER_SCRIPT,
+                &[id, &spec(&format!("http://h/{id}"), meta), "0"],
+            )
+            .await;
+        }
+        db.run(&lua::JOIN_SCRIPT, &["b", "leaving", "n1", "inf", "{}"])
+            .await;
+        db.run(&lua::JOIN_SCRIPT, &["c", "leaving", "n1", "inf", "{}"])
+            .await;
+        db.run(&lua::JOIN_SCRIPT, &["c", "staying", "n2", "inf", "{}"])
+            .await;
+        let v = db
+            .run(
+                &lua::DELETE_BY_METADATA_SCRIPT,
+                &["p", "1", "10", "0", "leaving"],
+            )
+            .await;
+        let Value::Array(parts) = v else {
+            panic!("not an array")
+        };
+        let deleted: Vec<String> = match &parts[0] {
+            Value::Array(d) => d.iter().map(|x| texts(x)[0].clone()).collect(),
+            _ => Vec::new(),
+        };
+        let skipped: Vec<Vec<String>> = match &parts[1] {
+            Value::Array(d) => d.iter().map(texts).collect(),
+            _ => Vec::new(),
+        };
+        assert_eq!(deleted, ["b"], "b's only client left: deleted");
+        assert_eq!(
+            skipped,
+            [
+                vec!["a".to_owned(), "excluded_by_channel_id".into(), "0".into()],
+                vec!["c".to_owned(), "has_active_clients".into(), "1".into()],
+            ]
+        );
+        let dropped = match &parts[2] {
+            Value::Array(d) => d.len(),
+            _ => 0,
+        };
+        assert_eq!(dropped, 2, "the leaving client dropped from b and c");
+        let r = texts(&db.run(&lua::DELETE_OLDEST_SCRIPT, &["p", "1", "\0"]).await);
+        assert_eq!(r[0], "a", "the oldest left");
+    }
+}
