@@ -124,6 +124,16 @@ async fn stream_posted_on_one_node_is_served_by_all_and_deleted_everywhere() {
     .await;
     assert_eq!(by["total_matching"], 1, "{by}");
     assert_eq!(by["matching_streams"][0]["client_count"], 1, "{by}");
+    // What n3 served shows on n1 (counters flushed each second).
+    until(
+        Duration::from_secs(5),
+        "n3's bytes counted on n1",
+        || async {
+            let (_, v) = api(&nodes[0], Method::GET, &format!("/streams/{id}"), None).await;
+            v["stream"]["total_bytes_served"].as_u64().unwrap_or(0) >= 188 * 10
+        },
+    )
+    .await;
 
     // A re-POST while watched (on another node) keeps the stream unchanged.
     let (s, _) = api(

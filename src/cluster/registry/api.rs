@@ -166,6 +166,12 @@ fn stream_json(app: &App, s: &Stream, sh: &Shared) -> Value {
     v["client_count"] = json!(sh.clients);
     v["last_access"] = json!(j::iso(sh.last_access.max(s.last_access())));
     v["created_at"] = json!(j::iso(sh.created));
+    // Every node's bytes for API streams; this node's own count may be up
+    // to a second ahead of what it flushed.
+    let local_bytes = v["total_bytes_served"].as_u64().unwrap_or(0);
+    let local_segments = v["total_segments_served"].as_u64().unwrap_or(0);
+    v["total_bytes_served"] = json!(sh.bytes.max(local_bytes));
+    v["total_segments_served"] = json!(sh.segments.max(local_segments));
     v
 }
 
@@ -533,6 +539,12 @@ async fn stats(app: &App, c: &Cluster, req: &ApiRequest) -> ApiReply {
     ps["total_streams"] = json!(all.len());
     ps["active_streams"] = json!(active);
     ps["total_clients"] = json!(clients.len());
+    ps["total_bytes_served"] = json!(all
+        .iter()
+        .map(|(s, sh)| sh
+            .bytes
+            .max(s.bytes.load(std::sync::atomic::Ordering::Relaxed)))
+        .sum::<u64>());
     ps["active_clients"] = json!(clients.len());
     reply.body["streams"] = json!(page
         .slice(&all)

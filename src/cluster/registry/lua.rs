@@ -121,7 +121,7 @@ return {'created', spec, tostring(now)}
 /// Streams with their live client counts. ARGV: prefix, mode, ...:
 /// `all`; `meta` field value; `ids` id... (ids not in Redis come back with
 /// an empty spec: YAML streams, whose clients are shared too). Returns a
-/// flat list of {id, spec, created, last_access, clients}.
+/// flat list of {id, spec, created, last_access, clients, bytes, segments}.
 const STREAMS: &str = r#"
 local now = now_ms()
 local ids
@@ -130,13 +130,15 @@ elseif ARGV[2] == 'meta' then ids = redis.call('SMEMBERS', P .. 'meta:' .. ARGV[
 else ids = {} for i = 3, #ARGV do table.insert(ids, ARGV[i]) end end
 local out = {}
 for _, id in ipairs(ids) do
-  local h = redis.call('HMGET', P .. 'stream:' .. id, 'spec', 'created', 'last_access')
+  local h = redis.call('HMGET', P .. 'stream:' .. id, 'spec', 'created', 'last_access', 'bytes', 'segments')
   if h[1] or ARGV[2] == 'ids' then
     table.insert(out, id)
     table.insert(out, h[1] or '')
     table.insert(out, h[2] or '0')
     table.insert(out, h[3] or '0')
     table.insert(out, tostring(live_clients(id, now)))
+    table.insert(out, h[4] or '0')
+    table.insert(out, h[5] or '0')
   end
 end
 return out
@@ -229,13 +231,18 @@ end
 return out
 "#;
 
-/// Moves `last_access` of the API streams given (they were watched or
-/// asked for on this node). ARGV: prefix, id...
+/// Moves `last_access` of API streams used on this node and adds what it
+/// served to their counters. ARGV: prefix, then per stream: id, touched
+/// (1/0), bytes served since the last call, segments.
 const TOUCH_STREAMS: &str = r#"
 local now = now_ms()
-for i = 2, #ARGV do
+for i = 2, #ARGV - 3, 4 do
   local sk = P .. 'stream:' .. ARGV[i]
-  if redis.call('HEXISTS', sk, 'spec') == 1 then redis.call('HSET', sk, 'last_access', now) end
+  if redis.call('HEXISTS', sk, 'spec') == 1 then
+    if ARGV[i + 1] == '1' then redis.call('HSET', sk, 'last_access', now) end
+    if ARGV[i + 2] ~= '0' then redis.call('HINCRBY', sk, 'bytes', ARGV[i + 2]) end
+    if ARGV[i + 3] ~= '0' then redis.call('HINCRBY', sk, 'segments', ARGV[i + 3]) end
+  end
 end
 return 1
 "#;

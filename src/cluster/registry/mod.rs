@@ -41,6 +41,9 @@ pub struct Shared {
     pub created: DateTime<Utc>,
     pub last_access: DateTime<Utc>,
     pub clients: usize,
+    /// Served by every node (flushed once a second).
+    pub bytes: u64,
+    pub segments: u64,
 }
 
 /// Milliseconds since the epoch (Redis `TIME`) as a time.
@@ -114,7 +117,7 @@ pub async fn streams(c: &Cluster, args: &[&str]) -> Result<Vec<Shared>, ClusterE
     let v = invoke(c, &lua::STREAMS_SCRIPT, args).await?;
     let flat = items(v);
     Ok(flat
-        .chunks_exact(5)
+        .chunks_exact(7)
         .map(|r| {
             let id = text(&r[0]);
             Shared {
@@ -122,6 +125,8 @@ pub async fn streams(c: &Cluster, args: &[&str]) -> Result<Vec<Shared>, ClusterE
                 created: ms_time(text(&r[2]).parse().unwrap_or(0)),
                 last_access: ms_time(text(&r[3]).parse().unwrap_or(0)),
                 clients: text(&r[4]).parse().unwrap_or(0),
+                bytes: text(&r[5]).parse().unwrap_or(0),
+                segments: text(&r[6]).parse().unwrap_or(0),
                 id,
             }
         })

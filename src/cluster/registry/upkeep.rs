@@ -12,6 +12,7 @@
 //! Redis unavailable: nothing here removes anything, viewers keep watching.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -180,7 +181,7 @@ async fn recheck(app: &App, c: &Cluster, every: bool) {
 }
 
 async fn second_loop(app: Arc<App>, c: Arc<Cluster>) {
-    let mut seen: HashMap<String, DateTime<Utc>> = HashMap::new();
+    let mut seen: HashMap<String, Reported> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
@@ -199,28 +200,71 @@ async fn second_loop(app: Arc<App>, c: Arc<Cluster>) {
     }
 }
 
+/// What this node last reported of a stream: its last access and counters.
+#[derive(Default)]
+struct Reported {
+    access: Option<DateTime<Utc>>,
+    bytes: u64,
+    segments: u64,
+}
+
 /// Moves `last_access` in Redis of the API streams used here since the
-/// last tick (at most once a second per stream).
-async fn touch_streams(app: &App, c: &Cluster, seen: &mut HashMap<String, DateTime<Utc>>) {
-    let mut ids = Vec::new();
+/// last tick, and adds what they served here to their shared counters (at
+/// most once a second per stream).
+async fn touch_streams(app: &App, c: &Cluster, seen: &mut HashMap<String, Reported>) {
+    let mut rows: Vec<[String; 4]> = Vec::new();
+    let mut sent: Vec<(String, Reported)> = Vec::new();
     for s in app.registry.list() {
         if s.origin != Origin::Api {
             continue;
         }
         let la = s.last_access();
-        let moved = seen.get(&s.id).is_none_or(|t| *t < la) || s.client_count() > 0;
-        if moved {
-            seen.insert(s.id.clone(), la);
-            ids.push(s.id.clone());
+        let bytes = s.bytes.load(Ordering::Relaxed);
+        let segments = s.segments.load(Ordering::Relaxed);
+        let before = seen.get(&s.id);
+        let moved = before.is_none_or(|r| r.access.is_none_or(|t| t < la)) || s.client_count() > 0;
+        // A copy made anew (re-cached) counts from zero again.
+        let (db, dg) = before.map_or((0, 0), |r| {
+            (
+                bytes.checked_sub(r.bytes).unwrap_or(bytes),
+                segments.checked_sub(r.segments).unwrap_or(segments),
+            )
+        });
+        if moved || db > 0 || dg > 0 {
+            rows.push([
+                s.id.clone(),
+                if moved { "1" } else { "0" }.to_owned(),
+                db.to_string(),
+                dg.to_string(),
+            ]);
+            sent.push((
+                s.id.clone(),
+                Reported {
+                    access: Some(la),
+                    bytes,
+                    segments,
+                },
+            ));
+        }
+    }
+    for (chunk, reports) in rows.chunks(250).zip(sent.chunks(250)) {
+        let args: Vec<&str> = chunk.iter().flatten().map(String::as_str).collect();
+        if invoke(c, &lua::TOUCH_STREAMS_SCRIPT, &args).await.is_err() {
+            // Not counted: sent again (with the deltas summed) next time.
+            break;
+        }
+        for (id, r) in reports {
+            seen.insert(
+                id.clone(),
+                Reported {
+                    access: r.access,
+                    bytes: r.bytes,
+                    segments: r.segments,
+                },
+            );
         }
     }
     seen.retain(|id, _| app.registry.get(id).is_some());
-    for chunk in ids.chunks(500) {
-        let args: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        if invoke(c, &lua::TOUCH_STREAMS_SCRIPT, &args).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// Forgets cached API streams nobody used here for a while (no event: the
