@@ -36,6 +36,9 @@ pub fn stream_id_for(url: &str) -> String {
 pub trait ClientWatcher: Send + Sync {
     fn joined(&self, stream: &Stream, client: &Arc<Client>);
     fn left(&self, stream: &Stream, client: &Arc<Client>, reason: &str);
+    /// Resolves once every join and leave told so far is processed (the
+    /// shutdown path waits for it, bounded).
+    fn flushed(&self) -> tokio::sync::oneshot::Receiver<()>;
 }
 
 /// The registry's watcher, shared by its streams; set once.
@@ -688,6 +691,14 @@ impl Registry {
     /// later calls are ignored).
     pub fn set_client_watcher(&self, w: Arc<dyn ClientWatcher>) {
         let _ = self.watcher.0.set(w);
+    }
+
+    /// Waits (at most `timeout`) until the client watcher, if any, has
+    /// processed every join and leave so far.
+    pub async fn flush_clients(&self, timeout: Duration) {
+        if let Some(w) = self.watcher.0.get() {
+            let _ = tokio::time::timeout(timeout, w.flushed()).await;
+        }
     }
 
     /// Caches an API stream stored elsewhere (cluster mode): added, or, when

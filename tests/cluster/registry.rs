@@ -437,6 +437,24 @@ async fn clients_of_a_killed_node_leave_once() {
     on_n2.read_n(188 * 10, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(hook.events_of("client_disconnected").len(), 1, "once");
+
+    // A node stopped cleanly reports its viewers itself, at once.
+    hook.clear();
+    cluster.node(1).stop().await;
+    let gone = hook
+        .wait_for_events("client_disconnected", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0]["data"]["client_id"], "survivor");
+    assert_ne!(gone[0]["data"]["reason"], "node_lost", "{:?}", gone[0]);
+    let (_, v) = api(&cluster.nodes()[2], Method::GET, "/clients", None).await;
+    assert_eq!(v["total_clients"], 0, "{v}");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        hook.events_of("client_disconnected").len(),
+        1,
+        "not swept again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,6 +46,8 @@ enum Note {
         client: Arc<Client>,
         reason: String,
     },
+    /// Answered once every note before it is processed.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// The registry's [`ClientWatcher`] in cluster mode: queues, never waits.
@@ -69,6 +71,12 @@ impl ClientWatcher for Tracker {
             client: client.clone(),
             reason: reason.to_owned(),
         });
+    }
+
+    fn flushed(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self.tx.send(Note::Flush(tx));
+        rx
     }
 }
 
@@ -115,6 +123,13 @@ async fn run(app: Arc<App>, c: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Not
             }
         }
         while let Some(note) = pending.pop_front() {
+            let note = match note {
+                Note::Flush(tx) => {
+                    let _ = tx.send(());
+                    continue;
+                }
+                n => n,
+            };
             if let Err(e) = apply(&app, &c, &note).await {
                 tracing::debug!(error = %e, "cluster: client note kept for a retry");
                 pending.push_front(note);
@@ -157,6 +172,7 @@ async fn join(c: &Cluster, stream: &str, client: &Client) -> Result<(bool, u64),
 
 async fn apply(app: &App, c: &Cluster, note: &Note) -> Result<(), ClusterError> {
     match note {
+        Note::Flush(_) => {}
         Note::Join {
             stream,
             spec,
