@@ -117,11 +117,7 @@ pub struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // A runtime may not be dropped inside another one (tests build apps
-        // in async contexts): let its threads go in the background.
-        if let Some(rt) = self.runtime.lock().take() {
-            rt.shutdown_background();
-        }
+        self.shutdown();
     }
 }
 
@@ -189,6 +185,18 @@ impl Cluster {
             advertise = %self.config.advertise,
             "cluster mode"
         );
+    }
+
+    /// Stops the heartbeat, bus and every task spawned with
+    /// [`Cluster::spawn`]; the session then expires after `node_ttl` and
+    /// other nodes take over. The last step of a shutdown.
+    pub fn shutdown(&self) {
+        // A runtime may not be dropped inside another one (tests and the
+        // shutdown path run in async contexts): its threads go in the
+        // background.
+        if let Some(rt) = self.runtime.lock().take() {
+            rt.shutdown_background();
+        }
     }
 
     /// Waits until the node holds a session, at most `timeout`.

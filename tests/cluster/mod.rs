@@ -4,4 +4,5 @@
 //! message when redis-server is not installed.
 
 mod membership;
+mod ownership;
 mod registry;
