@@ -300,6 +300,7 @@ async fn redis_unavailable_api_503_fast_viewers_keep_watching() {
         v["detail"].as_str().is_some_and(|d| d.contains("Redis")),
         "a clear reason: {v}"
     );
+    eprintln!("GET /streams with Redis paused: 503 after {took:?}");
     // Generous bound (commands time out after 1 s): "fast" means no hang.
     assert!(took < Duration::from_secs(5), "503 after {took:?}");
     let (s, _) = api(
@@ -506,6 +507,79 @@ async fn unwatched_api_stream_expires_once_cluster_wide() {
     assert_eq!(s, 200);
 }
 
+/// API latency on a cluster node (every call goes to Redis) against one
+/// node on its state file, same machine, same calls; prints a table. Run:
+/// `cargo test --test tests cluster::registry::api_latency -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: prints a table, asserts nothing about time"]
+async fn api_latency_cluster_vs_single_node() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    let single = Edge::start(&config("")).await;
+    let mut cluster = ClusterNodes::start(&redis, 3, &config("")).await;
+    let nodes: &[Edge] = cluster.nodes();
+    // 200 API streams with metadata, like a busy m3u-editor.
+    for i in 0..200 {
+        let body = json!({"url": p.url(&format!("live/lat{i}.ts")), "metadata": {"provider_profile_id": i % 5}});
+        register(&single, body.clone()).await;
+        register(&nodes[0], body).await;
+    }
+    let id = {
+        use md5::{Digest, Md5};
+        hex::encode(Md5::digest(p.url("live/lat7.ts").as_bytes()))
+    };
+    let calls: [(&str, Method, String); 4] = [
+        ("GET /streams/{id}", Method::GET, format!("/streams/{id}")),
+        ("GET /streams (200)", Method::GET, "/streams".into()),
+        (
+            "GET counts-by-metadata",
+            Method::GET,
+            "/streams/counts-by-metadata?field=provider_profile_id&values=0,1,2".into(),
+        ),
+        ("POST /streams (re-POST)", Method::POST, "/streams".into()),
+    ];
+    eprintln!("| call | single p50 ms | single p99 ms | cluster non-owner p50 ms | cluster p99 ms | p50 ratio |");
+    eprintln!("|---|---|---|---|---|---|");
+    for (name, method, path) in calls {
+        let lat = |edge: &Edge| {
+            let (method, path) = (method.clone(), path.clone());
+            let url = p.url("live/lat7.ts");
+            let base = edge.url("");
+            async move {
+                let c = client::client();
+                let mut v = Vec::new();
+                for _ in 0..200 {
+                    let mut req = c
+                        .request(
+                            method.clone(),
+                            format!("{}{}", base.trim_end_matches('/'), path),
+                        )
+                        .header("X-API-Token", crate::common::TOKEN);
+                    if method == Method::POST {
+                        req =
+                            req.json(&json!({"url": url, "metadata": {"provider_profile_id": 2}}));
+                    }
+                    let t = Instant::now();
+                    let r = req.send().await.expect("API call");
+                    assert!(r.status().is_success(), "{path}: {}", r.status());
+                    r.bytes().await.expect("body");
+                    v.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                v.sort_by(|a, b| a.total_cmp(b));
+                (v[v.len() / 2], v[v.len() * 99 / 100])
+            }
+        };
+        let (s50, s99) = lat(&single).await;
+        let (c50, c99) = lat(&nodes[2]).await;
+        eprintln!(
+            "| {name} | {s50:.2} | {s99:.2} | {c50:.2} | {c99:.2} | {:.2}x |",
+            c50 / s50
+        );
+    }
+}
+
 /// The registry's Lua scripts alone, against a real redis-server: their
 /// edge cases without three nodes around them.
 mod scripts {
@@ -681,6 +755,10 @@ mod scripts {
             .await;
         db.run(&lua::JOIN_SCRIPT, &["c", "staying", "n2", "inf", "{}"])
             .await;
+        let counts = texts(&db.run(&lua::COUNTS_SCRIPT, &["p", "1", "1", "2"]).await);
+        assert_eq!(counts, ["2", "0"], "watched streams per value");
+        let counts = texts(&db.run(&lua::COUNTS_SCRIPT, &["p", "0", "1"]).await);
+        assert_eq!(counts, ["3"], "all streams per value");
         let v = db
             .run(
                 &lua::DELETE_BY_METADATA_SCRIPT,

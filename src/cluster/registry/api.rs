@@ -316,27 +316,37 @@ async fn counts_by_metadata(app: &App, c: &Cluster, req: &ApiRequest) -> ApiRepl
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .collect();
+    // API streams: one script; YAML and playlist ones: their shared client counts.
+    let mut args = vec![field, if active_only { "1" } else { "0" }];
+    args.extend(wanted.iter().copied());
+    let api_counts = match or_503(super::invoke(c, &super::lua::COUNTS_SCRIPT, &args).await) {
+        Ok(v) => items(v),
+        Err(e) => return e,
+    };
+    let local = match or_503(
+        local_readonly(app, c, |s| {
+            wanted.contains(&metadata_value(&s.spec().metadata, field))
+        })
+        .await,
+    ) {
+        Ok(l) => l,
+        Err(e) => return e,
+    };
     let mut counts = serde_json::Map::new();
-    for v in &wanted {
-        let mut found = match or_503(streams(c, &["meta", field, v]).await) {
-            Ok(s) => s,
-            Err(e) => return e,
-        };
-        match or_503(
-            local_readonly(app, c, |s| metadata_value(&s.spec().metadata, field) == *v).await,
-        ) {
-            Ok(l) => found.extend(l),
-            Err(e) => return e,
+    for (i, v) in wanted.iter().enumerate() {
+        let mut n: u64 = api_counts
+            .get(i)
+            .and_then(|x| text(x).parse().ok())
+            .unwrap_or(0);
+        for sh in &local {
+            let matches = app
+                .registry
+                .get(&sh.id)
+                .is_some_and(|s| metadata_value(&s.spec().metadata, field) == *v);
+            if matches && (!active_only || sh.clients > 0) {
+                n += 1;
+            }
         }
-        let n = found
-            .iter()
-            .filter(|sh| {
-                sh.spec
-                    .as_ref()
-                    .is_none_or(|spec| metadata_value(&spec.metadata, field) == *v)
-            })
-            .filter(|sh| !active_only || sh.clients > 0)
-            .count();
         counts.insert((*v).to_owned(), json!(n));
     }
     ApiReply::ok(json!({ "field": field, "counts": counts }))

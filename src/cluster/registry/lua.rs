@@ -144,6 +144,26 @@ end
 return out
 "#;
 
+/// GET /streams/counts-by-metadata for API streams: one round trip, no
+/// specs shipped. ARGV: prefix, field, active only (1/0), value... Returns
+/// one count per value, in order.
+const COUNTS: &str = r#"
+local field, active = ARGV[2], ARGV[3] == '1'
+local now = now_ms()
+local out = {}
+for i = 4, #ARGV do
+  local n = 0
+  for _, id in ipairs(redis.call('SMEMBERS', P .. 'meta:' .. field .. ':' .. ARGV[i])) do
+    local spec = redis.call('HGET', P .. 'stream:' .. id, 'spec')
+    if spec and tostring(meta_of(spec)[field]) == ARGV[i] and (not active or live_clients(id, now) > 0) then
+      n = n + 1
+    end
+  end
+  table.insert(out, n)
+end
+return out
+"#;
+
 /// DELETE /streams/{id}. ARGV: prefix, id. Returns {spec, {client hashes}}
 /// or {} when there was no such API stream.
 const DELETE: &str = r#"
@@ -394,6 +414,7 @@ fn script(body: &str) -> Script {
 pub static REGISTER_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(REGISTER));
 pub static STREAMS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(STREAMS));
 pub static DELETE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(DELETE));
+pub static COUNTS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(COUNTS));
 pub static DELETE_BY_METADATA_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(DELETE_BY_METADATA));
 pub static DELETE_OLDEST_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(DELETE_OLDEST));
