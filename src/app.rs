@@ -69,6 +69,8 @@ pub struct App {
     pub playlists: crate::playlists::Playlists,
     /// `cluster:`: the shared state on Redis; `None` on a single node.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Cluster mode: the cluster-wide totals `/health` shows.
+    pub cluster_totals: crate::cluster::registry::totals::TotalsCache,
 }
 
 /// The registry's view of a `streams:` entry.
@@ -210,6 +212,7 @@ impl App {
             hls_http,
             playlists: crate::playlists::Playlists::new(&config)?,
             cluster,
+            cluster_totals: Default::default(),
             config: Arc::new(config),
         };
         for s in &app.config.streams {

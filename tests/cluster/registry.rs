@@ -124,6 +124,18 @@ async fn stream_posted_on_one_node_is_served_by_all_and_deleted_everywhere() {
     .await;
     assert_eq!(by["total_matching"], 1, "{by}");
     assert_eq!(by["matching_streams"][0]["client_count"], 1, "{by}");
+    // /health on n2 counts the viewer on n3 (never waiting on Redis: a
+    // snapshot refreshed each second while /health is asked for).
+    until(
+        Duration::from_secs(5),
+        "n3's viewer in n2's /health",
+        || async {
+            let r = client::get(&nodes[1].url("/health")).await;
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            v["stats"]["total_clients"] == 1 && v["stats"]["active_streams"] == 1
+        },
+    )
+    .await;
     // What n3 served shows on n1 (counters flushed each second).
     until(
         Duration::from_secs(5),

@@ -164,6 +164,21 @@ end
 return out
 "#;
 
+/// The totals `/health` shows. ARGV: prefix, ids of YAML and playlist
+/// streams... Returns {API streams, streams with a live client, live clients}.
+const TOTALS: &str = r#"
+local now = now_ms()
+local api = redis.call('ZRANGE', P .. 'streams', 0, -1)
+local active, clients = 0, 0
+local function add(id)
+  local n = live_clients(id, now)
+  if n > 0 then active = active + 1 clients = clients + n end
+end
+for _, id in ipairs(api) do add(id) end
+for i = 2, #ARGV do add(ARGV[i]) end
+return {#api, active, clients}
+"#;
+
 /// DELETE /streams/{id}. ARGV: prefix, id. Returns {spec, {client hashes}}
 /// or {} when there was no such API stream.
 const DELETE: &str = r#"
@@ -414,6 +429,7 @@ fn script(body: &str) -> Script {
 pub static REGISTER_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(REGISTER));
 pub static STREAMS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(STREAMS));
 pub static DELETE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(DELETE));
+pub static TOTALS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(TOTALS));
 pub static COUNTS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(COUNTS));
 pub static DELETE_BY_METADATA_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(DELETE_BY_METADATA));

@@ -16,6 +16,7 @@
 pub mod api;
 pub mod clients;
 pub mod lua;
+pub mod totals;
 pub mod upkeep;
 pub mod webhooks;
 

@@ -190,6 +190,7 @@ async fn second_loop(app: Arc<App>, c: Arc<Cluster>) {
         n += 1;
         recheck(&app, &c, false).await;
         touch_streams(&app, &c, &mut seen).await;
+        super::totals::refresh(&app, &c).await;
         if let Err(e) = clients::sweep_dead_nodes(&app, &c).await {
             tracing::debug!(error = %e, "cluster: dead-node sweep skipped");
         }
