@@ -336,6 +336,58 @@ async fn redis_unavailable_api_503_fast_viewers_keep_watching() {
     viewer.read_n(188 * 50, Duration::from_secs(5)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yaml_streams_stay_config_but_their_viewers_count_everywhere() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    let yaml = config(&format!(
+        "streams:\n  - id: news\n    url: \"{}\"\n    metadata: {{provider_profile_id: \"4\"}}\n",
+        p.url("live/news.ts?kbps=800")
+    ));
+    let mut cluster = ClusterNodes::start(&redis, 3, &yaml).await;
+    let nodes: &[Edge] = cluster.nodes();
+    let mut v1 = watch(nodes, 0, "news", "yaml-viewer").await;
+    until(
+        Duration::from_secs(5),
+        "n1's viewer of a YAML stream counted on n2",
+        || async {
+            let (_, v) = api(
+                &nodes[1],
+                Method::GET,
+                "/streams/counts-by-metadata?field=provider_profile_id&values=4",
+                None,
+            )
+            .await;
+            v["counts"]["4"] == 1
+        },
+    )
+    .await;
+    let (_, v) = api(&nodes[2], Method::GET, "/streams/news", None).await;
+    assert_eq!(v["stream"]["client_count"], 1, "{v}");
+    assert_eq!(v["clients"][0]["client_id"], "yaml-viewer", "{v}");
+    let (_, v) = api(&nodes[2], Method::GET, "/streams", None).await;
+    assert_eq!(v["total"], 1, "the YAML stream, listed once: {v}");
+    // Read-only on every node, as on one.
+    let (s, _) = api(&nodes[1], Method::DELETE, "/streams/news", None).await;
+    assert_eq!(s, 409);
+    let (s, v) = api(
+        &nodes[1],
+        Method::POST,
+        "/streams",
+        Some(json!({"url": p.url("live/news.ts?kbps=800")})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (_, v) = api(&nodes[2], Method::GET, "/streams", None).await;
+    assert_eq!(
+        v["total"], 2,
+        "an API stream of the same URL is another id: {v}"
+    );
+    v1.read_n(188 * 10, Duration::from_secs(5)).await;
+}
+
 /// A node config with a short `stream_idle_ttl` (expiry and idle sweeps each
 /// second) and the YAML webhook `hook` for `events`.
 fn quick_body(hook: &str, events: &str) -> String {
