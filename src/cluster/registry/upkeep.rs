@@ -44,50 +44,53 @@ pub fn start(app: &Arc<App>, c: &Arc<Cluster>, wait: Duration) {
 }
 
 /// `hls_key`: the first node's key wins (`SET NX`), every node signs with
-/// it. `hls.token_key` in the config wins over both.
+/// it. `hls.token_key` in the config wins over both. Re-read every 5 s: if
+/// Redis lost it (restarted without persistence), the key in use here is
+/// offered again, so the nodes keep agreeing.
 async fn hls_key_loop(app: Arc<App>, c: Arc<Cluster>, ready: std::sync::mpsc::Sender<()>) {
     if app.config.hls.token_key.is_some() {
         let _ = ready.send(());
         return;
     }
-    let proposal = hex::encode(crate::hls::token::Signer::generate_key());
+    let mut current = hex::encode(crate::hls::token::Signer::generate_key());
+    let mut adopted = false;
     let key = c.keys().hls_key();
     loop {
-        let mut conn = match c.redis().await {
-            Ok(conn) => conn,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+        let (k, p) = (key.clone(), current.clone());
+        let got: Result<Option<String>, ClusterError> = match c.redis().await {
+            Ok(mut conn) => {
+                c.run(async move {
+                    let _: Option<String> = redis::cmd("SET")
+                        .arg(&k)
+                        .arg(&p)
+                        .arg("NX")
+                        .query_async(&mut conn)
+                        .await?;
+                    redis::cmd("GET").arg(&k).query_async(&mut conn).await
+                })
+                .await
             }
+            Err(e) => Err(e),
         };
-        let (k, p) = (key.clone(), proposal.clone());
-        let got: Result<Option<String>, ClusterError> = c
-            .run(async move {
-                let _: Option<String> = redis::cmd("SET")
-                    .arg(&k)
-                    .arg(&p)
-                    .arg("NX")
-                    .query_async(&mut conn)
-                    .await?;
-                redis::cmd("GET").arg(&k).query_async(&mut conn).await
-            })
-            .await;
-        match got.map(|v| {
-            v.and_then(|h| hex::decode(h).ok())
-                .filter(|b| b.len() >= 16)
-        }) {
-            Ok(Some(shared)) => {
-                app.signer.rekey(&shared);
-                tracing::info!("cluster: HLS references signed with the shared key");
-                let _ = ready.send(());
-                return;
-            }
-            Ok(None) => {
-                tracing::error!("cluster: hls_key in Redis is not a hex key of 16+ bytes; set hls.token_key or delete it");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        match got {
+            Ok(Some(shared)) => match hex::decode(&shared).ok().filter(|b| b.len() >= 16) {
+                Some(bytes) => {
+                    if !adopted || shared != current {
+                        app.signer.rekey(&bytes);
+                        tracing::info!("cluster: HLS references signed with the shared key");
+                        current = shared;
+                        adopted = true;
+                        let _ = ready.send(());
+                    }
+                }
+                None => tracing::error!(
+                    "cluster: hls_key in Redis is not a hex key of 16+ bytes; set hls.token_key or delete it"
+                ),
+            },
+            Ok(None) | Err(_) => {}
         }
+        let every = if adopted { 5 } else { 1 };
+        tokio::time::sleep(Duration::from_secs(every)).await;
     }
 }
 
