@@ -124,9 +124,13 @@ async fn local_readonly(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut args = vec!["ids"];
-    args.extend(ids.iter().map(String::as_str));
-    let mut v = streams(c, &args).await?;
+    // Chunked: a node may carry a playlist of many thousand channels.
+    let mut v = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(2000) {
+        let mut args = vec!["ids"];
+        args.extend(chunk.iter().map(String::as_str));
+        v.extend(streams(c, &args).await?);
+    }
     for sh in &mut v {
         if let Some(s) = app.registry.get(&sh.id) {
             sh.created = s.created_at;

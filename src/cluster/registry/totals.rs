@@ -61,15 +61,13 @@ pub async fn refresh(app: &App, c: &Cluster) {
     if !app.cluster_totals.wanted() {
         return;
     }
-    let readonly: Vec<String> = app
+    let readonly = app
         .registry
         .list()
         .iter()
         .filter(|s| s.origin.read_only())
-        .map(|s| s.id.clone())
-        .collect();
-    let args: Vec<&str> = readonly.iter().map(String::as_str).collect();
-    let Ok(v) = invoke(c, &lua::TOTALS_SCRIPT, &args).await else {
+        .count();
+    let Ok(v) = invoke(c, &lua::TOTALS_SCRIPT, &[]).await else {
         return;
     };
     let r: Vec<u64> = items(v)
@@ -83,7 +81,7 @@ pub async fn refresh(app: &App, c: &Cluster) {
     *app.cluster_totals.snapshot.lock() = Some((
         Instant::now(),
         Totals {
-            streams: api + readonly.len() as u64,
+            streams: api + readonly as u64,
             active_streams: *active,
             clients: clients + broadcast_viewers,
         },
