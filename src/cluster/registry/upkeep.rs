@@ -72,8 +72,8 @@ async fn hls_key_loop(app: Arc<App>, c: Arc<Cluster>, ready: std::sync::mpsc::Se
             }
             Err(e) => Err(e),
         };
-        match got {
-            Ok(Some(shared)) => match hex::decode(&shared).ok().filter(|b| b.len() >= 16) {
+        if let Ok(Some(shared)) = got {
+            match hex::decode(&shared).ok().filter(|b| b.len() >= 16) {
                 Some(bytes) => {
                     if !adopted || shared != current {
                         app.signer.rekey(&bytes);
@@ -86,8 +86,7 @@ async fn hls_key_loop(app: Arc<App>, c: Arc<Cluster>, ready: std::sync::mpsc::Se
                 None => tracing::error!(
                     "cluster: hls_key in Redis is not a hex key of 16+ bytes; set hls.token_key or delete it"
                 ),
-            },
-            Ok(None) | Err(_) => {}
+            }
         }
         let every = if adopted { 5 } else { 1 };
         tokio::time::sleep(Duration::from_secs(every)).await;
