@@ -233,6 +233,29 @@ async fn webhooks_and_hls_references_are_shared() {
     assert_eq!(s, 200);
     let (_, v) = api(&nodes[0], Method::GET, "/webhooks", None).await;
     assert_eq!(v["webhooks"].as_array().map(Vec::len), Some(0), "{v}");
+
+    // Redis holds them: n1's state file keeps neither (a second webhook
+    // is still registered when it stops).
+    let (s, _) = api(
+        &nodes[0],
+        Method::POST,
+        "/webhooks",
+        Some(json!({"url": hook.url("/kept")})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    cluster.node(0).stop().await;
+    let state = std::fs::read_to_string(cluster.nodes()[0].state_file()).unwrap_or_default();
+    assert!(
+        !state.contains(&id),
+        "API stream in the state file: {state}"
+    );
+    assert!(
+        !state.contains("/kept"),
+        "API webhook in the state file: {state}"
+    );
+    let (_, v) = api(&cluster.nodes()[1], Method::GET, "/webhooks", None).await;
+    assert_eq!(v["webhooks"][0]["url"], hook.url("/kept"), "{v}");
 }
 
 fn urlencode(s: &str) -> String {
