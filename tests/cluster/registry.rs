@@ -409,6 +409,25 @@ async fn yaml_streams_stay_config_but_their_viewers_count_everywhere() {
         "an API stream of the same URL is another id: {v}"
     );
     v1.read_n(188 * 10, Duration::from_secs(5)).await;
+    // The editor's "viewer left" on n3 reaches the YAML stream's viewer on n1.
+    let (s, v) = api(
+        &nodes[2],
+        Method::DELETE,
+        "/streams/by-metadata?field=provider_profile_id&value=4&force=false&client_id=yaml-viewer",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["skipped_streams"][0]["reason"], "configured_stream",
+        "{v}"
+    );
+    assert_cut(
+        &mut v1,
+        Duration::from_secs(5),
+        "the dropped viewer of a YAML stream",
+    )
+    .await;
 }
 
 /// A node config with a short `stream_idle_ttl` (expiry and idle sweeps each

@@ -394,6 +394,18 @@ async fn delete_by_metadata(app: &App, c: &Cluster, req: &ApiRequest) -> ApiRepl
                     return unavailable(&e);
                 }
             }
+            let remaining = match super::one(c, &s.id).await {
+                Ok(sh) => sh.clients,
+                Err(e) => return unavailable(&e),
+            };
+            if remaining > 0 {
+                skipped.push(json!({
+                    "stream_id": s.id,
+                    "reason": "has_active_clients",
+                    "active_clients": remaining,
+                }));
+                continue;
+            }
         }
         skipped.push(json!({ "stream_id": s.id, "reason": "configured_stream" }));
     }
