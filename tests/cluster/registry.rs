@@ -899,3 +899,51 @@ mod scripts {
         assert_eq!(r[0], "a", "the oldest left");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_its_data_cuts_no_viewer() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let mut cluster = ClusterNodes::start(&redis, 3, &config("")).await;
+    let nodes: &[Edge] = cluster.nodes();
+    let id = register(&nodes[0], json!({"url": p.url("live/lost.ts?kbps=800")})).await;
+    let (s, _) = api(
+        &nodes[0],
+        Method::POST,
+        "/webhooks",
+        Some(json!({"url": hook.url("/lost")})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let mut viewer = watch(nodes, 1, &id, "stays").await;
+    until(Duration::from_secs(5), "the viewer listed", || async {
+        api(&nodes[2], Method::GET, "/clients", None).await.1["total_clients"] == 1
+    })
+    .await;
+
+    // Redis restarted without persistence: everything gone at once.
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHALL");
+
+    // The nodes store again what they hold: the stream, its viewer, the webhook.
+    until(Duration::from_secs(10), "the registry restored", || async {
+        let (s, _) = api(&nodes[2], Method::GET, &format!("/streams/{id}"), None).await;
+        let (_, c) = api(&nodes[2], Method::GET, "/clients", None).await;
+        let (_, w) = api(&nodes[2], Method::GET, "/webhooks", None).await;
+        s == 200 && c["total_clients"] == 1 && w["webhooks"].as_array().map(Vec::len) == Some(1)
+    })
+    .await;
+    for _ in 0..3 {
+        viewer.read_n(188 * 50, Duration::from_secs(5)).await;
+    }
+}

@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod clients;
+pub mod continuity;
 pub mod lua;
 pub mod totals;
 pub mod upkeep;

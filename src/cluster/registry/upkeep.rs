@@ -19,6 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::continuity::Continuity;
 use super::{clients, invoke, items, lua, streams, text, webhooks};
 use crate::app::App;
 use crate::cluster::{Bus, Cluster, ClusterError};
@@ -33,8 +34,9 @@ const CACHE_IDLE: Duration = Duration::from_secs(60);
 /// the other nodes).
 pub fn start(app: &Arc<App>, c: &Arc<Cluster>, wait: Duration) {
     clients::start(app, c);
-    c.spawn(bus_loop(app.clone(), c.clone()));
-    c.spawn(second_loop(app.clone(), c.clone()));
+    let continuity = Arc::new(Continuity::default());
+    c.spawn(bus_loop(app.clone(), c.clone(), continuity.clone()));
+    c.spawn(second_loop(app.clone(), c.clone(), continuity));
     c.spawn(expiry_loop(app.clone(), c.clone()));
     let (tx, rx) = std::sync::mpsc::channel();
     c.spawn(hls_key_loop(app.clone(), c.clone(), tx));
@@ -93,25 +95,25 @@ async fn hls_key_loop(app: Arc<App>, c: Arc<Cluster>, ready: std::sync::mpsc::Se
     }
 }
 
-async fn bus_loop(app: Arc<App>, c: Arc<Cluster>) {
+async fn bus_loop(app: Arc<App>, c: Arc<Cluster>, k: Arc<Continuity>) {
     let mut rx = c.subscribe();
     loop {
         let env = match rx.recv().await {
             Ok(env) => env,
             Err(RecvError::Lagged(_)) => {
-                recheck(&app, &c, true).await;
+                recheck(&app, &c, &k, true).await;
                 continue;
             }
             Err(RecvError::Closed) => return,
         };
         let mine = env.from == c.node_id();
         match env.msg {
-            Bus::StreamChanged { id } if !mine => refresh(&app, &c, &id).await,
+            Bus::StreamChanged { id } if !mine => refresh(&app, &c, &k, &id).await,
             Bus::StreamDeleted { id } if !mine => {
                 // Checked against Redis: a POST on a third node may have
                 // registered it again since (the bus orders per sender only).
                 let gone = match super::one(&c, &id).await {
-                    Ok(sh) => sh.spec.is_none(),
+                    Ok(sh) => sh.spec.is_none() && k.check(&app, &c).await.unwrap_or(true),
                     Err(_) => true,
                 };
                 if gone && app.evict_stream(&id, "manual_deletion") {
@@ -128,8 +130,11 @@ async fn bus_loop(app: Arc<App>, c: Arc<Cluster>) {
             }
             Bus::WebhooksChanged if !mine => webhooks::sync(&app, &c).await,
             Bus::Resync => {
-                recheck(&app, &c, true).await;
-                webhooks::sync(&app, &c).await;
+                // Redis may have come back empty: check before mirroring.
+                if k.check(&app, &c).await.is_ok() {
+                    recheck(&app, &c, &k, true).await;
+                    webhooks::sync(&app, &c).await;
+                }
             }
             _ => {}
         }
@@ -137,15 +142,19 @@ async fn bus_loop(app: Arc<App>, c: Arc<Cluster>) {
 }
 
 /// Re-reads one cached API stream: gone → dropped here, changed → swapped.
-async fn refresh(app: &App, c: &Cluster, id: &str) {
+async fn refresh(app: &App, c: &Cluster, k: &Continuity, id: &str) {
     if app.registry.get(id).is_none_or(|s| s.origin != Origin::Api) {
         return;
     }
     if let Ok(sh) = super::one(c, id).await {
-        apply(app, sh);
+        if sh.spec.is_some() || k.check(app, c).await == Ok(true) {
+            apply(app, sh);
+        }
     }
 }
 
+/// Caches a stream as Redis has it; one Redis no longer has is dropped
+/// (the caller checked it was deleted, not lost).
 fn apply(app: &App, sh: super::Shared) {
     match sh.spec {
         Some(spec) => {
@@ -161,7 +170,7 @@ fn apply(app: &App, sh: super::Shared) {
 
 /// Re-checks cached API streams against Redis: those watched here, or all
 /// (`every`) after a bus reconnect.
-async fn recheck(app: &App, c: &Cluster, every: bool) {
+async fn recheck(app: &App, c: &Cluster, k: &Continuity, every: bool) {
     let ids: Vec<String> = app
         .registry
         .list()
@@ -176,13 +185,17 @@ async fn recheck(app: &App, c: &Cluster, every: bool) {
         let Ok(found) = streams(c, &args).await else {
             return;
         };
+        if found.iter().any(|sh| sh.spec.is_none()) && k.check(app, c).await != Ok(true) {
+            // Redis lost them (now stored again), or cannot tell: keep all.
+            return;
+        }
         for sh in found {
             apply(app, sh);
         }
     }
 }
 
-async fn second_loop(app: Arc<App>, c: Arc<Cluster>) {
+async fn second_loop(app: Arc<App>, c: Arc<Cluster>, k: Arc<Continuity>) {
     let mut seen: HashMap<String, Reported> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -190,7 +203,10 @@ async fn second_loop(app: Arc<App>, c: Arc<Cluster>) {
     loop {
         tick.tick().await;
         n += 1;
-        recheck(&app, &c, false).await;
+        // Every tick: notices a Redis that lost its data before anything
+        // else acts on the emptiness.
+        let _ = k.check(&app, &c).await;
+        recheck(&app, &c, &k, false).await;
         touch_streams(&app, &c, &mut seen).await;
         super::totals::refresh(&app, &c).await;
         if let Err(e) = clients::sweep_dead_nodes(&app, &c).await {

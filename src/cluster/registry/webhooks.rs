@@ -41,6 +41,38 @@ async fn load(c: &Cluster) -> Result<Vec<Webhook>, ClusterError> {
     Ok(hooks.into_iter().map(|s| s.hook).collect())
 }
 
+/// Stores this node's API webhooks in Redis again (after Redis lost them);
+/// returns how many.
+pub async fn store_all(app: &App, c: &Cluster) -> usize {
+    let mut n = 0;
+    for hook in app.events.api_webhooks() {
+        let Ok(value) = serde_json::to_string(&Stored {
+            hook: hook.clone(),
+            at: chrono::Utc::now().timestamp_millis(),
+        }) else {
+            continue;
+        };
+        let Ok(mut conn) = c.redis().await else {
+            return n;
+        };
+        let key = c.keys().webhooks();
+        let stored: Result<i64, ClusterError> = c
+            .run(async move {
+                redis::cmd("HSETNX")
+                    .arg(key)
+                    .arg(hook.url)
+                    .arg(value)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await;
+        if stored.is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Makes this node's API webhooks those of Redis (YAML ones untouched).
 pub async fn sync(app: &App, c: &Cluster) {
     let Ok(wanted) = load(c).await else {
