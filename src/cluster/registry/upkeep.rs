@@ -129,12 +129,10 @@ async fn bus_loop(app: Arc<App>, c: Arc<Cluster>, k: Arc<Continuity>) {
                 }
             }
             Bus::WebhooksChanged if !mine => webhooks::sync(&app, &c).await,
-            Bus::Resync => {
-                // Redis may have come back empty: check before mirroring.
-                if k.check(&app, &c).await.is_ok() {
-                    recheck(&app, &c, &k, true).await;
-                    webhooks::sync(&app, &c).await;
-                }
+            // Redis may have come back empty: checked before mirroring.
+            Bus::Resync if k.check(&app, &c).await.is_ok() => {
+                recheck(&app, &c, &k, true).await;
+                webhooks::sync(&app, &c).await;
             }
             _ => {}
         }
