@@ -195,6 +195,15 @@ async fn webhooks_and_hls_references_are_shared() {
     assert_eq!(s, 200);
     assert_eq!(v["webhooks"].as_array().map(Vec::len), Some(1), "{v}");
     assert_eq!(v["webhooks"][0]["url"], hook.url("/cl"));
+    let (s, v) = api(
+        &nodes[2],
+        Method::POST,
+        "/webhooks/test",
+        Some(json!({"webhook_url": hook.url("/cl")})),
+    )
+    .await;
+    assert_eq!((s, v["status_code"].as_u64()), (200, Some(200)), "{v}");
+    hook.clear();
 
     // A playlist rewritten by n1: its signed references work on n2.
     let id = register(

@@ -35,6 +35,12 @@ pub async fn handle(app: &App, c: &Cluster, route: &Api, req: &ApiRequest) -> Op
         (Api::Webhooks, &M::POST) => webhooks::add(app, c, req).await,
         (Api::Webhooks, &M::DELETE) => webhooks::remove(app, c, req).await,
         (Api::Transcode, &M::POST) => transcode(app, c, req).await,
+        (Api::WebhooksTest, _) => {
+            // A webhook registered on another node a moment ago is tested
+            // here too (the node-local handler sends it).
+            webhooks::sync(app, c).await;
+            return None;
+        }
         (Api::StreamFailover(id), _) => {
             // The node-local handler works on the cached stream.
             return match super::fetch(app, c, id).await {
