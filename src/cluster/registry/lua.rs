@@ -8,7 +8,8 @@
 //! Times come from Redis (`TIME`), so node clocks never matter.
 //!
 //! Layout:
-//! - `stream:{s}` HASH `spec` (StreamSpec JSON), `created`, `last_access` (ms)
+//! - `stream:{s}` HASH `spec` (StreamSpec JSON), `created`, `last_access` (ms),
+//!   `bytes`, `segments` (every node's, added once a second)
 //! - `streams` ZSET s → created ms; `meta:{f}:{v}` SET of s
 //! - `clients:{s}` ZSET c → the latest hold (+inf while a socket is open)
 //! - `client:{s}:{c}` HASH `s`, `c`, `info` (JSON ip/ua/username), `created`, `last`,
@@ -16,6 +17,10 @@
 //! - `nclients:{n}` SET of `s\nc` the node holds; `cnodes` SET of nodes
 //!   that hold clients (the dead-node sweep reads it: `nodes` forgets a
 //!   dead node as soon as its session expires)
+//! - outside the scripts: `webhooks` HASH url → `{hook, at}`, `hls_key`,
+//!   `leader:expiry` (the node sweeping expired streams this round),
+//!   `registry` (a token telling a deleted stream from a Redis that lost
+//!   its data, `continuity.rs`)
 
 use std::sync::LazyLock;
 
