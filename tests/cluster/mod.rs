@@ -6,3 +6,4 @@
 mod membership;
 mod ownership;
 mod registry;
+mod relay;
