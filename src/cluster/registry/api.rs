@@ -155,14 +155,16 @@ fn materialize(app: &App, shared: Vec<Shared>) -> Vec<(Arc<Stream>, Shared)> {
             let local = app.registry.get(&sh.id);
             let s = match (local, &sh.spec) {
                 (Some(s), Some(spec)) if *s.spec() == *spec => s,
-                (Some(s), None) => s,
+                // YAML and playlist streams are not in Redis; an API
+                // stream missing there was deleted, whatever is cached here.
+                (Some(s), None) if s.origin.read_only() => s,
                 (_, Some(spec)) => Arc::new(Stream::detached(
                     sh.id.clone(),
                     spec.clone(),
                     sh.created,
                     None,
                 )),
-                (None, None) => return None,
+                (_, None) => return None,
             };
             Some((s, sh))
         })
