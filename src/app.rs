@@ -177,6 +177,9 @@ impl App {
             Some(c) => Some(crate::cluster::Cluster::new(c, metrics.registry())?),
             None => None,
         };
+        if let Some(c) = &cluster {
+            events.attach_cluster(c.clone());
+        }
         let app = App {
             registry: Registry::with_caps(Some(events.clone()), limits),
             broadcasts: crate::broadcast::Broadcasts::new(
@@ -189,7 +192,7 @@ impl App {
             saver: Saver::new(config.server.state_save_delay),
             lock: parking_lot::Mutex::new(None),
             providers: Providers::new(&config.providers),
-            leases: Leases::new(&config.providers),
+            leases: Leases::with_cluster(&config.providers, cluster.clone()),
             hub: Arc::new(Hub::new()),
             hls: HlsFetcher::new(config.hls.segment_cache_bytes, metrics.clone()),
             signer: Signer::new(&hls_key),

@@ -209,6 +209,9 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
     ));
     if let Some(cluster) = &app.cluster {
         cluster.start();
+        if let Some(leases) = app.leases.cluster() {
+            leases.start();
+        }
         let mut internal = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             Edge::internal(app.clone()),

@@ -60,20 +60,36 @@ fn host_matches(pattern: &str, host: &str) -> bool {
 
 /// Connection leases per provider (`providers[].max_connections`). A lease is
 /// taken when an upstream connection opens and released (dropped) the moment
-/// it closes.
+/// it closes. In cluster mode the limit holds across every node: the counts
+/// live in Redis (`crate::cluster::leases`) and a limited provider's lease is
+/// taken only by [`Leases::acquire`] (one Redis round trip).
 pub struct Leases {
     slots: HashMap<String, Arc<Slot>>,
+    cluster: Option<Arc<crate::cluster::leases::ClusterLeases>>,
 }
 
-struct Slot {
-    max: Option<u32>,
+/// One provider's leases on this node.
+pub struct Slot {
+    pub name: String,
+    pub max: Option<u32>,
     used: Mutex<u32>,
-    freed: Notify,
+    /// Woken when a lease of this provider is freed (here, or on another
+    /// node in cluster mode).
+    pub freed: Notify,
+}
+
+impl Slot {
+    /// Leases open on this node.
+    pub fn used(&self) -> u32 {
+        *self.used.lock()
+    }
 }
 
 /// One open provider connection. Dropping it frees the slot.
 pub struct Lease {
     slot: Option<Arc<Slot>>,
+    /// Cluster mode: told (without blocking) so the shared count follows.
+    cluster: Option<Arc<crate::cluster::leases::ClusterLeases>>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -89,25 +105,55 @@ impl Drop for Lease {
             *used = used.saturating_sub(1);
             drop(used);
             s.freed.notify_waiters();
+            if let Some(c) = &self.cluster {
+                c.changed(&s.name);
+            }
         }
     }
 }
 
-/// A provider at its limit.
+/// A provider at its limit (or, in cluster mode, whose limit cannot be
+/// checked: then `reason` says why and nothing is opened).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Full {
     pub provider: String,
     pub max_connections: u32,
+    pub reason: Option<String>,
+}
+
+impl Full {
+    /// The `detail` of the 503 a client gets.
+    pub fn detail(&self) -> String {
+        match &self.reason {
+            Some(r) => format!(
+                "Provider {} not connected: its connection limit ({}) cannot be checked: {r}",
+                self.provider, self.max_connections
+            ),
+            None => format!(
+                "Provider {} is at its connection limit ({})",
+                self.provider, self.max_connections
+            ),
+        }
+    }
 }
 
 impl Leases {
     pub fn new(list: &[ProviderConfig]) -> Self {
-        let slots = list
+        Self::with_cluster(list, None)
+    }
+
+    /// Leases counted across the cluster when `cluster` is set.
+    pub fn with_cluster(
+        list: &[ProviderConfig],
+        cluster: Option<Arc<crate::cluster::Cluster>>,
+    ) -> Self {
+        let slots: HashMap<String, Arc<Slot>> = list
             .iter()
             .map(|p| {
                 (
                     p.name.clone(),
                     Arc::new(Slot {
+                        name: p.name.clone(),
                         max: p.max_connections,
                         used: Mutex::new(0),
                         freed: Notify::new(),
@@ -115,34 +161,71 @@ impl Leases {
                 )
             })
             .collect();
-        Leases { slots }
+        let cluster = cluster.map(|c| {
+            crate::cluster::leases::ClusterLeases::new(c, slots.values().cloned().collect())
+        });
+        Leases { slots, cluster }
+    }
+
+    /// The cluster side, to start its background work (cluster mode only).
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::leases::ClusterLeases>> {
+        self.cluster.as_ref()
+    }
+
+    fn lease(&self, slot: &Arc<Slot>) -> Lease {
+        Lease {
+            slot: Some(slot.clone()),
+            cluster: self.cluster.clone(),
+        }
     }
 
     /// Takes a lease now, or says the provider is full. Streams without a
-    /// provider are unlimited.
+    /// provider are unlimited. In cluster mode a limited provider needs a
+    /// Redis round trip, which this never waits for: it answers `Full` with
+    /// a reason, and callers that must connect use [`Leases::acquire`].
     pub fn try_acquire(&self, provider: Option<&str>) -> Result<Lease, Full> {
         let Some(slot) = provider.and_then(|p| self.slots.get(p)) else {
-            return Ok(Lease { slot: None });
+            return Ok(Lease {
+                slot: None,
+                cluster: None,
+            });
         };
+        if let (Some(c), Some(max)) = (&self.cluster, slot.max) {
+            return Err(Full {
+                provider: slot.name.clone(),
+                max_connections: max,
+                reason: Some(c.needs_round_trip()),
+            });
+        }
         let mut used = slot.used.lock();
         match slot.max {
             Some(max) if *used >= max => Err(Full {
-                provider: provider.unwrap_or_default().to_string(),
+                provider: slot.name.clone(),
                 max_connections: max,
+                reason: None,
             }),
             _ => {
                 *used += 1;
-                Ok(Lease {
-                    slot: Some(slot.clone()),
-                })
+                drop(used);
+                if let Some(c) = &self.cluster {
+                    // Unlimited: counted for /stats only.
+                    c.changed(&slot.name);
+                }
+                Ok(self.lease(slot))
             }
         }
     }
 
     /// Like `try_acquire`, waiting up to `wait` for a lease to be released:
     /// a player that zaps may open the new channel a moment before the proxy
-    /// sees it close the old one.
+    /// sees it close the old one (on this node or, in cluster mode, another).
     pub async fn acquire(&self, provider: Option<&str>, wait: Duration) -> Result<Lease, Full> {
+        if let (Some(c), Some(slot)) = (&self.cluster, provider.and_then(|p| self.slots.get(p))) {
+            if slot.max.is_some() {
+                c.acquire(slot, wait).await?;
+                return Ok(self.lease(slot));
+            }
+        }
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let slot = provider.and_then(|p| self.slots.get(p)).cloned();
@@ -161,15 +244,40 @@ impl Leases {
         }
     }
 
-    /// (in use, limit) per provider, for `/stats` and metrics.
+    /// (in use, limit) per provider, for `/stats` and metrics; in cluster
+    /// mode in use on every node (as last read, at most ~1 s old).
     pub fn usage(&self) -> Vec<(String, u32, Option<u32>)> {
         let mut v: Vec<_> = self
             .slots
             .iter()
-            .map(|(n, s)| (n.clone(), *s.used.lock(), s.max))
+            .map(|(n, s)| {
+                let used = match &self.cluster {
+                    Some(c) => c.total(n).unwrap_or_else(|| s.used()),
+                    None => s.used(),
+                };
+                (n.clone(), used, s.max)
+            })
             .collect();
         v.sort();
         v
+    }
+
+    /// Leases open on this node, per provider.
+    pub fn local_usage(&self) -> Vec<(String, u32)> {
+        let mut v: Vec<_> = self
+            .slots
+            .iter()
+            .map(|(n, s)| (n.clone(), s.used()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Slot {
+    /// Counts one more lease here (the cluster side took it in Redis).
+    pub(crate) fn add_one(&self) {
+        *self.used.lock() += 1;
     }
 }
 

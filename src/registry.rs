@@ -340,6 +340,15 @@ impl Stream {
         events.emit(event_type, &self.id, data);
     }
 
+    /// The stream's first viewer on this node (cluster mode: this node
+    /// holds the stream's session until its last viewer leaves).
+    fn joined(&self) {
+        if let Some(events) = &self.events.0 {
+            let spec = self.spec();
+            events.session_joined(&self.id, &json!(spec.metadata), spec.transcode.is_some());
+        }
+    }
+
     /// A provider connection of this stream opened: `stream_started`, once per
     /// session (not per request, retry or POST).
     pub fn started(&self, data: impl FnOnce() -> Value) {
@@ -1004,6 +1013,7 @@ impl Registry {
         if clients.is_empty() {
             // A new viewing session: its stop must be reported again.
             stream.session.lock().stop_sent = false;
+            stream.joined();
         }
         let now = Utc::now();
         let c = Arc::new(Client {

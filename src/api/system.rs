@@ -217,9 +217,10 @@ pub fn stats(app: &App, req: &ApiRequest) -> ApiReply {
     let mut body = json!({
         "proxy_stats": proxy_stats,
         "playlists": app.playlists.stats(),
-        "providers": app.leases.usage().into_iter().map(|(name, in_use, max)| json!({
+        "providers": app.leases.usage().into_iter().zip(app.leases.local_usage()).map(|((name, in_use, max), (_, here))| json!({
             "name": name,
             "connections": in_use,
+            "node_connections": here,
             "max_connections": max,
         })).collect::<Vec<_>>(),
         "live_channels": app.hub.channels().iter().map(|c| json!({

@@ -189,7 +189,11 @@ pub async fn start(app: &App, id: &str, req: &ApiRequest) -> ApiReply {
     };
     let (ua, headers, provider) = identity(app, &s);
     net.stop_programme().await;
-    let lease = match app.leases.try_acquire(provider.as_deref()) {
+    let lease = match app
+        .leases
+        .acquire(provider.as_deref(), std::time::Duration::ZERO)
+        .await
+    {
         Ok(l) => l,
         Err(full) => {
             let msg = format!(

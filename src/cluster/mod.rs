@@ -10,8 +10,11 @@
 
 pub mod auth;
 pub mod bus;
+pub mod delivery;
+pub mod events;
 pub mod internal;
 pub mod keys;
+pub mod leases;
 pub mod metrics;
 pub mod owner;
 pub mod ownership;

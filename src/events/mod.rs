@@ -94,8 +94,9 @@ impl fmt::Display for EventType {
     }
 }
 
-/// One event, exactly the JSON body a webhook receives.
-#[derive(Debug, Clone, Serialize)]
+/// One event, exactly the JSON body a webhook receives (and, in cluster
+/// mode, an entry of the shared `events` stream).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
     /// A random UUID (v4), as m3u-proxy sends.
     pub event_id: String,
@@ -403,6 +404,9 @@ pub struct Events {
     stop: tokio::sync::watch::Sender<bool>,
     /// Set by the service once it has flushed and stopped.
     done: tokio::sync::watch::Sender<bool>,
+    /// Cluster mode: stream events are checked cluster-wide before they
+    /// are queued, and queued events go to the shared stream.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::events::ClusterEvents>>,
 }
 
 impl Events {
@@ -449,6 +453,7 @@ impl Events {
             test_http: webhook::client(),
             stop: tokio::sync::watch::Sender::new(false),
             done: tokio::sync::watch::Sender::new(false),
+            cluster: std::sync::OnceLock::new(),
         };
         for hook in config_hooks {
             if let Err(error) = events.insert(hook, false) {
@@ -475,6 +480,27 @@ impl Events {
         EventsService::new(self.clone(), rx)
     }
 
+    /// Cluster mode: events are sent once cluster-wide and delivered by the
+    /// elected node (`crate::cluster::events`, `crate::cluster::delivery`).
+    pub fn attach_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.cluster.set(crate::cluster::events::ClusterEvents::new(
+            cluster,
+            self.tx.clone(),
+        ));
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::events::ClusterEvents>> {
+        self.cluster.get()
+    }
+
+    /// A stream got its first viewer on this node (cluster mode: the node
+    /// holds the stream's session until its last viewer leaves).
+    pub fn session_joined(&self, stream_id: &str, metadata: &serde_json::Value, transcoded: bool) {
+        if let Some(c) = self.cluster.get() {
+            c.joined(stream_id, metadata, transcoded);
+        }
+    }
+
     /// The stop signal the Pingora service runs on ([`Events::finish`]).
     pub(crate) fn stop_signal(&self) -> tokio::sync::watch::Receiver<bool> {
         self.stop.subscribe()
@@ -492,6 +518,11 @@ impl Events {
     /// (or the service never ran).
     pub async fn finish(&self, timeout: Duration) -> bool {
         let mut done = self.done.subscribe();
+        if let Some(c) = self.cluster.get() {
+            // The last stops of this node's sessions are still being
+            // checked in Redis: let them reach the queue first.
+            c.drain(timeout / 2).await;
+        }
         self.stop.send_replace(true);
         tokio::time::timeout(timeout, done.wait_for(|d| *d))
             .await
@@ -505,7 +536,14 @@ impl Events {
         if !self.wants(event_type) {
             return;
         }
-        match self.tx.try_send(Event::new(event_type, stream_id, data)) {
+        let mut event = Event::new(event_type, stream_id, data);
+        if let Some(c) = self.cluster.get() {
+            match c.route(event) {
+                Some(e) => event = e,
+                None => return,
+            }
+        }
+        match self.tx.try_send(event) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(event)) => self.count_drop(&event, "queue full"),
             // Only after the service stopped (shutdown): nothing will send it.
@@ -533,6 +571,11 @@ impl Events {
     /// Whether any webhook subscribes to `event_type`: callers may skip
     /// building an expensive `data` value when not.
     pub fn wants(&self, event_type: EventType) -> bool {
+        // In cluster mode the delivering node's webhooks decide, and the
+        // session bookkeeping needs every stream event.
+        if self.cluster.get().is_some() {
+            return true;
+        }
         self.subscribed.load(Ordering::Relaxed) & event_type.bit() != 0
     }
 

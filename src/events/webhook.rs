@@ -18,6 +18,12 @@
 //! On shutdown the bus is drained into the queues and the workers get
 //! [`DeliverySettings::flush_timeout`] to send what they hold, one try each;
 //! whatever is left then is abandoned.
+//!
+//! In cluster mode the bus feeds the cluster's `events` stream instead, and
+//! the queues are fed from that stream while this node is the elected
+//! delivery leader; each entry is acknowledged there once every webhook's
+//! outcome is final (`crate::cluster::delivery`). A job abandoned at
+//! shutdown stays unacknowledged, so the next leader sends it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +43,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{redact_url, DeliverySettings, Event, EventType, Events, Webhook};
+use crate::cluster::delivery::{Ack, Delivery, Leader, Writer};
 use crate::metrics::{Metrics, WebhookResult};
 
 /// m3u-proxy's user agent; receivers written for it may check it.
@@ -190,16 +197,20 @@ struct Job {
     body: Bytes,
     event_type: EventType,
     stream_id: Arc<str>,
+    /// Cluster mode: the stream entry to acknowledge once final.
+    ack: Option<Arc<Ack>>,
 }
 
-/// Delivers one job with retries; returns when delivered or given up.
+/// Delivers one job with retries; returns when delivered or given up:
+/// true when that outcome is final (false: given up only because the
+/// shutdown flush allows one try, so another node may try again).
 async fn deliver(
     http: &reqwest::Client,
     metrics: &Metrics,
     settings: &DeliverySettings,
     flushing: &CancellationToken,
-    job: Job,
-) {
+    job: &Job,
+) -> bool {
     let tries = job.hook.retry_attempts.saturating_add(1);
     let mut last_error = String::new();
     for attempt in 0..tries {
@@ -214,7 +225,7 @@ async fn deliver(
                     attempt = attempt + 1,
                     "webhook delivered"
                 );
-                return;
+                return true;
             }
             Ok(status) => last_error = format!("status {status}"),
             Err(e) => last_error = e,
@@ -248,6 +259,7 @@ async fn deliver(
         tries,
         "webhook gave up"
     );
+    !flushing.is_cancelled()
 }
 
 /// A webhook's queue and the task draining it.
@@ -312,14 +324,17 @@ impl Dispatcher {
         let flushing = self.flushing.clone();
         let handle = tokio::spawn(async move {
             while let Some(job) = rx.recv().await {
-                deliver(
+                let done = deliver(
                     &events.http,
                     &events.metrics,
                     &events.settings,
                     &flushing,
-                    job,
+                    &job,
                 )
                 .await;
+                if let (true, Some(ack)) = (done, &job.ack) {
+                    ack.complete();
+                }
             }
         });
         Worker {
@@ -330,6 +345,12 @@ impl Dispatcher {
     }
 
     fn dispatch(&mut self, event: Event) {
+        self.dispatch_acked(event, None);
+    }
+
+    /// Like `dispatch`; `ack` completes once every job's outcome is final
+    /// (a job dropped from a full queue is final: counted as dropped).
+    fn dispatch_acked(&mut self, event: Event, ack: Option<Arc<Ack>>) {
         self.refresh();
         // Serialized once, and only if some webhook wants the event.
         let mut payload = None;
@@ -349,10 +370,17 @@ impl Dispatcher {
                 stream_id: stream_id
                     .get_or_insert_with(|| Arc::from(event.stream_id.as_str()))
                     .clone(),
+                ack: ack.clone(),
             };
+            if let Some(a) = &ack {
+                a.add();
+            }
             match worker.tx.try_send(job) {
                 Ok(()) => {}
                 Err(e) => {
+                    if let Some(a) = &ack {
+                        a.complete();
+                    }
                     let closed = matches!(e, mpsc::error::TrySendError::Closed(_));
                     // A closed queue means the worker task ended (it only
                     // does by panicking): respawn it on the next event.
@@ -373,6 +401,9 @@ impl Dispatcher {
         }
         if stale {
             self.generation = None;
+        }
+        if let Some(a) = ack {
+            a.complete();
         }
     }
 
@@ -426,6 +457,9 @@ impl EventsService {
             return;
         };
         let mut dispatcher = Dispatcher::new(self.events.clone());
+        if let Some(cluster) = self.events.cluster().cloned() {
+            return self.run_cluster(cluster, rx, dispatcher, shutdown).await;
+        }
         tracing::info!(
             webhooks = self.events.webhooks().len(),
             "events service started"
@@ -456,6 +490,54 @@ impl EventsService {
         tracing::info!("events service stopped");
     }
 }
+
+impl EventsService {
+    /// Cluster mode: this node's events go to the shared stream; the
+    /// webhook queues are fed from it while this node leads delivery.
+    async fn run_cluster(
+        &self,
+        cluster: Arc<crate::cluster::events::ClusterEvents>,
+        rx: mpsc::Receiver<Event>,
+        mut dispatcher: Dispatcher,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        cluster.start();
+        let writer = Writer::spawn(cluster.cluster().clone(), rx);
+        let (tx, mut from_stream) = mpsc::channel::<Delivery>(BATCH_IN_FLIGHT);
+        let leader = Leader::spawn(cluster.clone(), tx);
+        tracing::info!(
+            webhooks = self.events.webhooks().len(),
+            "events service started (cluster: delivered by the elected node)"
+        );
+        if !*shutdown.borrow() {
+            loop {
+                tokio::select! {
+                    biased;
+                    changed = shutdown.changed() => {
+                        if changed.is_err() || *shutdown.borrow() {
+                            break;
+                        }
+                    }
+                    d = from_stream.recv() => match d {
+                        Some((event, ack)) => dispatcher.dispatch_acked(event, Some(ack)),
+                        None => break,
+                    },
+                }
+            }
+        }
+        let timeout = self.events.settings.flush_timeout;
+        writer.finish(timeout).await;
+        leader.stop();
+        // Entries read but not dispatched stay pending for the next leader.
+        drop(from_stream);
+        dispatcher.flush(timeout).await;
+        leader.finish(timeout).await;
+        tracing::info!("events service stopped");
+    }
+}
+
+/// Entries read from the stream and waiting for the dispatcher.
+const BATCH_IN_FLIGHT: usize = 512;
 
 #[async_trait]
 impl BackgroundService for EventsService {

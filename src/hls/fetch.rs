@@ -987,7 +987,7 @@ pub struct Opened {
 /// Takes a lease of `provider`, waiting for one within the limit (idle
 /// lingering live channels of that provider are closed first).
 async fn lease(app: &App, provider: Option<&str>, stream_id: &str) -> Result<Lease, FetchError> {
-    match app.leases.try_acquire(provider) {
+    match app.leases.acquire(provider, Duration::ZERO).await {
         Ok(l) => Ok(l),
         Err(_) => {
             if let Some(p) = provider {

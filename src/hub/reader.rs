@@ -423,7 +423,8 @@ async fn open(
             drop(lease);
             lease = app
                 .leases
-                .try_acquire(landed.as_deref())
+                .acquire(landed.as_deref(), Duration::ZERO)
+                .await
                 .map_err(|full| OpenError::Full(full, landed.clone()))?;
             provider = landed;
         }
@@ -756,7 +757,12 @@ impl Reader {
     /// idle channel of it to close (a zap on a one-connection account) and
     /// waiting up to [`LEASE_WAIT`]. None when it stays full.
     async fn lease(&self, provider: Option<String>) -> Option<Lease> {
-        if let Ok(l) = self.app.leases.try_acquire(provider.as_deref()) {
+        if let Ok(l) = self
+            .app
+            .leases
+            .acquire(provider.as_deref(), Duration::ZERO)
+            .await
+        {
             return Some(l);
         }
         if let Some(p) = &provider {
@@ -1021,6 +1027,7 @@ impl Reader {
                     self.ch.set_phase(Phase::Full(crate::provider::Full {
                         provider: "ffmpeg (transcode.max_processes)".into(),
                         max_connections: u32::try_from(max).unwrap_or(u32::MAX),
+                        reason: None,
                     }));
                 }
                 return failed("transcode.max_processes reached".into());

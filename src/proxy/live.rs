@@ -124,10 +124,7 @@ pub async fn serve(
                 .with_label_values(&[full.provider.as_str()])
                 .inc();
             let body = json!({
-                "detail": format!(
-                    "Provider {} is at its connection limit ({})",
-                    full.provider, full.max_connections
-                ),
+                "detail": full.detail(),
                 "provider": full.provider,
                 "max_connections": full.max_connections,
             });

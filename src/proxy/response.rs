@@ -72,7 +72,7 @@ pub async fn fail(
             .with_label_values(&[full.provider.as_str()])
             .inc();
         let body = serde_json::json!({
-            "detail": format!("Provider {} is at its connection limit ({})", full.provider, full.max_connections),
+            "detail": full.detail(),
             "provider": full.provider,
             "max_connections": full.max_connections,
         });

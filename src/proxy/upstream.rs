@@ -85,7 +85,11 @@ async fn take_lease(app: &App, ctx: &mut RequestCtx, target: &url::Url) -> Resul
         return Ok(());
     }
     ctx.lease = None;
-    let lease = match app.leases.try_acquire(provider.as_deref()) {
+    let lease = match app
+        .leases
+        .acquire(provider.as_deref(), std::time::Duration::ZERO)
+        .await
+    {
         Ok(l) => l,
         Err(_) => {
             if let Some(p) = &provider {

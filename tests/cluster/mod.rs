@@ -3,6 +3,8 @@
 //! (tests/support/redis.rs, tests/support/cluster.rs). Each test skips with a
 //! message when redis-server is not installed.
 
+mod events;
+mod leases;
 mod membership;
 mod ownership;
 mod registry;
