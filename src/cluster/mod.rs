@@ -17,6 +17,7 @@ pub mod keys;
 pub mod leases;
 pub mod metrics;
 pub mod ownership;
+pub mod registry;
 pub mod ring;
 mod session;
 pub mod status;

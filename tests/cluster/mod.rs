@@ -7,3 +7,4 @@ mod events;
 mod leases;
 mod membership;
 mod ownership;
+mod registry;
