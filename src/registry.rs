@@ -769,7 +769,9 @@ impl Registry {
             c.cancel.cancel();
             s.client_left(c, "stream_deleted");
         }
-        if s.session_started() {
+        // In cluster mode this node held the stream's session while it had
+        // viewers here: it lets go, and the last holder sends the stop.
+        if s.session_started() || !clients.is_empty() {
             s.stopped(reason);
         }
         Some(s)

@@ -229,3 +229,76 @@ async fn the_delivery_leader_stopping_cleanly_hands_its_last_events_on() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(of_type(&bodies(&hook), "stream_stopped", "s0").len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hls_client_round_robined_over_three_nodes_is_one_session() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let body = config(&format!(
+        "events:\n  webhooks:\n    - url: \"{}\"\nstreams:\n  - id: h0\n    url: \"{}\"\n    \
+         metadata: {{provider_profile_id: \"9\"}}\n",
+        hook.url("/hook"),
+        p.url("hls-live/hls_ts/v0/index.m3u8")
+    ));
+    let mut c = ClusterNodes::start(&redis, 3, &body).await;
+    // The player's requests land on n1, n2, n3, n1, ... (round-robin).
+    let mut segment = None;
+    for round in 0..6 {
+        let n = c.node(round % 3);
+        let (s, _, b) = client::get_body(&n.url("/hls/h0/playlist.m3u8?client_id=rr")).await;
+        assert_eq!(s, 200, "playlist from n{}", round % 3 + 1);
+        let b = String::from_utf8_lossy(&b).into_owned();
+        if let Some(seg) = b.lines().rev().find(|l| l.contains("/segment.ts?t=")) {
+            segment = Some(seg.trim().to_owned());
+        }
+        let seg = segment.clone().expect("a segment reference");
+        let (s, _, _) = client::get_body(&c.node((round + 1) % 3).url(&seg)).await;
+        assert_eq!(s, 200, "segment from n{}", (round + 1) % 3 + 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The client goes idle on every node: one stop, after the last one.
+    let stopped = hook
+        .wait_for_events("stream_stopped", 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(stopped.len(), 1, "{:?}", bodies(&hook));
+    assert_eq!(stopped[0]["data"]["metadata"]["provider_profile_id"], "9");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = bodies(&hook);
+    assert_eq!(of_type(&got, "stream_started", "h0").len(), 1, "{got:?}");
+    assert_eq!(of_type(&got, "stream_stopped", "h0").len(), 1, "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_deleted_on_a_third_node_stops_once() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &hook.url("/hook"), "")).await;
+    let id = crate::common::register(
+        c.node(0),
+        serde_json::json!({"url": p.url("live/del.ts?kbps=1000"), "metadata": {"provider_profile_id": "5"}}),
+    )
+    .await;
+    let _a = watch(c.node(0), &id, "a").await;
+    let _b = watch(c.node(2), &id, "b").await;
+    assert_eq!(hook.wait_for_events("stream_started", 1, T).await.len(), 1);
+    let (s, _) = crate::common::api(
+        c.node(1),
+        http::Method::DELETE,
+        &format!("/streams/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let stopped = hook.wait_for_events("stream_stopped", 1, T).await;
+    assert_eq!(stopped.len(), 1, "{:?}", bodies(&hook));
+    assert_eq!(stopped[0]["data"]["metadata"]["provider_profile_id"], "5");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = bodies(&hook);
+    assert_eq!(of_type(&got, "stream_stopped", &id).len(), 1, "{got:?}");
+}
