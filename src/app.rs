@@ -305,6 +305,12 @@ impl App {
         let unmanaged = channels
             .iter()
             .filter(|c| c.provider_name().is_none())
+            // A channel relayed from its owner node holds no provider connection.
+            .filter(|c| {
+                self.cluster
+                    .as_ref()
+                    .is_none_or(|cl| cl.table().is_sourced_here(&c.stream.id))
+            })
             .count();
         m.upstream(None).set(unmanaged as i64);
         m.webhooks_registered

@@ -38,6 +38,10 @@ use crate::app::App;
 /// The `reason` of the events sent for viewers cut at shutdown.
 pub const SHUTDOWN_REASON: &str = "shutdown";
 
+/// How long a cluster node waits at shutdown for its owned channels to be
+/// given up (each closes its provider, then releases: one Redis call).
+const CLUSTER_HANDOVER_WAIT: Duration = Duration::from_secs(3);
+
 pub struct Lifecycle {
     app: Arc<App>,
     /// The config file, re-read on SIGHUP.
@@ -98,6 +102,11 @@ impl Lifecycle {
             // The new process waits for this lock before loading the state.
             app.final_save();
             app.release_lock();
+        }
+        if app.cluster.is_some() {
+            // Owned channels go to other nodes first (provider closed, then
+            // released), so viewers elsewhere keep watching.
+            crate::cluster::relay::drain(app, CLUSTER_HANDOVER_WAIT).await;
         }
         let grace = app.config.server.grace_period;
         tracing::info!(

@@ -364,6 +364,10 @@ pub async fn failover(app: &App, id: &str) -> ApiReply {
         return ApiReply::detail(500, "No failover URL left to switch to");
     };
     s.record_failover(index, &url, "forced");
+    if let Some(c) = &app.cluster {
+        // The channel's owner may run on another node.
+        crate::cluster::relay::failover_everywhere(c, id, index, &url).await;
+    }
     let live = app.hub.force_failover(id);
     tracing::warn!(stream_id = %id, index, live, "failover forced through the API");
     ApiReply::ok(json!({

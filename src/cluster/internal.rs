@@ -42,6 +42,14 @@ pub async fn route(app: &Arc<App>, session: &mut Session, ctx: &mut RequestCtx) 
             respond::json(session, 200, &json!({ "node": cluster.node_id() })).await?;
             200
         }
+        ("GET", p) if p.starts_with("/_cluster/live/") => {
+            let id = p.trim_start_matches("/_cluster/live/").to_owned();
+            let query = session.req_header().uri.query().map(str::to_owned);
+            let status = super::serve_live::serve(app, session, &id, query.as_deref()).await?;
+            // A relay's socket left Pingora's session: nothing more to log.
+            ctx.detached = status == 200;
+            status
+        }
         _ => {
             respond::error(session, 404, "Not Found").await?;
             404

@@ -17,6 +17,18 @@ pub struct ClusterMetrics {
     pub session_ok: IntGauge,
     /// `m3u_edge_cluster_peers`: live nodes, this one included.
     pub peers: IntGauge,
+    /// `m3u_edge_cluster_relays_open`: live channels this node is fed over
+    /// a relay connection from their owner.
+    pub relays_open: IntGauge,
+    /// `m3u_edge_cluster_relays_served`: relay connections this node serves
+    /// to other nodes as owner.
+    pub relays_served: IntGauge,
+    /// `m3u_edge_cluster_ownership_changes_total`: channels this node took
+    /// or gave up.
+    pub ownership_changes: IntCounter,
+    /// `m3u_edge_cluster_takeovers_total`: channels this node took over
+    /// after their owner was lost or gave them up.
+    pub takeovers: IntCounter,
 }
 
 impl ClusterMetrics {
@@ -43,6 +55,26 @@ impl ClusterMetrics {
                 "1 while this node holds a live cluster session, else 0.",
             )?,
             peers: gauge(r, "cluster_peers", "Live cluster nodes, this one included.")?,
+            relays_open: gauge(
+                r,
+                "cluster_relays_open",
+                "Live channels this node relays from their owner node.",
+            )?,
+            relays_served: gauge(
+                r,
+                "cluster_relays_served",
+                "Relay connections this node serves to other nodes as a channel's owner.",
+            )?,
+            ownership_changes: counter(
+                r,
+                "cluster_ownership_changes_total",
+                "Live channels this node took or gave up.",
+            )?,
+            takeovers: counter(
+                r,
+                "cluster_takeovers_total",
+                "Live channels this node took over after their owner was lost or gave them up.",
+            )?,
         })
     }
 }

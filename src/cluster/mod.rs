@@ -16,9 +16,12 @@ pub mod internal;
 pub mod keys;
 pub mod leases;
 pub mod metrics;
+pub mod owner;
 pub mod ownership;
 pub mod registry;
+pub mod relay;
 pub mod ring;
+pub mod serve_live;
 mod session;
 pub mod status;
 
@@ -116,6 +119,8 @@ pub struct Cluster {
     peers: Mutex<Vec<NodeInfo>>,
     pub metrics: ClusterMetrics,
     started_ms: i64,
+    /// Live channels this node owns or relays (relay.rs).
+    relays: owner::Table,
 }
 
 impl Drop for Cluster {
@@ -169,6 +174,7 @@ impl Cluster {
             peers: Mutex::new(Vec::new()),
             metrics: ClusterMetrics::new(registry)?,
             started_ms: chrono::Utc::now().timestamp_millis(),
+            relays: owner::Table::default(),
         }))
     }
 
@@ -391,6 +397,11 @@ impl Cluster {
         headers: &http::HeaderMap,
     ) -> Result<String, auth::AuthError> {
         auth::verify(&self.config.secret, method, path_and_query, headers)
+    }
+
+    /// Live channels this node owns or relays.
+    pub fn table(&self) -> &owner::Table {
+        &self.relays
     }
 
     /// For node-to-node requests: no proxy, no redirects, 1 s to connect.

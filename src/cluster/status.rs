@@ -42,6 +42,7 @@ impl Cluster {
             .iter()
             .map(|p| json!({"node_id": p.id, "addr": p.addr.to_string(), "self": p.id == self.node_id()}))
             .collect();
+        let (owned, relayed) = self.table().counts();
         json!({
             "node_id": self.node_id(),
             "name": self.config.name,
@@ -50,6 +51,8 @@ impl Cluster {
             "redis_error": if self.redis_up() { None } else { self.last_error() },
             "session": self.holds_session(),
             "peers": peers,
+            "channels_owned": owned,
+            "channels_relayed": relayed,
         })
     }
 }

@@ -7,7 +7,7 @@
 //! `ring` the shared chunk buffer; a [`Viewer`] is one client's cursor. The
 //! proxy writes what a `Viewer` yields; nothing here touches a `Session`.
 
-mod reader;
+pub(crate) mod reader;
 pub mod ring;
 pub mod sources;
 pub mod spool;
@@ -122,6 +122,11 @@ impl Channel {
         self.source_epoch.load(Ordering::Acquire)
     }
 
+    /// Cancelled when the channel closes.
+    pub(crate) fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
     /// Resolves when the channel closes.
     pub async fn cancelled(&self) {
         self.cancel.cancelled().await
@@ -140,7 +145,7 @@ impl Channel {
         self.phase_tx.borrow().clone()
     }
 
-    fn set_phase(&self, p: Phase) {
+    pub(crate) fn set_phase(&self, p: Phase) {
         self.phase_tx.send_replace(p);
     }
 
@@ -162,6 +167,12 @@ impl Channel {
 
     pub fn is_closed(&self) -> bool {
         self.cancel.is_cancelled()
+    }
+
+    /// The channel no longer has a provider connection of its own (its
+    /// source moved to another node).
+    pub(crate) fn clear_provider(&self) {
+        self.provider.lock().take();
     }
 
     /// The provider of the current source, if it has one.
@@ -196,18 +207,54 @@ impl Hub {
         app: &Arc<App>,
         stream: &Arc<Stream>,
     ) -> Result<Viewer, JoinError> {
+        self.join_with(app, stream, None).await
+    }
+
+    /// Joins `ch` if it is still the stream's open channel (`None` when it is
+    /// not): another node's relay keeps an owned channel open, never opens one.
+    pub async fn join_open(
+        self: &Arc<Self>,
+        app: &Arc<App>,
+        ch: &Arc<Channel>,
+    ) -> Option<Result<Viewer, JoinError>> {
+        match self.channel(&ch.stream.id) {
+            Some(c) if Arc::ptr_eq(&c, ch) && !c.is_closed() => {}
+            _ => return None,
+        }
+        let stream = ch.stream.clone();
+        Some(self.join_with(app, &stream, Some(ch)).await)
+    }
+
+    async fn join_with(
+        self: &Arc<Self>,
+        app: &Arc<App>,
+        stream: &Arc<Stream>,
+        only: Option<&Arc<Channel>>,
+    ) -> Result<Viewer, JoinError> {
         let ch = {
             let mut map = self.channels.lock();
             match map.get(&stream.id) {
-                Some(c) if !c.is_closed() && Arc::ptr_eq(&c.stream, stream) => {
+                Some(c)
+                    if !c.is_closed()
+                        && Arc::ptr_eq(&c.stream, stream)
+                        && only.is_none_or(|o| Arc::ptr_eq(o, c)) =>
+                {
                     c.viewers.fetch_add(1, Ordering::AcqRel);
                     c.clone()
+                }
+                _ if only.is_some() => {
+                    return Err(JoinError::Failed("channel closed".into()));
                 }
                 _ => {
                     let c = Arc::new(Channel::new(app, stream.clone()));
                     c.viewers.store(1, Ordering::Release);
                     map.insert(stream.id.clone(), c.clone());
-                    tokio::spawn(reader::run(app.clone(), c.clone()));
+                    if app.cluster.is_some() {
+                        // Owner or relay of the channel: cluster/relay.rs decides.
+                        tokio::spawn(crate::cluster::relay::run(app.clone(), c.clone()));
+                    } else {
+                        tokio::spawn(reader::run(app.clone(), c.clone()));
+                    }
                     tracing::info!(stream_id = %stream.id, "live channel opened");
                     c
                 }

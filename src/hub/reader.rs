@@ -20,6 +20,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::sources::Picker;
@@ -107,62 +108,172 @@ enum Target {
 }
 
 pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
-    let spec = ch.stream.spec();
-    let urls = static_sources::static_sources(&spec);
-    let current = ch.stream.failover().current_url;
-    let start = urls.iter().position(|u| u.as_str() == current).unwrap_or(0);
-    let mut picker = Picker::new(urls, start, app.config.live.retry_backoff);
-    let mut reader = Reader {
-        app: app.clone(),
-        ch: ch.clone(),
-        spec,
-        aligner: Aligner::new(),
-        scanner: Scanner::new(),
-        psi: None,
-        marker: None,
-        switched_at: None,
-        left_primary: None,
-        switch_reason: None,
-        landed: None,
-        resolved_from_cache: false,
-        finished: false,
-    };
-    // Silence detection watches the channel beside the reader (a transcoded
-    // channel is checked at its source).
-    let silence = reader
-        .spec
-        .silence
-        .clone()
-        .filter(|_| reader.spec.transcode.is_none())
-        .map(|s| tokio::spawn(crate::silence::watch(app.clone(), ch.clone(), s)));
-    let outcome = reader.run(&mut picker).await;
-    if let Some(s) = silence {
-        // Normally it ends with the channel; a channel that ended by itself
-        // may not be closed yet. Its ffmpeg is killed and reaped on drop.
-        s.abort();
-    }
-    *ch.stream.health.lock() = picker.health.clone();
-    if let Some(end) = &outcome {
-        tracing::warn!(stream_id = %ch.stream.id, reason = %end, "live channel ended");
-        ch.set_phase(Phase::Ended(end.clone()));
-    }
-    if reader.finished {
-        // Played to its end: viewers get the end of the stream, no failure.
-        ch.lease.lock().take();
-        return;
-    }
-    if let Some(error) = outcome.or_else(|| match ch.phase() {
-        Phase::Unavailable(code) => Some(format!(
-            "no source could be opened (HTTP {code} to the client)"
-        )),
-        _ => None,
-    }) {
-        ch.stream.emit(
-            EventType::StreamFailed,
-            serde_json::json!({ "error": error, "error_type": "all_sources_failed", "mode": "live_hub" }),
-        );
-    }
+    let stop = ch.cancel.clone();
+    let mut reader = Reader::new(app, ch.clone());
+    reader.run_provider(stop).await;
     ch.lease.lock().take();
+}
+
+/// How a channel's feed from another node ended ([`Reader::run_peer`]).
+pub(crate) enum PeerEnd {
+    /// Stopped (`stop` or the channel closed).
+    Stopped,
+    /// No valid TS for the stall window; the connection is still open and
+    /// can be read on if the owner is still the owner.
+    Stalled(PeerBody),
+    /// The connection ended or failed.
+    Broken(String),
+}
+
+/// The body of a relay connection from the channel's owner.
+pub(crate) type PeerBody = Body;
+
+impl Reader {
+    /// A reader of `ch` that has served nothing yet.
+    pub(crate) fn new(app: Arc<App>, ch: Arc<Channel>) -> Reader {
+        let spec = ch.stream.spec();
+        Reader {
+            stop: ch.cancel.clone(),
+            app,
+            ch,
+            spec,
+            aligner: Aligner::new(),
+            scanner: Scanner::new(),
+            psi: None,
+            marker: None,
+            switched_at: None,
+            left_primary: None,
+            switch_reason: None,
+            landed: None,
+            resolved_from_cache: false,
+            finished: false,
+        }
+    }
+
+    /// Serves the provider's sources (primary, failovers, resolver) until
+    /// `stop` is cancelled (`None`), or until the channel ends: every source
+    /// failed for `live.give_up_after` or the media ended (`Some(reason)`,
+    /// the phase is set and `stream_failed` sent). The provider lease is
+    /// given back before it returns.
+    pub(crate) async fn run_provider(&mut self, stop: CancellationToken) -> Option<String> {
+        self.stop = stop;
+        self.finished = false;
+        let (app, ch) = (self.app.clone(), self.ch.clone());
+        let spec = ch.stream.spec();
+        self.spec = spec.clone();
+        let urls = static_sources::static_sources(&spec);
+        let current = ch.stream.failover().current_url;
+        let start = urls.iter().position(|u| u.as_str() == current).unwrap_or(0);
+        let mut picker = Picker::new(urls, start, app.config.live.retry_backoff);
+        // Silence detection watches the channel beside the reader (a transcoded
+        // channel is checked at its source).
+        let silence = spec
+            .silence
+            .clone()
+            .filter(|_| spec.transcode.is_none())
+            .map(|s| tokio::spawn(crate::silence::watch(app.clone(), ch.clone(), s)));
+        let outcome = self.run(&mut picker).await;
+        if let Some(s) = silence {
+            // Normally it ends with the channel; a channel that ended by itself
+            // may not be closed yet. Its ffmpeg is killed and reaped on drop.
+            s.abort();
+        }
+        ch.lease.lock().take();
+        *ch.stream.health.lock() = picker.health.clone();
+        if let Some(end) = &outcome {
+            tracing::warn!(stream_id = %ch.stream.id, reason = %end, "live channel ended");
+            ch.set_phase(Phase::Ended(end.clone()));
+        }
+        if self.finished {
+            // Played to its end: viewers get the end of the stream, no failure.
+            return outcome;
+        }
+        if let Some(error) = outcome.clone().or_else(|| match ch.phase() {
+            Phase::Unavailable(code) => Some(format!(
+                "no source could be opened (HTTP {code} to the client)"
+            )),
+            _ => None,
+        }) {
+            ch.stream.emit(
+                EventType::StreamFailed,
+                serde_json::json!({ "error": error, "error_type": "all_sources_failed", "mode": "live_hub" }),
+            );
+        }
+        outcome
+    }
+
+    /// The next source (provider or peer) starts after a gap: its first
+    /// chunk re-sends PAT/PMT and marks the discontinuity.
+    pub(crate) fn note_switch(&mut self) {
+        if self.ch.phase() != Phase::Connecting {
+            self.switched_at.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Feeds the channel from another node's relay connection `body` (the
+    /// owner's ring: PAT/PMT + keyframe first) until `stop`, a stall of
+    /// `stall` or the end of the connection. Nothing here is the owner's:
+    /// no lease, no events, no failover bookkeeping.
+    pub(crate) async fn run_peer(
+        &mut self,
+        mut body: PeerBody,
+        stall: Duration,
+        stop: &CancellationToken,
+    ) -> PeerEnd {
+        if self.switched_at.is_some() {
+            self.begin_switch();
+        }
+        if self.ch.phase() == Phase::Connecting {
+            self.ch.set_phase(Phase::Live);
+        }
+        let mut pending = BytesMut::with_capacity(CHUNK_TARGET * 2);
+        let mut flush_at: Option<tokio::time::Instant> = None;
+        let mut progress_at = tokio::time::Instant::now();
+        let mut any_bytes = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    self.flush(&mut pending);
+                    return PeerEnd::Stopped;
+                }
+                _ = wait_until(flush_at) => {
+                    self.flush(&mut pending);
+                    flush_at = None;
+                }
+                r = tokio::time::timeout_at(progress_at + stall, body.next()) => match r {
+                    Err(_) => {
+                        self.flush(&mut pending);
+                        return PeerEnd::Stalled(body);
+                    }
+                    Ok(None) => {
+                        self.flush(&mut pending);
+                        return PeerEnd::Broken("the owner closed the relay".into());
+                    }
+                    Ok(Some(Err(e))) => {
+                        self.flush(&mut pending);
+                        return PeerEnd::Broken(format!("relay read error: {}", e.without_url()));
+                    }
+                    Ok(Some(Ok(b))) => {
+                        self.app.metrics.bytes_in.inc_by(b.len() as u64);
+                        let first = !any_bytes;
+                        any_bytes = true;
+                        let aligned = self.aligner.push_bytes(b);
+                        if self.is_progress(&aligned) || first {
+                            progress_at = tokio::time::Instant::now();
+                        }
+                        pending.extend_from_slice(&aligned);
+                        if pending.len() >= CHUNK_TARGET || first {
+                            self.flush(&mut pending);
+                            flush_at = None;
+                        } else if flush_at.is_none() && !pending.is_empty() {
+                            flush_at = Some(tokio::time::Instant::now() + FLUSH_AFTER);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Sends one request to `url` without following redirects; a 3xx comes back
@@ -424,8 +535,11 @@ async fn wait_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-struct Reader {
+pub(crate) struct Reader {
     app: Arc<App>,
+    /// Ends the provider connection (the channel's cancel token, or on a
+    /// cluster node a child of it that ends when ownership is given up).
+    stop: CancellationToken,
     ch: Arc<Channel>,
     spec: Arc<StreamSpec>,
     aligner: Aligner,
@@ -465,7 +579,7 @@ impl Reader {
         let mut re_resolved = false;
         let mut target = picker.current().map(|(p, u)| Target::Connect(p, u.clone()));
         loop {
-            if self.ch.is_closed() {
+            if self.stop.is_cancelled() {
                 return None;
             }
             let Some(t) = target.take() else {
@@ -482,7 +596,7 @@ impl Reader {
                     .next_retry_in()
                     .clamp(Duration::from_millis(50), IDLE_ROUND);
                 tokio::select! {
-                    _ = self.ch.cancel.cancelled() => return None,
+                    _ = self.stop.cancelled() => return None,
                     _ = tokio::time::sleep(wait) => {}
                 }
                 target = picker.advance().map(|(p, u)| Target::Connect(p, u));
@@ -524,7 +638,7 @@ impl Reader {
                     got_bytes,
                     handover,
                 } => {
-                    if self.ch.is_closed()
+                    if self.stop.is_cancelled()
                         || matches!(self.ch.phase(), Phase::File | Phase::Hls | Phase::Full(_))
                     {
                         return None;
@@ -677,6 +791,12 @@ impl Reader {
 
     /// Connects to one source and serves it until it fails or the channel closes.
     async fn serve_source(&mut self, picker: &mut Picker, pos: usize, url: &Url) -> Outcome {
+        if let Some(c) = &self.app.cluster {
+            if !crate::cluster::owner::may_open_provider(c) {
+                // Fenced, or about to be: the owner gives the channel up.
+                return Outcome::Cancelled;
+            }
+        }
         if let Some(t) = self.spec.transcode.clone() {
             return self.serve_transcode(picker, pos, url, &t).await;
         }
@@ -708,7 +828,7 @@ impl Reader {
             return failed(why);
         }
         let resolved = tokio::select! {
-            _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
+            _ = self.stop.cancelled() => return Outcome::Cancelled,
             r = resolve::resolve(&self.app, &id, &self.spec, r, &page, false) => r,
         };
         let (media, cached) = match resolved {
@@ -747,7 +867,7 @@ impl Reader {
             return failed("provider at its connection limit".into());
         };
         let opened = tokio::select! {
-            _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
+            _ = self.stop.cancelled() => return Outcome::Cancelled,
             o = async {
                 match &remux {
                     Some(media) => pipe::remux(&self.app, &id, &self.spec, media).await,
@@ -796,12 +916,12 @@ impl Reader {
         let Some(lease) = self.lease(provider.clone()).await else {
             return failed("provider at its connection limit");
         };
-        if self.ch.is_closed() {
+        if self.stop.is_cancelled() {
             return Outcome::Cancelled;
         }
         let t0 = Instant::now();
         let opened = tokio::select! {
-            _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
+            _ = self.stop.cancelled() => return Outcome::Cancelled,
             r = open(&self.app, &self.spec, fetch, lease, provider, |u| self.provider_of(u)) => r,
         };
         self.app
@@ -897,7 +1017,7 @@ impl Reader {
             handover: None,
         };
         let opened = tokio::select! {
-            _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
+            _ = self.stop.cancelled() => return Outcome::Cancelled,
             r = source::open(&self.app, &self.ch.stream.id, t) => r,
         };
         let (body, first) = match opened {
@@ -993,6 +1113,11 @@ impl Reader {
         if !self.app.config.live.standby || self.spec.resolver.is_some() {
             return None;
         }
+        if let Some(c) = &self.app.cluster {
+            if !crate::cluster::owner::may_open_provider(c) {
+                return None;
+            }
+        }
         let (spos, url) = picker.peek_next(pos)?;
         let lease = self
             .app
@@ -1024,6 +1149,11 @@ impl Reader {
         };
         if !picker.is_available(0) {
             return Return::Later;
+        }
+        if let Some(c) = &self.app.cluster {
+            if !crate::cluster::owner::may_open_provider(c) {
+                return Return::Later;
+            }
         }
         if self.spec.resolver.is_some() {
             // The primary is a page to resolve: switch, resolving it.
@@ -1093,7 +1223,7 @@ impl Reader {
             }
             tokio::select! {
                 biased;
-                _ = self.ch.cancel.cancelled() => return Outcome::Cancelled,
+                _ = self.stop.cancelled() => return Outcome::Cancelled,
                 _ = self.ch.force_switch.notified() => {
                     self.flush(&mut pending);
                     let reason = self.ch.take_switch_reason().unwrap_or_else(|| "forced failover".into());

@@ -199,7 +199,7 @@ pub async fn serve(
 /// The socket comes back as a plain tokio `TcpStream` (a duplicate of
 /// Pingora's descriptor, which is closed) so the hub's spool can be
 /// sendfile()d to it. The response header is flushed first.
-async fn detach(session: &mut Session) -> Option<TcpStream> {
+pub(crate) async fn detach(session: &mut Session) -> Option<TcpStream> {
     if !matches!(*session.downstream_session, ServerSession::H1(_)) {
         return None;
     }

@@ -7,7 +7,7 @@
 mod broadcast;
 mod ctx;
 mod hls;
-mod live;
+pub(crate) mod live;
 mod packaged;
 mod protocol;
 mod request;

@@ -8,3 +8,4 @@ mod leases;
 mod membership;
 mod ownership;
 mod registry;
+mod relay;

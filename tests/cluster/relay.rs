@@ -1,0 +1,667 @@
+//! Channel ownership and the live relay (issue #17 item 3; CLUSTER.md tests 2, 4, 5,
+//! 8, 9, 10): one provider connection per channel across three nodes, viewers on
+//! non-owners fed over one internal connection, take-over when the owner dies or
+//! freezes, hand-over at SIGTERM, fencing while Redis hangs. Observed at the
+//! provider (live responses open at once, sampled every few ms: the peak), in the
+//! viewers' bytes (valid TS, clean joins) and in Redis (`own:{s}`).
+//!
+//! The channel is a YAML stream with the same id on every node, so these tests do
+//! not depend on the shared registry.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::client::{self, BodyReader};
+use crate::support::cluster::{ClusterNodes, SECRET};
+use crate::support::edge::Edge;
+use crate::support::eventually::eventually;
+use crate::support::provider::Provider;
+use crate::support::redis::RedisServer;
+use crate::support::ts_check::{check_clean_join, is_valid_ts};
+
+const T: Duration = Duration::from_secs(15);
+/// Bytes a viewer reads to check a join: ~1 s at 800 kbit/s.
+const SOME: usize = 188 * 500;
+
+/// A node config with one live channel per `(id, path)`.
+fn body(p: &Provider, channels: &[&str]) -> String {
+    let mut s = String::from(
+        "server:\n  listen: \"{listen}\"\n  state_file: \"{state_file}\"\n  grace_period: \"0s\"\n  shutdown_timeout: \"2s\"\n\
+         live:\n  stall_timeout: \"1s\"\n  give_up_after: \"30s\"\n  retry_backoff: \"1s\"\n\
+         streams:\n",
+    );
+    for id in channels {
+        s.push_str(&format!(
+            "  - id: {id}\n    url: \"{}\"\n    live: true\n",
+            p.url(&format!("live/{id}.ts?kbps=800"))
+        ));
+    }
+    s
+}
+
+/// The most live responses the provider had open at once for a path prefix,
+/// sampled every 5 ms from when it is made.
+struct Peak {
+    max: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Peak {
+    fn watch(p: &Arc<Provider>, prefix: &str) -> Peak {
+        let (max, stop) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (p, prefix, m, s) = (p.clone(), prefix.to_owned(), max.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                m.fetch_max(p.open_streams(&prefix), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        Peak { max, stop }
+    }
+
+    fn get(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    fn reset(&self) {
+        self.max.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Peak {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn watch(e: &Edge, id: &str, client_id: &str) -> BodyReader {
+    let resp = client::get(&e.url(&format!("/stream/{id}?client_id={client_id}"))).await;
+    assert_eq!(resp.status(), 200, "viewer {client_id}");
+    BodyReader::new(resp)
+}
+
+/// A viewer that joined cleanly (PAT, PMT, keyframe first) and gets valid TS.
+async fn joined(e: &Edge, id: &str, client_id: &str) -> BodyReader {
+    let mut v = watch(e, id, client_id).await;
+    let b = v.read_n(SOME, T).await;
+    check_clean_join(&b).unwrap_or_else(|e| panic!("viewer {client_id}: {e}"));
+    v
+}
+
+async fn cluster_status(e: &Edge) -> Value {
+    let v: Value = client::get(&e.url("/health")).await.json().await.unwrap();
+    v["cluster"].clone()
+}
+
+fn own_key(id: &str) -> String {
+    m3u_edge::cluster::Keys::new("m3u-edge").own(id)
+}
+
+/// `own:{id}` as `HGETALL` pairs; empty when there is no owner record.
+async fn own_record(redis: &RedisServer, id: &str) -> String {
+    redis.command(&["HGETALL", &own_key(id)]).await
+}
+
+async fn owner_epoch(redis: &RedisServer, id: &str) -> u64 {
+    let r = redis.command(&["HGET", &own_key(id), "epoch"]).await;
+    // `$N\r\n<epoch>\r\n`
+    r.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no epoch in {r:?}"))
+}
+
+/// A signed relay request to `port` (a node's internal listener): the status.
+async fn relay_status(port: u16, id: &str, epoch: u64) -> u16 {
+    let path = format!("/_cluster/live/{id}?epoch={epoch}");
+    let mut req = client::client().get(format!("http://127.0.0.1:{port}{path}"));
+    for (k, v) in m3u_edge::cluster::auth::sign(SECRET.as_bytes(), "n9", "GET", &path) {
+        req = req.header(k, v);
+    }
+    req.send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+/// Reads on until `n` more bytes arrived; the viewer's socket must stay open.
+async fn keeps_watching(v: &mut BodyReader, who: &str, within: Duration) -> bytes::Bytes {
+    match v.try_read_n(SOME, within).await {
+        Ok(b) => {
+            is_valid_ts(&b).unwrap_or_else(|e| panic!("{who}: {e}"));
+            b
+        }
+        Err((got, end)) => panic!("{who}: only {} bytes then {end:?}", got.len()),
+    }
+}
+
+/// Reads small pieces until bytes flowed again for a while after the longest
+/// pause seen; returns that pause (panics when the viewer's body ends).
+async fn longest_gap(v: &mut BodyReader, within: Duration) -> Duration {
+    let end = std::time::Instant::now() + within;
+    let mut last = std::time::Instant::now();
+    let (mut gap, mut since_gap) = (Duration::ZERO, 0usize);
+    while std::time::Instant::now() < end {
+        match v.try_read_n(188 * 10, Duration::from_secs(1)).await {
+            Ok(_) => {
+                let now = std::time::Instant::now();
+                if now - last > gap {
+                    gap = now - last;
+                    since_gap = 0;
+                }
+                since_gap += 188 * 10;
+                last = now;
+                if gap > Duration::from_millis(500) && since_gap >= SOME {
+                    break;
+                }
+            }
+            Err((_, crate::support::client::BodyEnd::Timeout)) => {}
+            Err((_, end)) => panic!("viewer body ended: {end:?}"),
+        }
+    }
+    gap
+}
+
+/// Test 2: 2 + 2 + 1 viewers on n1, n2, n3 share one provider connection; every
+/// viewer joins cleanly; n1 owns, n2 and n3 relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewers_on_three_nodes_share_one_provider_connection() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &["ch1"])).await;
+    let peak = Peak::watch(&p, "/live/ch1");
+    let mut viewers = Vec::new();
+    for (node, n) in [(0, 2), (1, 2), (2, 1)] {
+        for i in 0..n {
+            viewers.push(joined(c.node(node), "ch1", &format!("v{node}{i}")).await);
+        }
+    }
+    for (i, v) in viewers.iter_mut().enumerate() {
+        keeps_watching(v, &format!("viewer {i}"), T).await;
+    }
+    assert_eq!(p.open_streams("/live/ch1"), 1);
+    assert_eq!(peak.get(), 1, "provider connections at once");
+    assert_eq!(p.hits("/live/ch1"), 1, "one provider request in all");
+    let s1 = cluster_status(c.node(0)).await;
+    assert_eq!(s1["channels_owned"], 1, "{s1}");
+    for i in 1..3 {
+        let s = cluster_status(c.node(i)).await;
+        assert_eq!(s["channels_relayed"], 1, "node {i}: {s}");
+        assert_eq!(s["channels_owned"], 0, "node {i}: {s}");
+    }
+    let metrics = client::get(&c.node(1).url("/metrics"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("m3u_edge_cluster_relays_open 1"),
+        "{metrics}"
+    );
+}
+
+/// Test 4: the owner keeps the channel open while a relay is attached; when the
+/// last remote viewer leaves the provider connection closes and `own:{x}` is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_remote_viewer_leaving_closes_the_provider_and_releases() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let mut c = ClusterNodes::start(&redis, 2, &body(&p, &["ch1"])).await;
+    let local = joined(c.node(0), "ch1", "local").await;
+    let mut remote = joined(c.node(1), "ch1", "remote").await;
+    assert!(!own_record(&redis, "ch1").await.starts_with("*0"));
+    drop(local);
+    // The owner's own viewer left; the relay keeps the channel (and the one
+    // provider connection) open.
+    keeps_watching(&mut remote, "remote viewer", T).await;
+    keeps_watching(&mut remote, "remote viewer", T).await;
+    assert_eq!(p.open_streams("/live/ch1"), 1);
+    assert_eq!(p.hits("/live/ch1"), 1);
+    drop(remote);
+    let left = std::time::Instant::now();
+    // CLUSTER.md asks for 500 ms; bounded generously for a busy CI machine.
+    assert!(
+        p.wait_until(Duration::from_secs(3), |p| p.open_streams("/live/ch1") == 0)
+            .await,
+        "provider connection still open after the last viewer left"
+    );
+    println!(
+        "provider connection closed {:?} after the last remote viewer left",
+        left.elapsed()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = own_record(&redis, "ch1").await;
+        if r.starts_with("*0") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "own:ch1 still there: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = cluster_status(c.node(0)).await;
+    assert_eq!(s["channels_owned"], 0, "{s}");
+}
+
+/// Test 5: `kill -9` of the owner: viewers on n2 and n3 keep their sockets and get
+/// bytes again (valid TS) from the node that took over; one provider connection at a
+/// time throughout, one at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_killed_viewers_elsewhere_keep_watching() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &["ch1"])).await;
+    let peak = Peak::watch(&p, "/live/ch1");
+    let _owner_viewer = joined(c.node(0), "ch1", "a").await;
+    let mut b = joined(c.node(1), "ch1", "b").await;
+    let mut d = joined(c.node(2), "ch1", "c").await;
+    let epoch = owner_epoch(&redis, "ch1").await;
+    c.node(0).kill();
+    // node_ttl 5 s: the take-over comes after the dead owner's session expires.
+    let gap = longest_gap(&mut b, Duration::from_secs(20)).await;
+    println!("viewer on n2: longest gap without bytes around kill -9 of the owner: {gap:?}");
+    keeps_watching(&mut b, "viewer on n2", Duration::from_secs(20)).await;
+    keeps_watching(&mut d, "viewer on n3", Duration::from_secs(20)).await;
+    keeps_watching(&mut b, "viewer on n2", T).await;
+    keeps_watching(&mut d, "viewer on n3", T).await;
+    assert_eq!(peak.get(), 1, "provider connections at once");
+    assert_eq!(p.open_streams("/live/ch1"), 1);
+    assert!(
+        owner_epoch(&redis, "ch1").await > epoch,
+        "a new owner, a new epoch"
+    );
+    let mut owners = 0;
+    for i in 1..3 {
+        owners += cluster_status(c.node(i)).await["channels_owned"]
+            .as_u64()
+            .unwrap_or(0);
+    }
+    assert_eq!(owners, 1, "exactly one of n2, n3 owns the channel");
+}
+
+/// Test 8: a new node moves no running channel; SIGTERM of a node hands its
+/// channels over to a node that relays them, without a second provider connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_node_moves_nothing_and_sigterm_hands_over() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let yaml = body(&p, &["ch1", "ch2"]);
+    let mut c = ClusterNodes::start(&redis, 3, &yaml).await;
+    let mut a = joined(c.node(0), "ch1", "a").await;
+    let mut b = joined(c.node(1), "ch1", "b").await;
+    let before = p.connections_total();
+    c.add_node().await;
+    keeps_watching(&mut a, "viewer on n1", T).await;
+    keeps_watching(&mut b, "viewer on n2", T).await;
+    assert_eq!(
+        p.connections_total(),
+        before,
+        "adding n4 reconnected something"
+    );
+    assert_eq!(p.hits("/live/ch1"), 1);
+
+    // ch2 is opened on n4 first: n4 owns it; n2 relays it.
+    let peak = Peak::watch(&p, "/live/ch2");
+    let _on4 = joined(c.node(3), "ch2", "x").await;
+    let mut on2 = joined(c.node(1), "ch2", "y").await;
+    assert_eq!(cluster_status(c.node(3)).await["channels_owned"], 1);
+    c.node(3).stop().await;
+    keeps_watching(&mut on2, "ch2 viewer on n2", T).await;
+    keeps_watching(&mut on2, "ch2 viewer on n2", T).await;
+    assert_eq!(peak.get(), 1, "ch2 provider connections at once");
+    assert_eq!(p.open_streams("/live/ch2"), 1);
+    // n2 took ch2 over; n1 still owns ch1.
+    assert_eq!(cluster_status(c.node(1)).await["channels_owned"], 1);
+    assert_eq!(cluster_status(c.node(0)).await["channels_owned"], 1);
+    keeps_watching(&mut a, "viewer on n1", T).await;
+}
+
+/// Test 9: Redis hangs 2 s → nothing changes; 8 s → every node fences, the provider
+/// connection closes while viewers stay connected, and after SIGCONT the channel
+/// comes back on one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_hanging_fences_owners_and_viewers_wait() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let mut c = ClusterNodes::start(&redis, 2, &body(&p, &["ch1"])).await;
+    let peak = Peak::watch(&p, "/live/ch1");
+    let mut a = joined(c.node(0), "ch1", "a").await;
+    let mut b = joined(c.node(1), "ch1", "b").await;
+
+    redis.pause();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.resume();
+    keeps_watching(&mut a, "viewer on n1", T).await;
+    keeps_watching(&mut b, "viewer on n2", T).await;
+    assert_eq!(
+        p.connections_total(),
+        1,
+        "a 2 s Redis pause reconnected something"
+    );
+
+    redis.pause();
+    let closed = p
+        .wait_until(Duration::from_secs(7), |p| p.open_streams("/live/ch1") == 0)
+        .await;
+    // Let the pause reach 8 s whatever happened, then check.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.resume();
+    assert!(closed, "fenced owner kept its provider connection");
+    // CLUSTER.md: bytes again within 3 s of SIGCONT; bounded generously here.
+    assert!(
+        p.wait_until(Duration::from_secs(10), |p| p.open_streams("/live/ch1")
+            == 1)
+            .await,
+        "the channel did not come back after Redis did"
+    );
+    for _ in 0..3 {
+        keeps_watching(&mut a, "viewer on n1", T).await;
+        keeps_watching(&mut b, "viewer on n2", T).await;
+    }
+    assert_eq!(p.open_streams("/live/ch1"), 1);
+    assert_eq!(peak.get(), 1, "provider connections at once");
+}
+
+/// Test 10: the owner frozen (SIGSTOP) past its session: another node takes over
+/// (at most 2 provider connections while the old one is frozen), and the old owner
+/// closes its connection soon after SIGCONT; relay requests under the old epoch get
+/// 409 on both nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_owner_is_replaced_and_yields_after_resume() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &["ch1"])).await;
+    let peak = Peak::watch(&p, "/live/ch1");
+    let _a = joined(c.node(0), "ch1", "a").await;
+    let mut b = joined(c.node(1), "ch1", "b").await;
+    let mut d = joined(c.node(2), "ch1", "c").await;
+    let old = owner_epoch(&redis, "ch1").await;
+    let pid = c.node(0).pid().expect("n1 runs").to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+    };
+    signal("-STOP");
+    // Viewers elsewhere get bytes again from a new owner while n1 is frozen.
+    let got_b = b.try_read_n(SOME, Duration::from_secs(20)).await;
+    let got_d = d.try_read_n(SOME, Duration::from_secs(20)).await;
+    let new = owner_epoch(&redis, "ch1").await;
+    let peak_frozen = peak.get();
+    signal("-CONT");
+    assert!(
+        got_b.is_ok(),
+        "viewer on n2 got nothing while n1 was frozen"
+    );
+    assert!(
+        got_d.is_ok(),
+        "viewer on n3 got nothing while n1 was frozen"
+    );
+    assert!(new > old, "no take-over (epoch {old} → {new})");
+    assert!(
+        peak_frozen <= 2,
+        "{peak_frozen} provider connections while frozen"
+    );
+    // After SIGCONT n1 finds itself fenced and closes its connection.
+    assert!(
+        p.wait_until(Duration::from_secs(5), |p| p.open_streams("/live/ch1") == 1)
+            .await,
+        "the old owner kept its provider connection after SIGCONT"
+    );
+    peak.reset();
+    keeps_watching(&mut b, "viewer on n2", T).await;
+    keeps_watching(&mut d, "viewer on n3", T).await;
+    assert_eq!(peak.get(), 1);
+    for i in 0..3 {
+        let status = relay_status(c.internal_port(i), "ch1", old).await;
+        assert_eq!(status, 409, "old-epoch relay request to n{}", i + 1);
+    }
+}
+
+/// `POST /streams/{id}/failover` on a node that only relays the channel switches
+/// the owner's provider connection (over the bus and `stream:{s}`); viewers on both
+/// nodes stay connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_asked_on_a_relaying_node_switches_the_owner() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n\
+         live:\n  stall_timeout: \"1s\"\n  retry_backoff: \"1s\"\n\
+         streams:\n  - id: fo\n    url: \"{}\"\n    live: true\n    failover_urls:\n      - \"{}\"\n",
+        p.url("live/fa.ts?kbps=800"),
+        p.url("live/fb.ts?kbps=800"),
+    );
+    let mut c = ClusterNodes::start(&redis, 2, &yaml).await;
+    let mut a = joined(c.node(0), "fo", "a").await;
+    let mut b = joined(c.node(1), "fo", "b").await;
+    assert_eq!(p.open_streams("/live/fa"), 1);
+    let (status, v) = client::api(
+        c.node(1),
+        http::Method::POST,
+        "/streams/fo/failover",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        p.wait_until(T, |p| p.open_streams("/live/fb") == 1
+            && p.open_streams("/live/fa") == 0)
+            .await,
+        "the owner did not switch to the failover source"
+    );
+    keeps_watching(&mut a, "viewer on n1", T).await;
+    keeps_watching(&mut b, "viewer on n2", T).await;
+    assert_eq!(p.open_streams("/live/"), 1);
+}
+
+/// Relaying nodes send no `stream_started` and no `failover_triggered`: only the
+/// owner, whose reader opened the provider, does (issue #17 item 5 makes the
+/// owner's events once-only across take-overs through `sess:{s}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_owner_sends_stream_started() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let hook = crate::support::webhook::WebhookReceiver::start().await;
+    let yaml = format!(
+        "{}events:\n  webhooks:\n    - url: \"{}\"\n      events: [stream_started, failover_triggered]\n",
+        body(&p, &["ch1"]),
+        hook.url("/hook")
+    );
+    let mut c = ClusterNodes::start(&redis, 3, &yaml).await;
+    let mut viewers = Vec::new();
+    for i in 0..3 {
+        viewers.push(joined(c.node(i), "ch1", &format!("v{i}")).await);
+    }
+    assert!(
+        eventually(T, || hook.events_of("stream_started").len() == 1).await,
+        "no stream_started"
+    );
+    for (i, v) in viewers.iter_mut().enumerate() {
+        keeps_watching(v, &format!("viewer {i}"), T).await;
+    }
+    assert_eq!(hook.events_of("stream_started").len(), 1);
+    assert_eq!(hook.events_of("failover_triggered").len(), 0);
+}
+
+/// The bounded randomized "nemesis" run (CLUSTER.md): three nodes and two channels
+/// for ~90 s while viewers come and go on random nodes, nodes are `kill -9`ed (and
+/// replaced by new ones), frozen with SIGSTOP for 2–7 s, and Redis hangs for 1–6 s.
+/// It checks from the recorded history that no channel ever had more than one
+/// provider connection outside the declared pauses (a frozen owner may hold a
+/// second one until ~1.5 s after SIGCONT), and that at the end every channel with
+/// viewers is back on exactly one connection with bytes flowing to them.
+///
+/// Ignored by default (long, and it loads the machine). Run it with
+/// `cargo test --test tests cluster::relay::nemesis -- --ignored --nocapture`;
+/// `NEMESIS_SEED=<n>` replays a run (the seed is printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn nemesis() {
+    use rand::{Rng, SeedableRng};
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let seed: u64 = std::env::var("NEMESIS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("nemesis seed: {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let p = Arc::new(Provider::start().await);
+    let channels = ["nx1", "nx2"];
+    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &channels)).await;
+    // Violations: (seconds into the run, channel, connections) outside a pause.
+    let pausing = Arc::new(AtomicUsize::new(0));
+    let violations = Arc::new(parking_lot::Mutex::new(Vec::<(f64, String, usize)>::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let t0 = std::time::Instant::now();
+    {
+        let (p, pausing, violations, done) =
+            (p.clone(), pausing.clone(), violations.clone(), done.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                for ch in ["nx1", "nx2"] {
+                    let n = p.open_streams(&format!("/live/{ch}."));
+                    if n > 1 && pausing.load(Ordering::Relaxed) == 0 {
+                        violations
+                            .lock()
+                            .push((t0.elapsed().as_secs_f64(), ch.to_owned(), n));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
+    // Viewers: reader tasks that drain their sockets; dropping one leaves.
+    let mut viewers: Vec<(usize, &str, tokio::task::JoinHandle<()>)> = Vec::new();
+    let mut alive: Vec<bool> = vec![true; 3];
+    let end = std::time::Instant::now() + Duration::from_secs(90);
+    let mut k = 0;
+    while std::time::Instant::now() < end {
+        k += 1;
+        let live: Vec<usize> = (0..alive.len()).filter(|&i| alive[i]).collect();
+        match rng.gen_range(0..10) {
+            0..=4 => {
+                let node = live[rng.gen_range(0..live.len())];
+                let ch = channels[rng.gen_range(0..channels.len())];
+                let url = c.node(node).url(&format!("/stream/{ch}?client_id=nv{k}"));
+                let task = tokio::spawn(async move {
+                    let Ok(mut r) = client::client().get(url).send().await else {
+                        return;
+                    };
+                    while let Ok(Some(_)) = r.chunk().await {}
+                });
+                viewers.push((node, ch, task));
+            }
+            5 | 6 if !viewers.is_empty() => {
+                let (_, _, t) = viewers.swap_remove(rng.gen_range(0..viewers.len()));
+                t.abort();
+            }
+            7 if live.len() > 2 => {
+                let node = live[rng.gen_range(0..live.len())];
+                println!("{:5.1}s kill -9 n{}", t0.elapsed().as_secs_f64(), node + 1);
+                c.node(node).kill();
+                alive[node] = false;
+                viewers.retain(|(n, _, t)| {
+                    if *n == node {
+                        t.abort();
+                    }
+                    *n != node
+                });
+                c.add_node().await;
+                alive.push(true);
+            }
+            8 => {
+                let node = live[rng.gen_range(0..live.len())];
+                let secs = rng.gen_range(2..=7);
+                println!(
+                    "{:5.1}s SIGSTOP n{} for {secs} s",
+                    t0.elapsed().as_secs_f64(),
+                    node + 1
+                );
+                let pid = c.node(node).pid().expect("running").to_string();
+                pausing.fetch_add(1, Ordering::Relaxed);
+                let _ = std::process::Command::new("kill")
+                    .args(["-STOP", &pid])
+                    .status();
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+                let _ = std::process::Command::new("kill")
+                    .args(["-CONT", &pid])
+                    .status();
+                // The old owner closes within ~1.5 s of resuming.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                pausing.fetch_sub(1, Ordering::Relaxed);
+            }
+            9 => {
+                let ms = rng.gen_range(1000..=6000);
+                println!("{:5.1}s Redis paused {ms} ms", t0.elapsed().as_secs_f64());
+                pausing.fetch_add(1, Ordering::Relaxed);
+                redis.pause();
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                redis.resume();
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                pausing.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(100..1500))).await;
+    }
+    // Quiet: every channel with viewers settles on one connection.
+    viewers.retain(|(_, _, t)| !t.is_finished());
+    let watched: Vec<&str> = channels
+        .iter()
+        .copied()
+        .filter(|ch| viewers.iter().any(|(_, c, _)| c == ch))
+        .collect();
+    let settled = p
+        .wait_until(Duration::from_secs(20), |p| {
+            channels.iter().all(|ch| {
+                let n = p.open_streams(&format!("/live/{ch}."));
+                if watched.contains(ch) {
+                    n == 1
+                } else {
+                    n == 0
+                }
+            })
+        })
+        .await;
+    done.store(true, Ordering::Relaxed);
+    let v = violations.lock().clone();
+    for (_, _, t) in &viewers {
+        t.abort();
+    }
+    assert!(
+        v.is_empty(),
+        "seed {seed}: more than one provider connection: {:?}",
+        &v[..v.len().min(20)]
+    );
+    assert!(
+        settled,
+        "seed {seed}: channels did not settle on one connection each (watched {watched:?}): {:?}",
+        channels.map(|ch| p.open_streams(&format!("/live/{ch}.")))
+    );
+}
