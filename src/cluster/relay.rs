@@ -434,6 +434,7 @@ async fn open(c: &Cluster, id: &str, o: &Owner) -> Result<PeerBody, Refusal> {
                 .as_u64()
                 .and_then(|m| u32::try_from(m).ok())
                 .unwrap_or(0),
+            reason: body["reason"].as_str().map(str::to_owned),
         }),
         Some("unavailable") => Phase::Unavailable(match body["code"].as_u64() {
             Some(404) => 404,
