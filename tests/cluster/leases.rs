@@ -18,9 +18,13 @@ use crate::support::redis::RedisServer;
 const T: Duration = Duration::from_secs(15);
 
 /// Three nodes, one provider `tiny` with one connection, channels ch0..ch4
-/// of it in the YAML (so every node knows them whatever the registry does).
+/// and a file `vod` of it in the YAML (so every node knows them whatever the
+/// registry does).
 fn body(p: &Provider) -> String {
-    let mut streams = String::from("streams:\n");
+    let mut streams = format!(
+        "streams:\n  - id: vod\n    url: \"{}\"\n",
+        p.url("files/sample.mp4")
+    );
     for i in 0..5 {
         streams.push_str(&format!(
             "  - id: ch{i}\n    url: \"{}\"\n",
@@ -97,6 +101,13 @@ async fn max_connections_holds_across_nodes() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["provider"], "tiny");
     assert_eq!(v["max_connections"], 1);
+    // A file (proxied per viewer, not through the hub) takes the same lease.
+    let resp = client::get(&c.node(2).url("/stream/vod?client_id=f")).await;
+    assert_eq!(
+        resp.status(),
+        503,
+        "VOD on n3 while n1 holds the connection"
+    );
     // Every node reports the cluster-wide count, n3 too (it holds nothing).
     let seen = connections(c.node(2), 1).await;
     assert_eq!(seen["connections"], 1, "n3's /stats: {seen}");
@@ -173,19 +184,23 @@ async fn redis_down_refuses_new_provider_connections_with_a_reason() {
     };
     let p = Provider::start().await;
     let mut c = ClusterNodes::start(&redis, 2, &body(&p)).await;
-    // A hung Redis: the limit cannot be checked, so nothing is opened.
+    // A hung Redis: the limit cannot be checked, so nothing is opened. (A
+    // file: a live channel first needs its owner, which waits for Redis.)
     redis.pause();
-    let resp = client::get(&c.node(0).url("/stream/ch0?client_id=a")).await;
+    let resp = client::get(&c.node(0).url("/stream/vod?client_id=a")).await;
     let status = resp.status();
     let v: Value = resp.json().await.unwrap_or_default();
-    let hits = p.hits("/live/");
+    let hits = p.hits("/files/");
     redis.resume();
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["provider"], "tiny");
     let detail = v["detail"].as_str().unwrap_or_default();
     assert!(detail.contains("cannot be checked"), "{detail}");
     assert_eq!(hits, 0, "a provider connection opened while Redis was down");
-    // Redis back: the channel plays.
-    let again = plays_within(c.node(0), "ch0", "a", Duration::from_secs(15)).await;
-    assert!(again.is_some(), "ch0 did not play after Redis came back");
+    // Redis back: it plays.
+    let again = plays_within(c.node(0), "vod", "a", Duration::from_secs(15)).await;
+    assert!(
+        again.is_some(),
+        "the file did not play after Redis came back"
+    );
 }
