@@ -271,20 +271,47 @@ impl ClusterEvents {
         // after fencing.
         let mut joined: HashMap<String, (String, bool)> = HashMap::new();
         let mut sessions = self.cluster.session_changes();
+        let mut bus = self.cluster.subscribe();
         loop {
             tokio::select! {
+                msg = bus.recv() => {
+                    // A stream deleted anywhere cuts its viewers on every
+                    // node: let go of its session even if the local removal
+                    // does not report a stop (the last holder sends it).
+                    let id = match msg {
+                        Ok(super::Envelope { msg: super::Bus::StreamDeleted { id }, .. }) => id,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    };
+                    let Some((meta, transcoded)) = joined.remove(&id) else {
+                        continue;
+                    };
+                    let metadata: Value = serde_json::from_str(&meta).unwrap_or_else(|_| json!({}));
+                    let ev = Event::new(
+                        EventType::StreamStopped,
+                        &id,
+                        json!({
+                            "reason": "manual_deletion",
+                            "duration_seconds": null,
+                            "bytes_served": 0,
+                            "was_transcoded": transcoded,
+                            "metadata": metadata,
+                        }),
+                    );
+                    self.run_op(Op::Stopped(ev), true).await;
+                }
                 op = rx.recv() => {
                     let Some(op) = op else { return };
-                    match &op {
+                    // Whether this node held the session being stopped.
+                    let held = match &op {
                         Op::Join { stream, meta, transcoded } => {
                             joined.insert(stream.clone(), (meta.clone(), *transcoded));
+                            false
                         }
-                        Op::Stopped(ev) => {
-                            joined.remove(&ev.stream_id);
-                        }
-                        _ => {}
-                    }
-                    self.run_op(op).await;
+                        Op::Stopped(ev) => joined.remove(&ev.stream_id).is_some(),
+                        _ => false,
+                    };
+                    self.run_op(op, held).await;
                     self.pending.fetch_sub(1, Ordering::AcqRel);
                 }
                 changed = sessions.changed() => {
@@ -297,7 +324,7 @@ impl ClusterEvents {
                             meta: meta.clone(),
                             transcoded: *transcoded,
                         };
-                        self.run_op(op).await;
+                        self.run_op(op, false).await;
                     }
                 }
             }
@@ -305,10 +332,10 @@ impl ClusterEvents {
     }
 
     /// Runs `op`, retrying while Redis is unavailable (bounded).
-    async fn run_op(&self, op: Op) {
+    async fn run_op(&self, op: Op, held: bool) {
         let deadline = tokio::time::Instant::now() + GIVE_UP;
         loop {
-            match self.try_op(&op).await {
+            match self.try_op(&op, held).await {
                 Ok(()) => return,
                 Err(e) if tokio::time::Instant::now() >= deadline => {
                     tracing::warn!(error = %e, op = ?op, "cluster session op given up");
@@ -322,7 +349,10 @@ impl ClusterEvents {
         }
     }
 
-    async fn try_op(&self, op: &Op) -> Result<(), ClusterError> {
+    /// `held`: a stop of a session this node had joined; if Redis no longer
+    /// knows the session (it lost its data) the stop is still sent, once
+    /// (the tombstone every ended session leaves makes a late one a no-op).
+    async fn try_op(&self, op: &Op, held: bool) -> Result<(), ClusterError> {
         let c = &self.cluster;
         let k = c.keys();
         let sessions = sessions_key(c);
@@ -368,7 +398,7 @@ impl ClusterEvents {
                 }
             }
             Op::Stopped(ev) => {
-                let force = ev.data["reason"] != "last_client_disconnected";
+                let force = held || ev.data["reason"] != "last_client_disconnected";
                 let reply: Vec<String> = c
                     .run(
                         STOP_SCRIPT

@@ -311,6 +311,18 @@ pub async fn read_shared(
     Some((d, u, i.and_then(|i| i.parse().ok())))
 }
 
+/// Whether the owner at `epoch` recorded that the channel ended there
+/// (every source failed): `stream:{s}.ended_epoch`.
+pub async fn ended_under(c: &Cluster, stream: &str, epoch: u64) -> bool {
+    let Ok(mut conn) = c.redis().await else {
+        return false;
+    };
+    let mut cmd = redis::cmd("HGET");
+    cmd.arg(c.keys().stream(stream)).arg("ended_epoch");
+    let got: Result<Option<String>, _> = c.run(cmd.query_async(&mut conn)).await;
+    matches!(got, Ok(Some(e)) if e == epoch.to_string())
+}
+
 /// Applies a shared detection to the local stream (file or HLS only: a
 /// live channel is what the hub assumes anyway).
 pub fn apply_detected(stream: &Stream, detected: Option<&str>) {

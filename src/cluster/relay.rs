@@ -110,6 +110,14 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
             Next::Resolve { broken } => resolve(&c, &ch, broken.as_ref(), &mut retry).await,
         };
         match step {
+            Step::Ended => {
+                tracing::warn!(stream_id = %id, "cluster: every source failed on the channel's owner: channel ended");
+                apply_final(
+                    &ch,
+                    Phase::Ended("every source failed on the channel's owner".into()),
+                );
+                break;
+            }
             Step::Wait(d) => {
                 sourceless.get_or_insert_with(Instant::now);
                 sleep_or_closed(&ch, d).await;
@@ -168,6 +176,8 @@ impl Next {
 enum Step {
     Got(Take),
     Wait(Duration),
+    /// The channel ended on the owner it was relayed from.
+    Ended,
 }
 
 async fn sleep_or_closed(ch: &Channel, d: Duration) {
@@ -220,6 +230,11 @@ async fn resolve(c: &Cluster, ch: &Channel, broken: Option<&Owner>, retry: &mut 
         }
         Ok(None) if draining => Step::Wait(REDIS_WAIT),
         Ok(None) => {
+            if let Some(b) = broken {
+                if owner::ended_under(c, &ch.stream.id, b.epoch).await {
+                    return Step::Ended;
+                }
+            }
             // No owner: take over in ring order among the live nodes.
             let rank = match c.live_nodes().await {
                 Ok(nodes) => c.takeover_rank(&ch.stream.id, &nodes).min(nodes.len()),
@@ -292,6 +307,11 @@ async fn own(c: &Arc<Cluster>, ch: &Arc<Channel>, feed: &mut Reader, o: Owner) -
     served.cancel();
     ch.clear_provider();
     owner::write_detected(c, ch, epoch).await;
+    if matches!(ended, Some(Some(_))) {
+        // Every source failed (or the media ended): relaying nodes end
+        // their viewers too instead of trying the provider again in turn.
+        let _ = owner::write_fields(c, &id, epoch, &[("ended_epoch", epoch.to_string())]).await;
+    }
     // The provider socket is closed (the reader returned): a successor can
     // open its own without overlap.
     match ownership::release(c, &id, epoch).await {

@@ -81,10 +81,11 @@ pub async fn serve(
                 JoinError::File => json!({"detail": "a file, not a live channel", "phase": "file"}),
                 JoinError::Hls => json!({"detail": "an HLS stream", "phase": "hls"}),
                 JoinError::Full(f) => json!({
-                    "detail": "provider at its connection limit",
+                    "detail": f.detail(),
                     "phase": "full",
                     "provider": f.provider,
                     "max_connections": f.max_connections,
+                    "reason": f.reason,
                 }),
                 JoinError::Unavailable(code) => {
                     json!({"detail": "no source could be opened", "phase": "unavailable", "code": code})

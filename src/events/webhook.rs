@@ -18,6 +18,12 @@
 //! On shutdown the bus is drained into the queues and the workers get
 //! [`DeliverySettings::flush_timeout`] to send what they hold, one try each;
 //! whatever is left then is abandoned.
+//!
+//! In cluster mode the bus feeds the cluster's `events` stream instead, and
+//! the queues are fed from that stream while this node is the elected
+//! delivery leader; each entry is acknowledged there once every webhook's
+//! outcome is final (`crate::cluster::delivery`). A job abandoned at
+//! shutdown stays unacknowledged, so the next leader sends it.
 
 use std::collections::HashMap;
 use std::sync::Arc;

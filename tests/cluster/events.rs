@@ -238,9 +238,12 @@ async fn an_hls_client_round_robined_over_three_nodes_is_one_session() {
     let p = Provider::start().await;
     let hook = WebhookReceiver::start().await;
     let body = config(&format!(
-        "events:\n  webhooks:\n    - url: \"{}\"\nstreams:\n  - id: h0\n    url: \"{}\"\n    \
-         metadata: {{provider_profile_id: \"9\"}}\n",
+        "events:\n  webhooks:\n    - url: \"{}\"\nhls:\n  token_key: \"{}\"\nstreams:\n  - id: h0\n    \
+         url: \"{}\"\n    metadata: {{provider_profile_id: \"9\"}}\n",
         hook.url("/hook"),
+        // One signing key on every node (the shared registry keeps one in
+        // Redis; set here so the test needs only this part).
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
         p.url("hls-live/hls_ts/v0/index.m3u8")
     ));
     let mut c = ClusterNodes::start(&redis, 3, &body).await;

@@ -665,3 +665,83 @@ async fn nemesis() {
         channels.map(|ch| p.open_streams(&format!("/live/{ch}.")))
     );
 }
+
+/// The owner's live/file detection is shared in `stream:{s}.detected`: once n1
+/// found the stream is a file, n2 proxies it per client at once, without opening
+/// a hub connection to find out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_detection_is_shared_between_nodes() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n\
+         streams:\n  - id: f1\n    url: \"{}\"\n",
+        p.url("files/sample.ts"),
+    );
+    let mut c = ClusterNodes::start(&redis, 2, &yaml).await;
+    let size = crate::support::fixture("sample.ts").len();
+    let (status, _, body) = client::get_body(&c.node(0).url("/stream/f1")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), size);
+    // The hub's first response showed a file; then the per-client request.
+    assert_eq!(p.hits("/files/sample.ts"), 2);
+    let detected = redis
+        .command(&[
+            "HGET",
+            &m3u_edge::cluster::Keys::new("m3u-edge").stream("f1"),
+            "detected",
+        ])
+        .await;
+    assert!(
+        detected.contains("file"),
+        "stream:f1 detected = {detected:?}"
+    );
+    let (status, _, body) = client::get_body(&c.node(1).url("/stream/f1")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), size);
+    assert_eq!(p.hits("/files/sample.ts"), 3, "n2 probed the file again");
+}
+
+/// When every source fails on the owner for `live.give_up_after`, the channel ends
+/// everywhere: relaying nodes end their viewers too instead of taking the channel
+/// over and trying the provider again in turn (no second take: `epoch` stays 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_that_failed_on_its_owner_ends_on_every_node() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n\
+         live:\n  stall_timeout: \"1s\"\n  give_up_after: \"2s\"\n  retry_backoff: \"500ms\"\n\
+         streams:\n  - id: g1\n    url: \"{}\"\n    live: true\n",
+        p.url("live/g1.ts?kbps=800&drop_after=300000"),
+    );
+    let mut c = ClusterNodes::start(&redis, 2, &yaml).await;
+    let mut a = joined(c.node(0), "g1", "a").await;
+    let mut b = joined(c.node(1), "g1", "b").await;
+    // From now on the source is gone: the open connection ends after its bytes.
+    p.set_status("/live/g1.ts", 404);
+    for (v, who) in [(&mut a, "viewer on n1"), (&mut b, "viewer on n2")] {
+        let end = loop {
+            match v.try_read_n(188 * 100, Duration::from_secs(20)).await {
+                Ok(_) => continue,
+                Err((_, end)) => break end,
+            }
+        };
+        assert!(
+            !matches!(end, crate::support::client::BodyEnd::Timeout),
+            "{who}: still open 20 s after its source failed"
+        );
+    }
+    let epoch = redis
+        .command(&["GET", &m3u_edge::cluster::Keys::new("m3u-edge").epoch()])
+        .await;
+    assert_eq!(
+        epoch.lines().nth(1),
+        Some("1"),
+        "a node took the failed channel over: epoch {epoch:?}"
+    );
+}
