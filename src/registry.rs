@@ -769,6 +769,8 @@ impl Registry {
             c.cancel.cancel();
             s.client_left(c, "stream_deleted");
         }
+        // In cluster mode this node held the stream's session while it had
+        // viewers here: it lets go, and the last holder sends the stop.
         if s.session_started() {
             s.stopped(reason);
         }
