@@ -771,7 +771,7 @@ impl Registry {
         }
         // In cluster mode this node held the stream's session while it had
         // viewers here: it lets go, and the last holder sends the stop.
-        if s.session_started() {
+        if s.session_started() || !clients.is_empty() {
             s.stopped(reason);
         }
         Some(s)
