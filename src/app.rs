@@ -69,6 +69,8 @@ pub struct App {
     pub playlists: crate::playlists::Playlists,
     /// `cluster:`: the shared state on Redis; `None` on a single node.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Cluster mode: the cluster-wide totals `/health` shows.
+    pub cluster_totals: crate::cluster::registry::totals::TotalsCache,
 }
 
 /// The registry's view of a `streams:` entry.
@@ -213,14 +215,21 @@ impl App {
             hls_http,
             playlists: crate::playlists::Playlists::new(&config)?,
             cluster,
+            cluster_totals: Default::default(),
             config: Arc::new(config),
         };
         for s in &app.config.streams {
             app.registry.add_config(s.id.clone(), config_spec(s));
         }
         // After the YAML streams: a YAML stream wins over a persisted one.
-        let n = app.registry.restore(restored.streams);
-        app.events.restore(restored.webhooks);
+        // In cluster mode API streams and webhooks live in Redis instead.
+        let (streams, webhooks) = if app.cluster.is_some() {
+            (Vec::new(), Vec::new())
+        } else {
+            (restored.streams, restored.webhooks)
+        };
+        let n = app.registry.restore(streams);
+        app.events.restore(webhooks);
         if n > 0 {
             tracing::info!(path = %app.state.path().display(), streams = n, "state restored");
         }
@@ -245,6 +254,23 @@ impl App {
             tracing::info!(stream_id = %id, reason, "stream removed");
         }
         removed
+    }
+
+    /// Drops this node's copy of an API stream deleted on another node (or
+    /// found gone from the cluster store): its viewers here are cut, its
+    /// live channel closed. See [`Registry::evict`].
+    pub fn evict_stream(&self, id: &str, reason: &str) -> bool {
+        let viewers = self.registry.get(id).map_or(0, |s| s.client_count());
+        let evicted = self.registry.evict(id, reason).is_some();
+        if evicted {
+            for _ in 0..viewers {
+                self.metrics
+                    .client_drop(crate::metrics::DropReason::StreamDeleted);
+            }
+            self.hub.close(id);
+            self.hls.forget(id);
+        }
+        evicted
     }
 
     /// Sets the gauges that are a view of current state, just before a scrape.
@@ -304,11 +330,21 @@ impl App {
     /// Writes the persisted state now (blocking: call it from a blocking
     /// thread or the shutdown path) and records the outcome.
     pub fn save_state(&self) -> Result<(), StateError> {
+        // In cluster mode the registry holds only a cache of Redis.
+        let local = self.cluster.is_none();
         let data = StateData {
             version: 0,
-            streams: self.registry.persisted(),
+            streams: if local {
+                self.registry.persisted()
+            } else {
+                Vec::new()
+            },
             hls_key: Some(hex::encode(&self.hls_key)),
-            webhooks: self.events.api_webhooks(),
+            webhooks: if local {
+                self.events.api_webhooks()
+            } else {
+                Vec::new()
+            },
         };
         let result = self.state.save(data);
         self.saver.record(&result, &self.metrics);

@@ -29,10 +29,15 @@ impl Housekeeper {
         for (s, c) in self.app.registry.expire_idle_clients() {
             tracing::info!(stream_id = %s.id, client = %c.id, "HLS viewer idle: left");
         }
-        let expired = self
-            .app
-            .registry
-            .expired(self.app.config.server.stream_idle_ttl);
+        // In cluster mode unwatched API streams expire cluster-wide
+        // (cluster::registry::upkeep), not per node.
+        let expired = if self.app.cluster.is_some() {
+            Vec::new()
+        } else {
+            self.app
+                .registry
+                .expired(self.app.config.server.stream_idle_ttl)
+        };
         let mut n = 0;
         for s in expired {
             if self.app.remove_stream(&s.id, "inactive_timeout") {

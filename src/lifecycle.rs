@@ -129,6 +129,9 @@ impl Lifecycle {
             clients = cut,
             "viewers disconnected and live channels closed"
         );
+        // Cluster mode: their departures reach Redis (and their events the
+        // queue) before the events are flushed.
+        app.registry.flush_clients(Duration::from_secs(2)).await;
         if !handover {
             app.final_save();
         }

@@ -221,12 +221,21 @@ fn run(cli: Cli, config: config::Config) -> anyhow::Result<()> {
         server.add_service(internal);
         // Serve once the node has a session, or after the wait (Redis down
         // at boot: /health says why and the node joins when Redis is back).
-        if !cluster.join_blocking(CLUSTER_JOIN_WAIT) {
+        let joined = cluster.join_blocking(CLUSTER_JOIN_WAIT);
+        if !joined {
             tracing::warn!(
                 "cluster: no session after {:?} (Redis unreachable?); serving anyway, /health answers 503 until joined",
                 CLUSTER_JOIN_WAIT
             );
         }
+        // The shared registry's upkeep; with Redis up, serve once the shared
+        // HLS signing key is read.
+        let key_wait = if joined {
+            CLUSTER_JOIN_WAIT
+        } else {
+            std::time::Duration::ZERO
+        };
+        m3u_edge::cluster::registry::upkeep::start(&app, cluster, key_wait);
     }
     if let Some(addr) = app.config.metrics.listen {
         server.add_service(m3u_edge::metrics::service(app.metrics.clone(), addr));

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicU8;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -27,6 +27,32 @@ use crate::events::{EventType, Events};
 /// m3u-editor stores and sends back.
 pub fn stream_id_for(url: &str) -> String {
     hex::encode(Md5::digest(url.as_bytes()))
+}
+
+/// Told when a client appears on or leaves a stream of this node, instead
+/// of the registry emitting `client_connected` / `client_disconnected`
+/// itself (cluster mode: the cluster-wide tracker decides which node
+/// emits). Called with locks released; must not block.
+pub trait ClientWatcher: Send + Sync {
+    fn joined(&self, stream: &Stream, client: &Arc<Client>);
+    fn left(&self, stream: &Stream, client: &Arc<Client>, reason: &str);
+    /// Resolves once every join and leave told so far is processed (the
+    /// shutdown path waits for it, bounded).
+    fn flushed(&self) -> tokio::sync::oneshot::Receiver<()>;
+}
+
+/// The registry's watcher, shared by its streams; set once.
+#[derive(Default)]
+pub struct WatcherSlot(OnceLock<Arc<dyn ClientWatcher>>);
+
+impl std::fmt::Debug for WatcherSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Watched"
+        } else {
+            "Unwatched"
+        })
+    }
 }
 
 /// Where a stream was declared.
@@ -220,6 +246,7 @@ pub struct Stream {
     pub health: Mutex<Vec<SourceHealth>>,
     events: EventSink,
     session: Mutex<Session>,
+    watcher: Arc<WatcherSlot>,
 }
 
 /// Where a stream's events go (none in unit tests).
@@ -251,6 +278,7 @@ impl Stream {
         spec: impl Into<Arc<StreamSpec>>,
         created_at: DateTime<Utc>,
         events: Option<Arc<Events>>,
+        watcher: Arc<WatcherSlot>,
     ) -> Self {
         let spec = spec.into();
         let current_url = spec.url.clone();
@@ -277,7 +305,24 @@ impl Stream {
             health: Mutex::new(Vec::new()),
             events: EventSink(events),
             session: Mutex::new(Session::default()),
+            watcher,
         }
+    }
+
+    /// An API stream outside any registry: how a cluster node shows (or
+    /// reports the end of) a stream it does not hold.
+    pub fn detached(
+        id: String,
+        spec: StreamSpec,
+        created_at: DateTime<Utc>,
+        events: Option<Arc<Events>>,
+    ) -> Self {
+        Self::new(id, Origin::Api, spec, created_at, events, Arc::default())
+    }
+
+    /// A provider session of this stream started here and has not stopped.
+    pub fn session_started(&self) -> bool {
+        self.session.lock().started.is_some()
     }
 
     /// Emits an event of this stream; `data` gets the stream's metadata, which
@@ -339,7 +384,11 @@ impl Stream {
         );
     }
 
-    fn client_left(&self, c: &Client, reason: &str) {
+    fn client_left(&self, c: &Arc<Client>, reason: &str) {
+        if let Some(w) = self.watcher.0.get() {
+            w.left(self, c, reason);
+            return;
+        }
         self.emit(
             EventType::ClientDisconnected,
             json!({
@@ -615,6 +664,7 @@ pub struct Registry {
     /// first `X-Forwarded-For` entry, else the peer).
     by_address: Arc<Caps<String>>,
     hls_by_address: Arc<Caps<String>>,
+    watcher: Arc<WatcherSlot>,
 }
 
 impl Default for Registry {
@@ -642,6 +692,100 @@ impl Registry {
             caps,
             by_address: Caps::new(0, caps.per_address),
             hls_by_address: Caps::new(0, caps.hls_per_address),
+            watcher: Arc::default(),
+        }
+    }
+
+    /// Routes client appearances and departures to `w` from now on (once;
+    /// later calls are ignored).
+    pub fn set_client_watcher(&self, w: Arc<dyn ClientWatcher>) {
+        let _ = self.watcher.0.set(w);
+    }
+
+    /// Waits (at most `timeout`) until the client watcher, if any, has
+    /// processed every join and leave so far.
+    pub async fn flush_clients(&self, timeout: Duration) {
+        if let Some(w) = self.watcher.0.get() {
+            let _ = tokio::time::timeout(timeout, w.flushed()).await;
+        }
+    }
+
+    /// Caches an API stream stored elsewhere (cluster mode): added, or, when
+    /// its spec changed, replaced (counters and created kept) if nobody
+    /// watches it here, else swapped in place. A YAML or playlist stream
+    /// with that id is left as it is. No cap: the store enforces it.
+    pub fn cache_api(&self, id: &str, spec: StreamSpec, created_at: DateTime<Utc>) -> Arc<Stream> {
+        if let Some(old) = self.streams.read().get(id) {
+            if old.origin.read_only() || *old.spec() == spec {
+                return old.clone();
+            }
+            if old.client_count() > 0 {
+                *old.spec.write() = Arc::new(spec);
+                return old.clone();
+            }
+        }
+        let mut map = self.streams.write();
+        if let Some(old) = map.get(id) {
+            if old.origin.read_only() || *old.spec() == spec {
+                return old.clone();
+            }
+        }
+        let fresh = Stream::new(
+            id.to_owned(),
+            Origin::Api,
+            spec,
+            created_at,
+            self.events.clone(),
+            self.watcher.clone(),
+        );
+        if let Some(old) = map.get(id) {
+            fresh
+                .bytes
+                .store(old.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+            fresh
+                .segments
+                .store(old.segments.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        let fresh = Arc::new(fresh);
+        map.insert(id.to_owned(), fresh.clone());
+        fresh
+    }
+
+    /// Drops the local copy of an API stream deleted elsewhere: its
+    /// requests here end, each client with `client_disconnected`
+    /// (`stream_deleted`), and `stream_stopped` with `reason` only if a
+    /// provider session of it ran here (the deleting node reports the rest).
+    pub fn evict(&self, id: &str, reason: &str) -> Option<Arc<Stream>> {
+        let s = {
+            let mut map = self.streams.write();
+            match map.get(id) {
+                Some(s) if s.origin == Origin::Api => map.remove(id),
+                _ => None,
+            }
+        }?;
+        s.closed.cancel();
+        let clients: Vec<_> = s.clients.lock().drain().map(|(_, c)| c).collect();
+        for c in &clients {
+            c.cancel.cancel();
+            s.client_left(c, "stream_deleted");
+        }
+        // In cluster mode this node held the stream's session while it had
+        // viewers here: it lets go, and the last holder sends the stop.
+        if s.session_started() || !clients.is_empty() {
+            s.stopped(reason);
+        }
+        Some(s)
+    }
+
+    /// Forgets a cached API stream nobody uses here (no event: it lives on
+    /// in the cluster store).
+    pub fn forget(&self, id: &str) {
+        let mut map = self.streams.write();
+        if map
+            .get(id)
+            .is_some_and(|s| s.origin == Origin::Api && s.client_count() == 0)
+        {
+            map.remove(id);
         }
     }
 
@@ -662,6 +806,7 @@ impl Registry {
             spec,
             Utc::now(),
             self.events.clone(),
+            self.watcher.clone(),
         ));
         self.streams.write().insert(id, s.clone());
         s
@@ -694,6 +839,7 @@ impl Registry {
                 spec,
                 old.created_at,
                 self.events.clone(),
+                self.watcher.clone(),
             );
             fresh
                 .bytes
@@ -720,6 +866,7 @@ impl Registry {
             spec,
             Utc::now(),
             self.events.clone(),
+            self.watcher.clone(),
         ));
         map.insert(id, s.clone());
         drop(map);
@@ -764,6 +911,7 @@ impl Registry {
             spec,
             Utc::now(),
             self.events.clone(),
+            self.watcher.clone(),
         );
         map.insert(id.to_owned(), Arc::new(s));
         Upsert::Added
@@ -888,15 +1036,19 @@ impl Registry {
         clients.insert(id, c.clone());
         let count = clients.len();
         drop(clients);
-        stream.emit(
-            EventType::ClientConnected,
-            json!({
+        if let Some(w) = stream.watcher.0.get() {
+            w.joined(stream, &c);
+        } else {
+            stream.emit(
+                EventType::ClientConnected,
+                json!({
                 "client_id": c.id,
                 "user_agent": c.user_agent,
                 "username": c.username,
                 "stream_client_count": count,
-            }),
-        );
+                }),
+            );
+        }
         Ok(ClientGuard {
             stream: stream.clone(),
             client: c,
@@ -1009,6 +1161,7 @@ impl Registry {
                 p.spec,
                 p.created_at,
                 self.events.clone(),
+                self.watcher.clone(),
             );
             s.bytes.store(p.total_bytes_served, Ordering::Relaxed);
             s.segments.store(p.total_segments_served, Ordering::Relaxed);

@@ -108,6 +108,11 @@ pub fn auth_reply(auth: Auth) -> Option<ApiReply> {
 /// Dispatches an authorized request.
 pub async fn handle(app: &App, api: &Api, req: &ApiRequest) -> ApiReply {
     use Method as M;
+    if let Some(c) = &app.cluster {
+        if let Some(reply) = crate::cluster::registry::api::handle(app, c, api, req).await {
+            return reply;
+        }
+    }
     match (api, &req.method) {
         (Api::Health, &M::GET) => system::health(app),
         (Api::Info, &M::GET) => system::info(app),

@@ -30,7 +30,16 @@ pub fn create(app: &App, req: &ApiRequest) -> ApiReply {
         app.persist();
         tracing::info!(stream_id = %reg.stream.id, "stream registered");
     }
-    let id = &reg.stream.id;
+    create_reply(app, &reg.stream.id, &spec, parsed.raw_metadata)
+}
+
+/// The reply of `POST /streams` for stream `id` registered from `spec`.
+pub fn create_reply(
+    app: &App,
+    id: &str,
+    spec: &crate::registry::StreamSpec,
+    raw_metadata: Option<Value>,
+) -> ApiReply {
     let is_hls = url::Url::parse(&spec.url)
         .map(|u| u.path().to_ascii_lowercase().ends_with(".m3u8"))
         .unwrap_or(false);
@@ -56,10 +65,7 @@ pub fn create(app: &App, req: &ApiRequest) -> ApiReply {
         "direct_url": format!("/stream/{id}"),
         "message": format!("Stream created successfully ({stream_type})"),
     });
-    if let Some(m) = parsed
-        .raw_metadata
-        .filter(|m| m.as_object().is_some_and(|o| !o.is_empty()))
-    {
+    if let Some(m) = raw_metadata.filter(|m| m.as_object().is_some_and(|o| !o.is_empty())) {
         out["metadata"] = m;
     }
     ApiReply::ok(out)

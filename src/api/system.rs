@@ -105,6 +105,7 @@ pub fn health(app: &App) -> ApiReply {
     });
     if let Some(c) = &app.cluster {
         body["cluster"] = c.status();
+        app.cluster_totals.patch_health(&mut body);
         // A node cut off from Redis has fenced itself: 503 so the load
         // balancer sends players to the nodes that can serve them.
         if !c.healthy() {

@@ -11,16 +11,38 @@ use crate::events::{TestError, Webhook};
 
 /// `POST /webhooks`.
 pub fn add(app: &App, req: &ApiRequest) -> ApiReply {
-    let mut m = match body::object(&req.body) {
-        Ok(m) => m,
+    let hook = match parse(req) {
+        Ok(h) => h,
         Err(e) => return e,
     };
+    match app.events.add_webhook(hook) {
+        Ok((hook, created)) => {
+            app.persist();
+            added_reply(&hook, created)
+        }
+        Err(e) => ApiReply::invalid(&["body"], e, Value::Null),
+    }
+}
+
+/// The reply of a registration.
+pub fn added_reply(hook: &Webhook, created: bool) -> ApiReply {
+    tracing::info!(webhook = %redact(&hook.url), created, "webhook registered");
+    ApiReply::ok(json!({
+        "message": if created { "Webhook added successfully" } else { "Webhook updated (already registered)" },
+        "webhook_url": hook.url,
+        "events": hook.events,
+    }))
+}
+
+/// A `POST /webhooks` body as a checked, normalized webhook, or the 422.
+pub fn parse(req: &ApiRequest) -> Result<Webhook, ApiReply> {
+    let mut m = body::object(&req.body)?;
     if !matches!(m.get("url"), Some(Value::String(_))) {
-        return ApiReply::invalid(
+        return Err(ApiReply::invalid(
             &["body", "url"],
             "Field required",
             m.get("url").cloned().unwrap_or(Value::Null),
-        );
+        ));
     }
     // m3u-proxy (pydantic) takes a whole float for the integer retry_attempts.
     if let Some(n) = m.get("retry_attempts").and_then(Value::as_f64) {
@@ -29,28 +51,15 @@ pub fn add(app: &App, req: &ApiRequest) -> ApiReply {
         }
     }
     let fields = m.clone();
-    let hook: Webhook = match serde_json::from_value(Value::Object(m)) {
-        Ok(h) => h,
-        Err(e) => return ApiReply::invalid(&["body"], e.to_string(), Value::Null),
-    };
-    match app.events.add_webhook(hook) {
-        Ok((hook, created)) => {
-            app.persist();
-            tracing::info!(webhook = %redact(&hook.url), created, "webhook registered");
-            ApiReply::ok(json!({
-                "message": if created { "Webhook added successfully" } else { "Webhook updated (already registered)" },
-                "webhook_url": hook.url,
-                "events": hook.events,
-            }))
+    let hook: Webhook = serde_json::from_value(Value::Object(m))
+        .map_err(|e| ApiReply::invalid(&["body"], e.to_string(), Value::Null))?;
+    hook.validated().map_err(|e| {
+        // The message names the field first: "timeout: must be at least 1 ...".
+        match e.split_once(':').and_then(|(f, _)| fields.get_key_value(f)) {
+            Some((field, input)) => ApiReply::invalid(&["body", field], e, input.clone()),
+            None => ApiReply::invalid(&["body"], e, Value::Null),
         }
-        Err(e) => {
-            // The message names the field first: "timeout: must be at least 1 ...".
-            match e.split_once(':').and_then(|(f, _)| fields.get_key_value(f)) {
-                Some((field, input)) => ApiReply::invalid(&["body", field], e, input.clone()),
-                None => ApiReply::invalid(&["body"], e, Value::Null),
-            }
-        }
-    }
+    })
 }
 
 /// `GET /webhooks`.
@@ -65,7 +74,7 @@ pub fn list(app: &App) -> ApiReply {
 }
 
 /// `webhook_url` from the query, else from a JSON body (`webhook_url` or `url`).
-fn target(req: &ApiRequest) -> Result<String, ApiReply> {
+pub fn target(req: &ApiRequest) -> Result<String, ApiReply> {
     if let Some(u) = req.param("webhook_url") {
         return Ok(u.to_string());
     }
@@ -90,7 +99,12 @@ pub fn remove(app: &App, req: &ApiRequest) -> ApiReply {
         return ApiReply::detail(404, "Webhook not found");
     }
     app.persist();
-    ApiReply::ok(json!({ "message": format!("Webhook {} removed successfully", redact(&url)) }))
+    removed_reply(&url)
+}
+
+/// The reply of a removal.
+pub fn removed_reply(url: &str) -> ApiReply {
+    ApiReply::ok(json!({ "message": format!("Webhook {} removed successfully", redact(url)) }))
 }
 
 /// `POST /webhooks/test`: one test event to a registered webhook, now.

@@ -40,6 +40,8 @@ pub enum Bus {
         provider: String,
     },
     Members,
+    /// API webhooks changed in Redis: re-read them.
+    WebhooksChanged,
     /// Local only, after the bus (re)connected: messages may have been missed.
     Resync,
 }

@@ -19,6 +19,7 @@ pub mod leases;
 pub mod metrics;
 pub mod owner;
 pub mod ownership;
+pub mod registry;
 pub mod relay;
 pub mod ring;
 pub mod serve_live;

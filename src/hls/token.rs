@@ -79,10 +79,19 @@ pub enum TokenError {
 }
 
 /// Mints and verifies tokens with one HMAC key.
-#[derive(Clone)]
 pub struct Signer {
     /// Keyed once; cloned per token so the key schedule is not redone.
-    mac: HmacSha256,
+    /// Replaced only by [`Signer::rekey`] (a cluster node adopting the
+    /// shared key at start).
+    mac: parking_lot::RwLock<HmacSha256>,
+}
+
+impl Clone for Signer {
+    fn clone(&self) -> Self {
+        Signer {
+            mac: parking_lot::RwLock::new(self.mac.read().clone()),
+        }
+    }
 }
 
 impl std::fmt::Debug for Signer {
@@ -95,8 +104,18 @@ impl Signer {
     /// A signer with `key`: 32 random bytes (see [`Signer::generate_key`]). HMAC
     /// accepts any length, but a short or guessable key makes tokens forgeable.
     pub fn new(key: &[u8]) -> Self {
-        let mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
-        Self { mac }
+        Self {
+            mac: parking_lot::RwLock::new(Self::keyed(key)),
+        }
+    }
+
+    fn keyed(key: &[u8]) -> HmacSha256 {
+        HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length")
+    }
+
+    /// Signs with `key` from now on; tokens minted before stop verifying.
+    pub fn rekey(&self, key: &[u8]) {
+        *self.mac.write() = Self::keyed(key);
     }
 
     /// A fresh random key from the operating system's CSPRNG.
@@ -143,7 +162,7 @@ impl Signer {
     }
 
     fn tag(&self, payload: &[u8]) -> HmacSha256 {
-        let mut mac = self.mac.clone();
+        let mut mac = self.mac.read().clone();
         mac.update(DOMAIN);
         mac.update(payload);
         mac

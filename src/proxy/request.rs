@@ -316,7 +316,23 @@ async fn client_stream(
     id: String,
 ) -> Result<Option<Arc<Stream>>> {
     let method = session.req_header().method.clone();
-    let found = app.registry.get(&id);
+    let mut found = app.registry.get(&id);
+    if let (None, Some(c), true) = (
+        &found,
+        &app.cluster,
+        method == Method::GET || method == Method::HEAD,
+    ) {
+        // Registered on another node a moment ago: read through to Redis.
+        match crate::cluster::registry::fetch(app, c, &id).await {
+            Ok(s) => found = s,
+            Err(e) => {
+                ctx.stream_id = Some(id);
+                ctx.local_status = Some(503);
+                respond::error(session, 503, &e.to_string()).await?;
+                return Ok(None);
+            }
+        }
+    }
     ctx.stream_id = Some(id);
     let refusal = if method != Method::GET && method != Method::HEAD {
         (405, "Method Not Allowed")

@@ -273,3 +273,35 @@ async fn an_hls_client_round_robined_over_three_nodes_is_one_session() {
     assert_eq!(of_type(&got, "stream_started", "h0").len(), 1, "{got:?}");
     assert_eq!(of_type(&got, "stream_stopped", "h0").len(), 1, "{got:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_deleted_on_a_third_node_stops_once() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &hook.url("/hook"), "")).await;
+    let id = crate::common::register(
+        c.node(0),
+        serde_json::json!({"url": p.url("live/del.ts?kbps=1000"), "metadata": {"provider_profile_id": "5"}}),
+    )
+    .await;
+    let _a = watch(c.node(0), &id, "a").await;
+    let _b = watch(c.node(2), &id, "b").await;
+    assert_eq!(hook.wait_for_events("stream_started", 1, T).await.len(), 1);
+    let (s, _) = crate::common::api(
+        c.node(1),
+        http::Method::DELETE,
+        &format!("/streams/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let stopped = hook.wait_for_events("stream_stopped", 1, T).await;
+    assert_eq!(stopped.len(), 1, "{:?}", bodies(&hook));
+    assert_eq!(stopped[0]["data"]["metadata"]["provider_profile_id"], "5");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = bodies(&hook);
+    assert_eq!(of_type(&got, "stream_stopped", &id).len(), 1, "{got:?}");
+}

@@ -8,4 +8,5 @@ mod hls;
 mod leases;
 mod membership;
 mod ownership;
+mod registry;
 mod relay;
