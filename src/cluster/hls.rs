@@ -633,9 +633,17 @@ pub async fn serve(
         respond::error(session, 400, "t and epoch are required").await?;
         return Ok(400);
     };
-    let Some(stream) = app.registry.get(id) else {
-        respond::error(session, 404, "Stream not found").await?;
-        return Ok(404);
+    // Registered on another node a moment ago: read through to Redis.
+    let stream = match super::registry::fetch(app, c, id).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            respond::error(session, 404, "Stream not found").await?;
+            return Ok(404);
+        }
+        Err(e) => {
+            respond::error(session, 503, &e.to_string()).await?;
+            return Ok(503);
+        }
     };
     let claims = match app.signer.verify(id, &token) {
         Ok(c) => c,
