@@ -232,25 +232,55 @@ fn excluded(s: &Stream, exclude_channel_id: Option<&str>) -> bool {
     exclude_channel_id.is_some_and(|ex| s.spec().metadata.get("id").is_some_and(|id| id == ex))
 }
 
-/// `DELETE /streams/by-metadata`.
-pub fn delete_by_metadata(app: &App, req: &ApiRequest) -> ApiReply {
+/// The checked query of `DELETE /streams/by-metadata` (here and in
+/// cluster mode): `field`, `value`, `force`, `exclude_channel_id`,
+/// `client_id`.
+pub(crate) struct DeleteQuery<'a> {
+    pub field: &'a str,
+    pub value: &'a str,
+    pub force: bool,
+    pub exclude: Option<&'a str>,
+    pub client_id: Option<&'a str>,
+}
+
+pub(crate) fn delete_query(req: &ApiRequest) -> Result<DeleteQuery<'_>, ApiReply> {
     let (field, value, force) = match (
         query_required(req, "field"),
         query_required(req, "value"),
         query_bool(req, "force", true),
     ) {
         (Ok(f), Ok(v), Ok(force)) => (f, v, force),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return e,
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return Err(e),
     };
-    let exclude = req.param("exclude_channel_id");
     let client_id = req.param("client_id");
     if client_id.is_some_and(|c| c.chars().count() > 128) {
-        return ApiReply::invalid(
+        return Err(ApiReply::invalid(
             &["query", "client_id"],
             "String should have at most 128 characters",
             json!(client_id),
-        );
+        ));
     }
+    Ok(DeleteQuery {
+        field,
+        value,
+        force,
+        exclude: req.param("exclude_channel_id"),
+        client_id,
+    })
+}
+
+/// `DELETE /streams/by-metadata`.
+pub fn delete_by_metadata(app: &App, req: &ApiRequest) -> ApiReply {
+    let DeleteQuery {
+        field,
+        value,
+        force,
+        exclude,
+        client_id,
+    } = match delete_query(req) {
+        Ok(q) => q,
+        Err(e) => return e,
+    };
     let mut deleted = Vec::new();
     let mut skipped = Vec::new();
     for s in matching_for_delete(app, field, value) {

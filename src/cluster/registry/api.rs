@@ -368,23 +368,16 @@ async fn counts_by_metadata(app: &App, c: &Cluster, req: &ApiRequest) -> ApiRepl
 /// here as on one node (never deleted; a dropped client is dropped
 /// cluster-wide); API streams by one script.
 async fn delete_by_metadata(app: &App, c: &Cluster, req: &ApiRequest) -> ApiReply {
-    let (field, value, force) = match (
-        query_required(req, "field"),
-        query_required(req, "value"),
-        query_bool(req, "force", true),
-    ) {
-        (Ok(f), Ok(v), Ok(force)) => (f, v, force),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return e,
+    let api::streams::DeleteQuery {
+        field,
+        value,
+        force,
+        exclude,
+        client_id,
+    } = match api::streams::delete_query(req) {
+        Ok(q) => q,
+        Err(e) => return e,
     };
-    let exclude = req.param("exclude_channel_id");
-    let client_id = req.param("client_id");
-    if client_id.is_some_and(|c| c.chars().count() > 128) {
-        return ApiReply::invalid(
-            &["query", "client_id"],
-            "String should have at most 128 characters",
-            json!(client_id),
-        );
-    }
     let mut skipped = Vec::new();
     for s in app.registry.list() {
         if !s.origin.read_only() || s.spec().metadata.get(field).is_none_or(|v| v != value) {
