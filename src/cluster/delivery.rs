@@ -27,7 +27,7 @@ use crate::events::Event;
 
 const GROUP: &str = "delivery";
 /// The stream keeps about this many entries.
-const MAXLEN: usize = 100_000;
+pub(super) const MAXLEN: usize = 100_000;
 /// Entries per `XADD` pipeline / per read.
 const BATCH: usize = 256;
 /// Leadership lifetime in Redis; renewed every [`RENEW`].

@@ -29,6 +29,7 @@ use redis::Script;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::session::SETTLED_LUA;
 use super::{Cluster, ClusterError};
 use crate::events::{Event, EventType};
 
@@ -41,6 +42,8 @@ const GIVE_UP: Duration = Duration::from_secs(30);
 /// A session with no holder at all (its `started` came without a join) is
 /// ended by the sweep after this.
 const ORPHAN_GRACE_MS: i64 = 10_000;
+/// Sessions one sweep ends at most (the rest: the next second).
+const SWEEP_BATCH: usize = 32;
 /// Deduplicates the stop of a stream removed without any session.
 const TOMB_MS: i64 = 60_000;
 
@@ -48,11 +51,15 @@ const TOMB_MS: i64 = 60_000;
 const LIB: &str = r#"
 local function live_holders(key, prefix)
   local f = redis.call('HGETALL', key)
+  local t = redis.call('TIME')
+  local ok = settled(prefix, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
   local live, dead = 0, 0
   for i = 1, #f, 2 do
     local n = f[i]
     if string.sub(n, 1, 2) == 'h:' then
-      if redis.call('GET', prefix .. 'node:' .. string.sub(n, 3)) == f[i + 1] then
+      -- Right after a stall a holder whose session is gone or new counts as
+      -- live: its node is about to join again under its new session.
+      if not ok or redis.call('GET', prefix .. 'node:' .. string.sub(n, 3)) == f[i + 1] then
         live = live + 1
       else
         redis.call('HDEL', key, n)
@@ -72,8 +79,14 @@ local function finish(key, sessions, stream, tomb)
 end
 "#;
 
-/// KEYS: sess, sessions, tomb. ARGV: stream, node, token, meta, transcoded, now.
+/// KEYS: sess, sessions, tomb, own. ARGV: stream, node, token, meta,
+/// transcoded, now. Returns 2 when this join begins a new session of a
+/// channel that kept running after its last session ended (swept while its
+/// holders were cut off): the joining node sends its `stream_started`, as
+/// the owner's provider connection never closed and will not start again.
 const JOIN: &str = r#"
+local resumed = redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[3]) == 1
+  and redis.call('EXISTS', KEYS[4]) == 1
 redis.call('HSET', KEYS[1], 'h:' .. ARGV[2], ARGV[3])
 redis.call('HSETNX', KEYS[1], 'meta', ARGV[4])
 redis.call('HSETNX', KEYS[1], 'transcoded', ARGV[5])
@@ -81,6 +94,10 @@ redis.call('HSETNX', KEYS[1], 'created', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], 86400000)
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
+if resumed and redis.call('HSETNX', KEYS[1], 'started', ARGV[6]) == 1 then
+  redis.call('HSET', KEYS[1], 'started_by', ARGV[2])
+  return 2
+end
 return 1
 "#;
 
@@ -117,11 +134,19 @@ end
 return {0}
 "#;
 
-/// KEYS: sessions. ARGV: key prefix, now, orphan grace ms, tomb ms.
-/// Returns flat {stream, reason, started, meta, transcoded}*.
+/// KEYS: sessions, events. ARGV: key prefix, now, orphan grace ms, event
+/// timestamp, events MAXLEN, event ids (one per session it may end), tomb ms.
+/// Writes the `stream_stopped` of every session it ends into the events
+/// stream itself, in the same step as the end: a reply lost to a timeout
+/// (Redis hung and ran the sweep when it woke up) cannot lose the stop.
+/// Returns flat {stream, reason}*.
 const SWEEP: &str = r#"
 local out = {}
+local ids = {}
+for i = 6, #ARGV - 1 do ids[#ids + 1] = ARGV[i] end
+local now = tonumber(ARGV[2])
 for _, s in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if #out / 2 >= #ids then break end
   local key = ARGV[1] .. 'sess:' .. s
   if redis.call('EXISTS', key) == 0 then
     redis.call('SREM', KEYS[1], s)
@@ -129,16 +154,26 @@ for _, s in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     local live, dead = live_holders(key, ARGV[1])
     if live == 0 then
       local created = tonumber(redis.call('HGET', key, 'created')) or 0
-      local holders = 0
-      if dead > 0 or tonumber(ARGV[2]) - created > tonumber(ARGV[3]) then
+      if dead > 0 or now - created > tonumber(ARGV[3]) then
         local r = finish(key, KEYS[1], s, ARGV[1] .. 'sess:' .. s .. ':stopped')
         local reason = 'last_client_disconnected'
         if dead > 0 then reason = 'node_lost' end
+        local duration = cjson.null
+        local started = tonumber(r[1])
+        if started then duration = math.max(0, now - started) / 1000 end
+        -- The metadata goes in as stored (JSON from serde), not through
+        -- cjson, which would round big ids and turn [] into {}.
+        local meta = r[2]
+        if not pcall(cjson.decode, meta) then meta = '{}' end
+        local ev = cjson.encode({
+          event_id = ids[#out / 2 + 1], event_type = 'stream_stopped', stream_id = s,
+          timestamp = ARGV[4],
+          data = {reason = reason, duration_seconds = duration, bytes_served = 0,
+                  was_transcoded = r[3] == '1', metadata = '\0meta\0'}})
+        ev = string.gsub(ev, '"\\u0000meta\\u0000"', function() return meta end, 1)
+        redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'e', ev)
         table.insert(out, s)
         table.insert(out, reason)
-        table.insert(out, r[1])
-        table.insert(out, r[2])
-        table.insert(out, r[3])
       end
     end
   end
@@ -155,12 +190,14 @@ return 0
 "#;
 
 fn with_lib(body: &str) -> Script {
-    Script::new(&format!("{LIB}\n{body}"))
+    Script::new(&format!("{SETTLED_LUA}{LIB}\n{body}"))
 }
 
-static JOIN_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(JOIN));
-static STARTED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(STARTED));
-static STOP_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_lib(STOP));
+static JOIN_SCRIPT: LazyLock<Script> = LazyLock::new(|| super::once::script(JOIN));
+// Their replies decide who sends the event: once per op (`super::once`).
+static STARTED_SCRIPT: LazyLock<Script> = LazyLock::new(|| super::once::script(STARTED));
+static STOP_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| super::once::script(&format!("{SETTLED_LUA}{LIB}\n{STOP}")));
 static SWEEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_lib(SWEEP));
 static OWNER_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(OWNER_OK));
 
@@ -334,8 +371,10 @@ impl ClusterEvents {
     /// Runs `op`, retrying while Redis is unavailable (bounded).
     async fn run_op(&self, op: Op, held: bool) {
         let deadline = tokio::time::Instant::now() + GIVE_UP;
+        // One id over every retry: a try that timed out may still have run.
+        let once = self.cluster.keys().once(&super::once::new_op());
         loop {
-            match self.try_op(&op, held).await {
+            match self.try_op(&op, held, &once).await {
                 Ok(()) => return,
                 Err(e) if tokio::time::Instant::now() >= deadline => {
                     tracing::warn!(error = %e, op = ?op, "cluster session op given up");
@@ -352,7 +391,8 @@ impl ClusterEvents {
     /// `held`: a stop of a session this node had joined; if Redis no longer
     /// knows the session (it lost its data) the stop is still sent, once
     /// (the tombstone every ended session leaves makes a late one a no-op).
-    async fn try_op(&self, op: &Op, held: bool) -> Result<(), ClusterError> {
+    /// `once`: the op's reply key (`super::once`).
+    async fn try_op(&self, op: &Op, held: bool, once: &str) -> Result<(), ClusterError> {
         let c = &self.cluster;
         let k = c.keys();
         let sessions = sessions_key(c);
@@ -362,21 +402,32 @@ impl ClusterEvents {
                 meta,
                 transcoded,
             } => {
-                let _: i64 = c
+                let resumed: i64 = c
                     .run(
                         JOIN_SCRIPT
                             .key(k.sess(stream))
                             .key(&sessions)
                             .key(tomb_key(c, stream))
+                            .key(k.own(stream))
                             .arg(stream)
                             .arg(c.node_id())
                             .arg(c.session())
                             .arg(meta)
                             .arg(u8::from(*transcoded))
                             .arg(now_ms())
+                            .arg(once)
                             .invoke_async(&mut c.redis().await?),
                     )
                     .await?;
+                if resumed == 2 {
+                    let metadata: Value = serde_json::from_str(meta).unwrap_or_else(|_| json!({}));
+                    tracing::info!(stream_id = %stream, "cluster: a session of a running channel begins again");
+                    self.emit(Event::new(
+                        EventType::StreamStarted,
+                        stream,
+                        json!({ "resumed": true, "was_transcoded": transcoded, "metadata": metadata }),
+                    ));
+                }
             }
             Op::Started(ev) => {
                 let won: i64 = c
@@ -390,6 +441,7 @@ impl ClusterEvents {
                             .arg(now_ms())
                             .arg(ev.data["metadata"].to_string())
                             .arg(0)
+                            .arg(once)
                             .invoke_async(&mut c.redis().await?),
                     )
                     .await?;
@@ -410,6 +462,7 @@ impl ClusterEvents {
                             .arg(c.node_id())
                             .arg(u8::from(force))
                             .arg(TOMB_MS)
+                            .arg(once)
                             .invoke_async(&mut c.redis().await?),
                     )
                     .await?;
@@ -449,45 +502,28 @@ impl ClusterEvents {
     }
 
     /// Ends the sessions whose holders all died (`node_lost`) or that never
-    /// had one; run by the delivery leader every second.
+    /// had one; run by the delivery leader every second. The script itself
+    /// writes their `stream_stopped` into the events stream.
     pub async fn sweep(&self) -> Result<usize, ClusterError> {
         let c = &self.cluster;
-        let flat: Vec<String> = c
-            .run(
-                SWEEP_SCRIPT
-                    .key(sessions_key(c))
-                    .arg(c.keys().prefix())
-                    .arg(now_ms())
-                    .arg(ORPHAN_GRACE_MS)
-                    .arg(TOMB_MS)
-                    .invoke_async(&mut c.redis().await?),
-            )
-            .await?;
-        let mut n = 0;
-        for s in flat.chunks_exact(5) {
-            let [stream, reason, started, meta, transcoded] = s else {
-                continue;
-            };
-            let duration = started
-                .parse::<i64>()
-                .ok()
-                .map(|t| (now_ms() - t).max(0) as f64 / 1000.0);
-            let metadata: Value = serde_json::from_str(meta).unwrap_or_else(|_| json!({}));
-            tracing::info!(stream_id = %stream, reason = %reason, "stream session ended by the cluster sweep");
-            self.emit(Event::new(
-                EventType::StreamStopped,
-                stream,
-                json!({
-                    "reason": reason,
-                    "duration_seconds": duration,
-                    "bytes_served": 0,
-                    "was_transcoded": transcoded == "1",
-                    "metadata": metadata,
-                }),
-            ));
-            n += 1;
+        let mut inv = SWEEP_SCRIPT.key(sessions_key(c));
+        inv.key(c.keys().events())
+            .arg(c.keys().prefix())
+            .arg(now_ms())
+            .arg(ORPHAN_GRACE_MS)
+            .arg(crate::events::python_utc_timestamp(
+                chrono::Utc::now().naive_utc(),
+            ))
+            .arg(super::delivery::MAXLEN);
+        for _ in 0..SWEEP_BATCH {
+            inv.arg(uuid::Uuid::new_v4().to_string());
         }
-        Ok(n)
+        inv.arg(TOMB_MS);
+        let flat: Vec<String> = c.run(inv.invoke_async(&mut c.redis().await?)).await?;
+        for s in flat.chunks_exact(2) {
+            tracing::info!(stream_id = %s[0], reason = %s[1], "stream session ended by the cluster sweep");
+        }
+        Ok(flat.len() / 2)
     }
 }
 

@@ -42,6 +42,12 @@ impl Keys {
     pub fn nodes(&self) -> String {
         self.key(&["nodes"])
     }
+    /// `up`: HASH `beat` (ms of the latest renewal of any node), `since`
+    /// (ms since when renewals have come without a stall), `ttl`
+    /// (`session::SETTLED_LUA`).
+    pub fn up(&self) -> String {
+        self.key(&["up"])
+    }
     /// `epoch`: the fencing-token counter.
     pub fn epoch(&self) -> String {
         self.key(&["epoch"])
@@ -97,6 +103,11 @@ impl Keys {
     /// `leader:{what}`: the elected node for `what`, PX 5 s.
     pub fn leader(&self, what: &str) -> String {
         self.key(&["leader", what])
+    }
+    /// `once:{op}`: the stored reply of a script run `op`, PX 60 s
+    /// (`super::once`).
+    pub fn once(&self, op: &str) -> String {
+        self.key(&["once", op])
     }
     /// `bus`: the pub/sub channel.
     pub fn bus(&self) -> String {

@@ -17,6 +17,7 @@ pub mod internal;
 pub mod keys;
 pub mod leases;
 pub mod metrics;
+pub mod once;
 pub mod owner;
 pub mod ownership;
 pub mod registry;

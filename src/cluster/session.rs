@@ -23,20 +23,43 @@ use super::Cluster;
 /// it: covers clock-rate drift and the renewal's own round trip.
 pub const FENCE_MARGIN: Duration = Duration::from_secs(1);
 
-/// KEYS: node, nodes, nodeinfo. ARGV: token, ttl ms, node id, addr,
+/// KEYS: node, nodes, nodeinfo, up. ARGV: token, ttl ms, node id, addr,
 /// version, started ms, create (1: open a new session, replacing whatever
-/// an older session of ours left).
+/// an older session of ours left), stall ms.
 const RENEW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local beat = tonumber(redis.call('HGET', KEYS[4], 'beat'))
+if not beat or now - beat > tonumber(ARGV[8]) then
+  redis.call('HSET', KEYS[4], 'since', now)
+end
+redis.call('HSET', KEYS[4], 'beat', now, 'ttl', ARGV[2])
 local cur = redis.call('GET', KEYS[1])
 if ARGV[7] ~= '1' and cur ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('HSET', KEYS[3], 'addr', ARGV[4], 'version', ARGV[5], 'started', ARGV[6], 'session', ARGV[1])
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return 1
+"#;
+
+/// Lua, for scripts that judge a node dead because its session key is gone
+/// or new (`prefix` is the key prefix): `settled(prefix, now)` is false
+/// until renewals have come without a stall (no renewal by any node for
+/// two heartbeats: Redis hung or restarted, or every node was cut off) for
+/// one `node_ttl`. Right after such a stall every session has expired at
+/// once while the nodes are alive and about to open new sessions and join
+/// again; judging then would end every stream session and drop every
+/// client (`stream_stopped` / `client_disconnected` with `node_lost`,
+/// followed by the same viewers joining again).
+pub const SETTLED_LUA: &str = r#"
+local function settled(prefix, now)
+  local u = redis.call('HMGET', prefix .. 'up', 'since', 'ttl')
+  local since, ttl = tonumber(u[1]), tonumber(u[2])
+  if not since then return true end
+  return now - since >= (ttl or 0)
+end
 "#;
 
 pub(super) struct Session {
@@ -112,6 +135,8 @@ pub(super) async fn heartbeat(cluster: Arc<Cluster>) {
     let script = Script::new(RENEW);
     let cfg = cluster.config();
     let ttl_ms = cfg.node_ttl.as_millis().to_string();
+    // No renewal from any node for two of our heartbeats: a stall.
+    let stall_ms = (cfg.heartbeat.as_millis() * 2).to_string();
     let mut was_up = true;
     loop {
         let sent = Instant::now();
@@ -124,13 +149,15 @@ pub(super) async fn heartbeat(cluster: Arc<Cluster>) {
         invocation
             .key(cluster.keys.nodes())
             .key(cluster.keys.nodeinfo(cluster.node_id()))
+            .key(cluster.keys.up())
             .arg(&token)
             .arg(&ttl_ms)
             .arg(cluster.node_id())
             .arg(cfg.advertise.to_string())
             .arg(crate::app::VERSION)
             .arg(cluster.started_ms)
-            .arg(if create { "1" } else { "0" });
+            .arg(if create { "1" } else { "0" })
+            .arg(&stall_ms);
         let call = invocation.invoke_async::<i64>(&mut conn);
         let result = tokio::time::timeout(cfg.heartbeat.max(super::COMMAND_TIMEOUT), call).await;
         match result {

@@ -122,7 +122,7 @@ impl Event {
 }
 
 /// Python's `isoformat()` of a naive datetime: microseconds only when non-zero.
-fn python_utc_timestamp(t: chrono::NaiveDateTime) -> String {
+pub(crate) fn python_utc_timestamp(t: chrono::NaiveDateTime) -> String {
     use chrono::Timelike;
     if t.nanosecond() / 1000 == 0 {
         t.format("%Y-%m-%dT%H:%M:%S").to_string()

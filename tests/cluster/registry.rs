@@ -736,6 +736,19 @@ mod scripts {
             inv.invoke_async(&mut self.0).await.expect("script")
         }
 
+        /// A script whose run is once per op (its `once:` key last): a
+        /// fresh op each call.
+        async fn run_once(&mut self, script: &redis::Script, args: &[&str]) -> Value {
+            let key = format!("{P}once:{}", uuid::Uuid::new_v4().simple());
+            self.run_op(script, args, &key).await
+        }
+
+        async fn run_op(&mut self, script: &redis::Script, args: &[&str], once: &str) -> Value {
+            let mut all = args.to_vec();
+            all.push(once);
+            self.run(script, &all).await
+        }
+
         async fn cmd<T: redis::FromRedisValue>(&mut self, args: &[&str]) -> T {
             let mut c = redis::cmd(args[0]);
             for a in &args[1..] {
@@ -777,11 +790,11 @@ mod scripts {
         let r = texts(&db.run(&lua::REGISTER_SCRIPT, &["s1", &a, "0"]).await);
         assert_eq!(r[0], "same");
         // A client on any node keeps the stored stream unchanged.
-        db.run(&lua::JOIN_SCRIPT, &["s1", "c1", "n1", "inf", "{}"])
+        db.run_once(&lua::JOIN_SCRIPT, &["s1", "c1", "n1", "inf", "{}"])
             .await;
         let r = texts(&db.run(&lua::REGISTER_SCRIPT, &["s1", &b, "0"]).await);
         assert_eq!((r[0].as_str(), r[1].as_str()), ("kept", a.as_str()));
-        db.run(&lua::LEAVE_SCRIPT, &["s1", "c1", "n1"]).await;
+        db.run_once(&lua::LEAVE_SCRIPT, &["s1", "c1", "n1"]).await;
         let r = texts(&db.run(&lua::REGISTER_SCRIPT, &["s1", &b, "0"]).await);
         assert_eq!((r[0].as_str(), r[1].as_str()), ("replaced", b.as_str()));
         let old: Vec<String> = db.cmd(&["SMEMBERS", &format!("{P}meta:p:1")]).await;
@@ -808,29 +821,34 @@ mod scripts {
         };
         let mut db = Db::open(&redis).await;
         let j = texts(
-            &db.run(&lua::JOIN_SCRIPT, &["s", "c", "n1", "inf", "{}"])
+            &db.run_once(&lua::JOIN_SCRIPT, &["s", "c", "n1", "inf", "{}"])
                 .await,
         );
         assert_eq!(j, ["1", "1"], "the first node's ZADD creates the member");
         let j = texts(
-            &db.run(&lua::JOIN_SCRIPT, &["s", "c", "n2", "60000", "{}"])
+            &db.run_once(&lua::JOIN_SCRIPT, &["s", "c", "n2", "60000", "{}"])
                 .await,
         );
         assert_eq!(j, ["0", "1"], "a second node's join is not new");
-        let l = texts(&db.run(&lua::LEAVE_SCRIPT, &["s", "c", "n1"]).await);
+        let l = texts(&db.run_once(&lua::LEAVE_SCRIPT, &["s", "c", "n1"]).await);
         assert_eq!(l, ["0"], "n2 still holds it");
-        let l = texts(&db.run(&lua::LEAVE_SCRIPT, &["s", "c", "n2"]).await);
+        // The same op sent twice (a retry after a timeout, while the first
+        // try did run): the same answer, so its client_disconnected is not lost.
+        let op = format!("{P}once:leave-c-n2");
+        let l = texts(&db.run_op(&lua::LEAVE_SCRIPT, &["s", "c", "n2"], &op).await);
         assert_eq!(l[0], "1", "the last holder removes it");
-        let l = texts(&db.run(&lua::LEAVE_SCRIPT, &["s", "c", "n2"]).await);
+        let retry = texts(&db.run_op(&lua::LEAVE_SCRIPT, &["s", "c", "n2"], &op).await);
+        assert_eq!(retry, l, "a retry of the op gets the first try's answer");
+        let l = texts(&db.run_once(&lua::LEAVE_SCRIPT, &["s", "c", "n2"]).await);
         assert_eq!(l, ["0"], "and only once");
 
         // n3 is dead (no session key), n4 alive; both hold c2, n3 alone holds c3.
         let _: () = db.cmd(&["SET", &format!("{P}node:n4"), "tok"]).await;
-        db.run(&lua::JOIN_SCRIPT, &["s", "c2", "n3", "inf", "{}"])
+        db.run_once(&lua::JOIN_SCRIPT, &["s", "c2", "n3", "inf", "{}"])
             .await;
-        db.run(&lua::JOIN_SCRIPT, &["s", "c2", "n4", "inf", "{}"])
+        db.run_once(&lua::JOIN_SCRIPT, &["s", "c2", "n4", "inf", "{}"])
             .await;
-        db.run(
+        db.run_once(
             &lua::JOIN_SCRIPT,
             &["s", "c3", "n3", "inf", r#"{"ip":"1.2.3.4"}"#],
         )
@@ -841,15 +859,29 @@ mod scripts {
         };
         assert_eq!(listed, 1, "a dead node's viewers are not listed");
         assert!(
-            texts(&db.run(&lua::SWEEP_NODE_SCRIPT, &["n4"]).await).is_empty(),
+            texts(&db.run_once(&lua::SWEEP_NODE_SCRIPT, &["n4"]).await).is_empty(),
             "alive"
         );
-        let swept = match db.run(&lua::SWEEP_NODE_SCRIPT, &["n3"]).await {
+        // Right after a stall (no renewal from any node for a while: Redis
+        // hung) every session expired at once: nobody is judged dead until
+        // renewals have come again for one node_ttl.
+        let t: Vec<String> = db.cmd(&["TIME"]).await;
+        let now_ms = t[0].parse::<u64>().unwrap_or(0) * 1000;
+        let up = format!("{P}up");
+        let _: () = db
+            .cmd(&["HSET", &up, "since", &now_ms.to_string(), "ttl", "60000"])
+            .await;
+        assert!(
+            texts(&db.run_once(&lua::SWEEP_NODE_SCRIPT, &["n3"]).await).is_empty(),
+            "swept right after a stall"
+        );
+        let _: () = db.cmd(&["HSET", &up, "since", "0"]).await;
+        let swept = match db.run_once(&lua::SWEEP_NODE_SCRIPT, &["n3"]).await {
             Value::Array(a) => a,
             _ => Vec::new(),
         };
         assert_eq!(swept.len(), 1, "only c3 was held by n3 alone: {swept:?}");
-        let again = match db.run(&lua::SWEEP_NODE_SCRIPT, &["n3"]).await {
+        let again = match db.run_once(&lua::SWEEP_NODE_SCRIPT, &["n3"]).await {
             Value::Array(a) => a.len(),
             _ => 0,
         };
@@ -875,11 +907,11 @@ mod scripts {
             )
             .await;
         }
-        db.run(&lua::JOIN_SCRIPT, &["b", "leaving", "n1", "inf", "{}"])
+        db.run_once(&lua::JOIN_SCRIPT, &["b", "leaving", "n1", "inf", "{}"])
             .await;
-        db.run(&lua::JOIN_SCRIPT, &["c", "leaving", "n1", "inf", "{}"])
+        db.run_once(&lua::JOIN_SCRIPT, &["c", "leaving", "n1", "inf", "{}"])
             .await;
-        db.run(&lua::JOIN_SCRIPT, &["c", "staying", "n2", "inf", "{}"])
+        db.run_once(&lua::JOIN_SCRIPT, &["c", "staying", "n2", "inf", "{}"])
             .await;
         let counts = texts(&db.run(&lua::COUNTS_SCRIPT, &["p", "1", "1", "2"]).await);
         assert_eq!(counts, ["2", "0"], "watched streams per value");

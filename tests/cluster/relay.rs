@@ -8,6 +8,7 @@
 //! The channel is a YAML stream with the same id on every node, so these tests do
 //! not depend on the shared registry.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use crate::support::eventually::eventually;
 use crate::support::provider::Provider;
 use crate::support::redis::RedisServer;
 use crate::support::ts_check::{check_clean_join, is_valid_ts};
+use crate::support::webhook::WebhookReceiver;
 
 const T: Duration = Duration::from_secs(15);
 /// Bytes a viewer reads to check a join: ~1 s at 800 kbit/s.
@@ -338,7 +340,8 @@ async fn redis_hanging_fences_owners_and_viewers_wait() {
         return;
     };
     let p = Arc::new(Provider::start().await);
-    let mut c = ClusterNodes::start(&redis, 2, &body(&p, &["ch1"])).await;
+    let hook = WebhookReceiver::start().await;
+    let mut c = ClusterNodes::start(&redis, 2, &with_hook(&body(&p, &["ch1"]), &hook)).await;
     let peak = Peak::watch(&p, "/live/ch1");
     let mut a = joined(c.node(0), "ch1", "a").await;
     let mut b = joined(c.node(1), "ch1", "b").await;
@@ -375,6 +378,102 @@ async fn redis_hanging_fences_owners_and_viewers_wait() {
     }
     assert_eq!(p.open_streams("/live/ch1"), 1);
     assert_eq!(peak.get(), 1, "provider connections at once");
+
+    // Events once, though the pause outlived every session (node_ttl 5 s) and
+    // calls Redis ran only when it woke up had timed out on the nodes: each
+    // stream_started / client_connected has its stop / disconnect.
+    drop((a, b));
+    let t0 = std::time::Instant::now();
+    let balanced = eventually(Duration::from_secs(20), || {
+        balanced_events(&hook, &["ch1"], &["a", "b"]).is_ok()
+    })
+    .await;
+    assert!(
+        balanced,
+        "{:?}\n{}",
+        balanced_events(&hook, &["ch1"], &["a", "b"]),
+        history(&hook, t0)
+    );
+}
+
+/// A node config with a webhook for the stream and client events.
+fn with_hook(body: &str, hook: &WebhookReceiver) -> String {
+    format!(
+        "{body}events:\n  webhooks:\n    - url: \"{}\"\n      events: [stream_started, stream_stopped, client_connected, client_disconnected]\n",
+        hook.url("/hook")
+    )
+}
+
+/// Distinct events (by `event_id`: delivery is at least once) per (stream id,
+/// type) for stream events and (client id, type) for client events.
+fn distinct_events(hook: &WebhookReceiver) -> BTreeMap<(String, String), usize> {
+    let mut ids: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for r in hook.received() {
+        let who = match r.body["data"]["client_id"].as_str() {
+            Some(c) if r.event_type().starts_with("client_") => c.to_owned(),
+            _ => r.stream_id().to_owned(),
+        };
+        ids.entry((who, r.event_type().to_owned()))
+            .or_default()
+            .insert(r.body["event_id"].as_str().unwrap_or("").to_owned());
+    }
+    ids.into_iter().map(|(k, v)| (k, v.len())).collect()
+}
+
+/// Ok when every stream of `streams` had as many stops as starts (at least
+/// one) and every client of `clients` as many disconnects as connects (a
+/// viewer refused or cut before it joined has neither); else what differs.
+fn balanced_events(
+    hook: &WebhookReceiver,
+    streams: &[&str],
+    clients: &[&str],
+) -> Result<(), String> {
+    let n = distinct_events(hook);
+    let count = |who: &str, ty: &str| {
+        n.get(&(who.to_owned(), ty.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    };
+    let pairs = streams
+        .iter()
+        .map(|s| (*s, "stream_started", "stream_stopped", 1))
+        .chain(
+            clients
+                .iter()
+                .map(|c| (*c, "client_connected", "client_disconnected", 0)),
+        );
+    let mut wrong = Vec::new();
+    for (who, begin, end, least) in pairs {
+        let (b, e) = (count(who, begin), count(who, end));
+        if b < least || b != e {
+            wrong.push(format!("{who}: {b} {begin}, {e} {end}"));
+        }
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("; "))
+    }
+}
+
+/// What the receiver got, one line each, for failure messages.
+fn history(hook: &WebhookReceiver, t0: std::time::Instant) -> String {
+    hook.received()
+        .iter()
+        .map(|r| {
+            format!(
+                "{:+6.1}s {} {} {} {} {}",
+                r.at.saturating_duration_since(t0).as_secs_f64()
+                    - t0.saturating_duration_since(r.at).as_secs_f64(),
+                r.stream_id(),
+                r.event_type(),
+                r.body["data"]["client_id"],
+                r.body["data"]["reason"],
+                r.body["event_id"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Test 10: the owner frozen (SIGSTOP) past its session: another node takes over
@@ -512,8 +611,12 @@ async fn only_the_owner_sends_stream_started() {
 /// replaced by new ones), frozen with SIGSTOP for 2–7 s, and Redis hangs for 1–6 s.
 /// It checks from the recorded history that no channel ever had more than one
 /// provider connection outside the declared pauses (a frozen owner may hold a
-/// second one until ~1.5 s after SIGCONT), and that at the end every channel with
-/// viewers is back on exactly one connection with bytes flowing to them.
+/// second one until ~1.5 s after SIGCONT); that at the end every channel with
+/// viewers is back on exactly one connection; that every node's `/clients` then
+/// lists exactly the viewers still connected, and none within `node_ttl` + a few
+/// seconds after they all leave; and that the webhook got exactly one
+/// `stream_stopped` per `stream_started` of each channel (events deduplicated by
+/// `event_id`, as delivery is at-least-once across a leader change).
 ///
 /// Ignored by default (long, and it loads the machine). Run it with
 /// `cargo test --test tests cluster::relay::nemesis -- --ignored --nocapture`;
@@ -533,7 +636,9 @@ async fn nemesis() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let p = Arc::new(Provider::start().await);
     let channels = ["nx1", "nx2"];
-    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &channels)).await;
+    let hook = WebhookReceiver::start().await;
+    let yaml = with_hook(&body(&p, &channels), &hook);
+    let mut c = ClusterNodes::start(&redis, 3, &yaml).await;
     // Violations: (seconds into the run, channel, connections) outside a pause.
     let pausing = Arc::new(AtomicUsize::new(0));
     let violations = Arc::new(parking_lot::Mutex::new(Vec::<(f64, String, usize)>::new()));
@@ -557,7 +662,9 @@ async fn nemesis() {
         });
     }
     // Viewers: reader tasks that drain their sockets; dropping one leaves.
-    let mut viewers: Vec<(usize, &str, tokio::task::JoinHandle<()>)> = Vec::new();
+    let mut viewers: Vec<(usize, &str, String, tokio::task::JoinHandle<()>)> = Vec::new();
+    // Every viewer ever started: (node, channel, client id).
+    let mut all_viewers: Vec<(usize, &str, String)> = Vec::new();
     let mut alive: Vec<bool> = vec![true; 3];
     let end = std::time::Instant::now() + Duration::from_secs(90);
     let mut k = 0;
@@ -568,17 +675,19 @@ async fn nemesis() {
             0..=4 => {
                 let node = live[rng.gen_range(0..live.len())];
                 let ch = channels[rng.gen_range(0..channels.len())];
-                let url = c.node(node).url(&format!("/stream/{ch}?client_id=nv{k}"));
+                let id = format!("nv{k}");
+                let url = c.node(node).url(&format!("/stream/{ch}?client_id={id}"));
                 let task = tokio::spawn(async move {
                     let Ok(mut r) = client::client().get(url).send().await else {
                         return;
                     };
                     while let Ok(Some(_)) = r.chunk().await {}
                 });
-                viewers.push((node, ch, task));
+                all_viewers.push((node, ch, id.clone()));
+                viewers.push((node, ch, id, task));
             }
             5 | 6 if !viewers.is_empty() => {
-                let (_, _, t) = viewers.swap_remove(rng.gen_range(0..viewers.len()));
+                let (_, _, _, t) = viewers.swap_remove(rng.gen_range(0..viewers.len()));
                 t.abort();
             }
             7 if live.len() > 2 => {
@@ -586,7 +695,7 @@ async fn nemesis() {
                 println!("{:5.1}s kill -9 n{}", t0.elapsed().as_secs_f64(), node + 1);
                 c.node(node).kill();
                 alive[node] = false;
-                viewers.retain(|(n, _, t)| {
+                viewers.retain(|(n, _, _, t)| {
                     if *n == node {
                         t.abort();
                     }
@@ -631,11 +740,11 @@ async fn nemesis() {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(100..1500))).await;
     }
     // Quiet: every channel with viewers settles on one connection.
-    viewers.retain(|(_, _, t)| !t.is_finished());
+    viewers.retain(|(_, _, _, t)| !t.is_finished());
     let watched: Vec<&str> = channels
         .iter()
         .copied()
-        .filter(|ch| viewers.iter().any(|(_, c, _)| c == ch))
+        .filter(|ch| viewers.iter().any(|(_, c, _, _)| c == ch))
         .collect();
     let settled = p
         .wait_until(Duration::from_secs(20), |p| {
@@ -651,9 +760,6 @@ async fn nemesis() {
         .await;
     done.store(true, Ordering::Relaxed);
     let v = violations.lock().clone();
-    for (_, _, t) in &viewers {
-        t.abort();
-    }
     assert!(
         v.is_empty(),
         "seed {seed}: more than one provider connection: {:?}",
@@ -664,6 +770,87 @@ async fn nemesis() {
         "seed {seed}: channels did not settle on one connection each (watched {watched:?}): {:?}",
         channels.map(|ch| p.open_streams(&format!("/live/{ch}.")))
     );
+    // Counts converge: every live node lists exactly the viewers still connected
+    // (a killed node's viewers are gone after node_ttl), then none once they leave.
+    let live_nodes: Vec<usize> = (0..alive.len()).filter(|&i| alive[i]).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    loop {
+        let want: std::collections::BTreeSet<String> = viewers
+            .iter()
+            .filter(|(_, _, _, t)| !t.is_finished())
+            .map(|(_, _, id, _)| id.clone())
+            .collect();
+        let mut listed = std::collections::BTreeMap::new();
+        for &i in &live_nodes {
+            listed.insert(i, listed_clients(c.node(i)).await);
+        }
+        if listed.values().all(|l| *l == want) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "seed {seed}: /clients per node {listed:?} != viewers still connected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (_, _, _, t) in &viewers {
+        t.abort();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    for &i in &live_nodes {
+        loop {
+            let l = listed_clients(c.node(i)).await;
+            if l.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "seed {seed}: n{} still lists {l:?} after every viewer left",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Events once: per channel as many stops as starts, per viewer as many
+    // disconnects as connects (after dedup by event_id).
+    let ids: Vec<String> = all_viewers.iter().map(|(_, _, id)| id.clone()).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let watched_ever: Vec<&str> = channels
+        .iter()
+        .copied()
+        .filter(|ch| all_viewers.iter().any(|(_, c, _)| c == ch))
+        .collect();
+    let balanced = eventually(Duration::from_secs(20), || {
+        balanced_events(&hook, &watched_ever, &ids).is_ok()
+    })
+    .await;
+    assert!(
+        balanced,
+        "seed {seed}: {:?}\n{}",
+        balanced_events(&hook, &watched_ever, &ids),
+        history(&hook, t0)
+    );
+}
+
+/// The client ids `GET /clients` of a node lists.
+async fn listed_clients(edge: &Edge) -> std::collections::BTreeSet<String> {
+    let Ok(r) = client::client()
+        .get(edge.url("/clients"))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+    else {
+        return ["<no answer>".to_owned()].into();
+    };
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    v["clients"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["client_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_else(|| ["<bad answer>".to_owned()].into())
 }
 
 /// The owner's live/file detection is shared in `stream:{s}.detected`: once n1

@@ -6,7 +6,7 @@
 //! tracker renews this node's holds (HLS clients: until they have been
 //! idle for their timeout plus [`HOLD_SLACK`]) and counters.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::{hash, invoke, items, lua, text};
 use crate::app::App;
-use crate::cluster::{Bus, Cluster, ClusterError};
+use crate::cluster::{once, Bus, Cluster, ClusterError, Keys};
 use crate::events::EventType;
 use crate::registry::{Client, ClientWatcher, Stream, StreamSpec};
 
@@ -35,16 +35,20 @@ const TOUCH_BATCH: usize = 200;
 
 #[derive(Debug)]
 enum Note {
+    /// `once`: the reply key of this note's script, the same over its
+    /// retries (`crate::cluster::once`: a try that timed out may have run).
     Join {
         stream: String,
         spec: Arc<StreamSpec>,
         client: Arc<Client>,
+        once: String,
     },
     Leave {
         stream: String,
         spec: Arc<StreamSpec>,
         client: Arc<Client>,
         reason: String,
+        once: String,
     },
     /// Answered once every note before it is processed.
     Flush(tokio::sync::oneshot::Sender<()>),
@@ -53,6 +57,7 @@ enum Note {
 /// The registry's [`ClientWatcher`] in cluster mode: queues, never waits.
 pub struct Tracker {
     tx: mpsc::UnboundedSender<Note>,
+    keys: Keys,
 }
 
 impl ClientWatcher for Tracker {
@@ -61,6 +66,7 @@ impl ClientWatcher for Tracker {
             stream: stream.id.clone(),
             spec: stream.spec(),
             client: client.clone(),
+            once: self.keys.once(&once::new_op()),
         });
     }
 
@@ -70,6 +76,7 @@ impl ClientWatcher for Tracker {
             spec: stream.spec(),
             client: client.clone(),
             reason: reason.to_owned(),
+            once: self.keys.once(&once::new_op()),
         });
     }
 
@@ -83,7 +90,10 @@ impl ClientWatcher for Tracker {
 /// Installs the tracker on the registry and runs it on the cluster's runtime.
 pub fn start(app: &Arc<App>, c: &Arc<Cluster>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    app.registry.set_client_watcher(Arc::new(Tracker { tx }));
+    app.registry.set_client_watcher(Arc::new(Tracker {
+        tx,
+        keys: c.keys().clone(),
+    }));
     c.spawn(run(app.clone(), c.clone(), rx));
 }
 
@@ -151,7 +161,13 @@ fn info_json(client: &Client) -> String {
     .to_string()
 }
 
-async fn join(c: &Cluster, stream: &str, client: &Client) -> Result<(bool, u64), ClusterError> {
+/// `once`: the op's reply key (`crate::cluster::once`).
+async fn join(
+    c: &Cluster,
+    stream: &str,
+    client: &Client,
+    once: &str,
+) -> Result<(bool, u64), ClusterError> {
     let v = invoke(
         c,
         &lua::JOIN_SCRIPT,
@@ -161,6 +177,7 @@ async fn join(c: &Cluster, stream: &str, client: &Client) -> Result<(bool, u64),
             c.node_id(),
             &hold(client),
             &info_json(client),
+            once,
         ],
     )
     .await?;
@@ -177,8 +194,9 @@ async fn apply(app: &App, c: &Cluster, note: &Note) -> Result<(), ClusterError> 
             stream,
             spec,
             client,
+            once,
         } => {
-            let (added, count) = join(c, stream, client).await?;
+            let (added, count) = join(c, stream, client, once).await?;
             if added {
                 super::emit(
                     app,
@@ -199,8 +217,14 @@ async fn apply(app: &App, c: &Cluster, note: &Note) -> Result<(), ClusterError> 
             spec,
             client,
             reason,
+            once,
         } => {
-            let v = invoke(c, &lua::LEAVE_SCRIPT, &[stream, &client.id, c.node_id()]).await?;
+            let v = invoke(
+                c,
+                &lua::LEAVE_SCRIPT,
+                &[stream, &client.id, c.node_id(), once],
+            )
+            .await?;
             let mut r = items(v).into_iter();
             let removed = r.next().is_some_and(|v| text(&v) == "1");
             if removed {
@@ -282,6 +306,7 @@ async fn renew(app: &App, c: &Cluster, missing_before: &mut HashSet<(String, Str
                     stream: s.clone(),
                     spec: stream.spec(),
                     client: cl.clone(),
+                    once: c.keys().once(&once::new_op()),
                 };
                 if apply(app, c, &note).await.is_ok() {
                     missing_now.remove(&key);
@@ -405,15 +430,26 @@ pub async fn dropped(app: &App, c: &Cluster, stream: &str, h: BTreeMap<String, S
 
 /// The dead-node sweep: clients held only by nodes whose session is gone
 /// leave, with one `client_disconnected` each (from the node whose script
-/// removed them).
-pub async fn sweep_dead_nodes(app: &App, c: &Cluster) -> Result<(), ClusterError> {
+/// removed them). `ops`: per dead node, the op id of a sweep whose reply
+/// did not come, tried again until one does (`crate::cluster::once`).
+pub async fn sweep_dead_nodes(
+    app: &App,
+    c: &Cluster,
+    ops: &mut HashMap<String, String>,
+) -> Result<(), ClusterError> {
     let mut conn = c.redis().await?;
     let key = format!("{}cnodes", c.keys().prefix());
     let nodes: Vec<String> = c
         .run(async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut conn).await })
         .await?;
+    ops.retain(|n, _| nodes.contains(n));
     for n in nodes.iter().filter(|n| n.as_str() != c.node_id()) {
-        let v = invoke(c, &lua::SWEEP_NODE_SCRIPT, &[n]).await?;
+        let op = ops
+            .entry(n.clone())
+            .or_insert_with(|| c.keys().once(&once::new_op()))
+            .clone();
+        let v = invoke(c, &lua::SWEEP_NODE_SCRIPT, &[n, &op]).await?;
+        ops.remove(n);
         for gone in items(v) {
             let mut g = items(gone).into_iter();
             let (Some(s), Some(h)) = (g.next(), g.next()) else {

@@ -26,6 +26,8 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+use crate::cluster::session::SETTLED_LUA;
+
 /// Helpers shared by the scripts below.
 const PRELUDE: &str = r#"
 local P = ARGV[1]
@@ -411,6 +413,7 @@ const SWEEP_NODE: &str = r#"
 local n = ARGV[2]
 if redis.call('EXISTS', P .. 'node:' .. n) == 1 then return {} end
 local now = now_ms()
+if not settled(P, now) then return {} end
 local out = {}
 for _, m in ipairs(redis.call('SMEMBERS', P .. 'nclients:' .. n)) do
   local nl = string.find(m, '\n', 1, true)
@@ -449,9 +452,15 @@ pub static DELETE_BY_METADATA_SCRIPT: LazyLock<Script> =
 pub static DELETE_OLDEST_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(DELETE_OLDEST));
 pub static EXPIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(EXPIRE));
 pub static TOUCH_STREAMS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(TOUCH_STREAMS));
-pub static JOIN_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(JOIN));
-pub static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(LEAVE));
+/// Script runs whose reply decides who sends an event take one more
+/// ARGV, last: their `once:{op}` key (`crate::cluster::once`).
+fn script_once(body: &str) -> Script {
+    crate::cluster::once::script(&format!("{PRELUDE}{SETTLED_LUA}{body}"))
+}
+
+pub static JOIN_SCRIPT: LazyLock<Script> = LazyLock::new(|| script_once(JOIN));
+pub static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script_once(LEAVE));
 pub static TOUCH_CLIENTS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(TOUCH_CLIENTS));
 pub static DROP_CLIENT_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(DROP_CLIENT));
 pub static CLIENTS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(CLIENTS));
-pub static SWEEP_NODE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(SWEEP_NODE));
+pub static SWEEP_NODE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script_once(SWEEP_NODE));

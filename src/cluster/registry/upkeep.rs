@@ -195,6 +195,7 @@ async fn recheck(app: &App, c: &Cluster, k: &Continuity, every: bool) {
 
 async fn second_loop(app: Arc<App>, c: Arc<Cluster>, k: Arc<Continuity>) {
     let mut seen: HashMap<String, Reported> = HashMap::new();
+    let mut sweep_ops: HashMap<String, String> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
@@ -207,7 +208,7 @@ async fn second_loop(app: Arc<App>, c: Arc<Cluster>, k: Arc<Continuity>) {
         recheck(&app, &c, &k, false).await;
         touch_streams(&app, &c, &mut seen).await;
         super::totals::refresh(&app, &c).await;
-        if let Err(e) = clients::sweep_dead_nodes(&app, &c).await {
+        if let Err(e) = clients::sweep_dead_nodes(&app, &c, &mut sweep_ops).await {
             tracing::debug!(error = %e, "cluster: dead-node sweep skipped");
         }
         if n.is_multiple_of(5) {
