@@ -16,7 +16,10 @@
 //!    node, `kill -9` of the HLS owner, the longest wait between new segments
 //!    on the other nodes beside the same measure before the kill (the 1 s
 //!    segment cadence is the floor).
-//! 4. API latency on a non-owner node (n2 while n1 owns the channel):
+//! 4. Freezes (benches/cluster/freeze.rs): the owner, then Redis, SIGSTOPped
+//!    for 8 s: provider connections meanwhile and the recovery after SIGCONT
+//!    (CLUSTER.md tests 9 and 10, measured; R runs, at most 3).
+//! 5. API latency on a non-owner node (n2 while n1 owns the channel):
 //!    `GET /streams/{id}` and `POST /streams`, p50 / p99 over N calls each,
 //!    beside the same calls on the single node.
 //!
@@ -24,11 +27,13 @@
 //! or not the shared registry is there; `POST /streams` registers new ones.
 //!
 //! Run: `cargo bench --bench cluster` (env: CLUSTER_VIEWERS per node (500),
-//! CLUSTER_SECS measured window (10), CLUSTER_RUNS take-over runs (10; HLS
+//! CLUSTER_SECS measured window (10), CLUSTER_RUNS take-over runs (10; freezes: at most 3; HLS
 //! take-over: at most 5), CLUSTER_HLS_PLAYERS per node (50), CLUSTER_API_CALLS
 //! (200)). Quick check: `CLUSTER_VIEWERS=50 CLUSTER_RUNS=2`.
 //! Skips (with a message) when redis-server is not installed.
 
+#[path = "cluster/freeze.rs"]
+mod freeze;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -565,7 +570,7 @@ fn main() {
             println!("SKIPPED: redis-server not installed (scripts/deps.sh --test-tools)");
             return;
         }
-        let p = Provider::start().await;
+        let p = Arc::new(Provider::start().await);
         println!("cluster: 3 nodes + redis-server on this machine vs one node without `cluster:` (the floor), release build");
         println!("\none {} Mbit/s channel, {per_node} viewers per node, {secs} s measured", KBPS / 1000);
         println!();
@@ -682,5 +687,7 @@ fn main() {
                 None => println!("| {} | (no start) | | |", run + 1),
             }
         }
+
+        freeze::report(&p, runs.min(3)).await;
     });
 }
