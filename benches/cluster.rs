@@ -29,7 +29,8 @@
 //! Run: `cargo bench --bench cluster` (env: CLUSTER_VIEWERS per node (500),
 //! CLUSTER_SECS measured window (10), CLUSTER_RUNS take-over runs (10; freezes: at most 3; HLS
 //! take-over: at most 5), CLUSTER_HLS_PLAYERS per node (50), CLUSTER_API_CALLS
-//! (200)). Quick check: `CLUSTER_VIEWERS=50 CLUSTER_RUNS=2`.
+//! (200), CLUSTER_ONLY=freeze: only section 4). Quick check:
+//! `CLUSTER_VIEWERS=50 CLUSTER_RUNS=2`.
 //! Skips (with a message) when redis-server is not installed.
 
 #[path = "cluster/freeze.rs"]
@@ -571,6 +572,10 @@ fn main() {
             return;
         }
         let p = Arc::new(Provider::start().await);
+        if std::env::var("CLUSTER_ONLY").is_ok_and(|v| v == "freeze") {
+            freeze::report(&p, runs.min(3)).await;
+            return;
+        }
         println!("cluster: 3 nodes + redis-server on this machine vs one node without `cluster:` (the floor), release build");
         println!("\none {} Mbit/s channel, {per_node} viewers per node, {secs} s measured", KBPS / 1000);
         println!();
