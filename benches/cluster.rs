@@ -141,6 +141,32 @@ async fn open(addr: &str, id: &str) -> Option<(TcpStream, usize)> {
     }
 }
 
+/// A viewer of the channel that records when each read returned, until
+/// `until`; its task ends false when the connection was lost.
+fn reader(
+    addr: String,
+    until: Instant,
+) -> (Arc<Mutex<Vec<Instant>>>, tokio::task::JoinHandle<bool>) {
+    let log: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let l = log.clone();
+    let task = tokio::spawn(async move {
+        let Some((mut s, _)) = open(&addr, CHANNEL).await else {
+            return false;
+        };
+        let mut buf = vec![0u8; 256 * 1024];
+        while Instant::now() < until {
+            let left = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(_)) => l.lock().push(Instant::now()),
+                Err(_) => break,
+            }
+        }
+        true
+    });
+    (log, task)
+}
+
 #[derive(Default)]
 struct ViewerStats {
     bytes: AtomicU64,
@@ -277,29 +303,12 @@ async fn takeover_run(p: &Provider, run: u64) -> Option<(Option<f64>, usize)> {
     // n1 first: it owns the channel (local-first placement).
     let (_owner_viewer, _) = open(&addrs[0].1, CHANNEL).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let reads: Vec<Arc<Mutex<Vec<Instant>>>> = (0..2).map(|_| Arc::default()).collect();
-    let mut tasks = Vec::new();
     // Kill after 2 s; CLUSTER.md expects a ~5–6 s gap: 10 s after the kill.
     let until = Instant::now() + Duration::from_secs(12);
-    for (i, log) in reads.iter().enumerate() {
-        let addr = addrs[i + 1].1.clone();
-        let log = log.clone();
-        tasks.push(tokio::spawn(async move {
-            let Some((mut s, _)) = open(&addr, CHANNEL).await else {
-                return false;
-            };
-            let mut buf = vec![0u8; 256 * 1024];
-            while Instant::now() < until {
-                let left = until.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(left, s.read(&mut buf)).await {
-                    Ok(Ok(0)) | Ok(Err(_)) => return false,
-                    Ok(Ok(_)) => log.lock().push(Instant::now()),
-                    Err(_) => break,
-                }
-            }
-            true
-        }));
-    }
+    let (reads, tasks): (Vec<_>, Vec<_>) = addrs[1..]
+        .iter()
+        .map(|(_, a)| reader(a.clone(), until))
+        .unzip();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let peak_before = p.open_streams(&prefix);
     nodes[0].kill();

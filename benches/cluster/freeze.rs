@@ -17,38 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::io::AsyncReadExt;
 
 use crate::support::provider::Provider;
 use crate::support::redis::RedisServer;
-use crate::{cluster, open, pids, CHANNEL, KBPS};
+use crate::{cluster, open, pids, reader, CHANNEL, KBPS};
 
 const FREEZE: Duration = Duration::from_secs(8);
-
-/// A viewer that records when each read returned, until `until`.
-fn reader(
-    addr: String,
-    until: Instant,
-) -> (Arc<Mutex<Vec<Instant>>>, tokio::task::JoinHandle<bool>) {
-    let log: Arc<Mutex<Vec<Instant>>> = Arc::default();
-    let l = log.clone();
-    let task = tokio::spawn(async move {
-        let Some((mut s, _)) = open(&addr, CHANNEL).await else {
-            return false;
-        };
-        let mut buf = vec![0u8; 256 * 1024];
-        while Instant::now() < until {
-            let left = until.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, s.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return false,
-                Ok(Ok(_)) => l.lock().push(Instant::now()),
-                Err(_) => break,
-            }
-        }
-        true
-    });
-    (log, task)
-}
 
 /// Samples the provider's open connections for `prefix` every 5 ms into
 /// `(when, count)` until `until`.
