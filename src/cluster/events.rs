@@ -165,10 +165,13 @@ for _, s in ipairs(redis.call('SMEMBERS', KEYS[1])) do
         -- cjson, which would round big ids and turn [] into {}.
         local meta = r[2]
         if not pcall(cjson.decode, meta) then meta = '{}' end
+        -- What every node served of an API stream (reported each second);
+        -- YAML streams have no shared counter.
+        local bytes = tonumber(redis.call('HGET', ARGV[1] .. 'stream:' .. s, 'bytes')) or 0
         local ev = cjson.encode({
           event_id = ids[#out / 2 + 1], event_type = 'stream_stopped', stream_id = s,
           timestamp = ARGV[4],
-          data = {reason = reason, duration_seconds = duration, bytes_served = 0,
+          data = {reason = reason, duration_seconds = duration, bytes_served = bytes,
                   was_transcoded = r[3] == '1', metadata = '\0meta\0'}})
         ev = string.gsub(ev, '"\\u0000meta\\u0000"', function() return meta end, 1)
         redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'e', ev)

@@ -156,6 +156,49 @@ async fn a_killed_nodes_session_ends_with_one_stream_stopped() {
     assert_eq!(of_type(&got, "stream_started", "s1").len(), 1);
 }
 
+/// An API stream (m3u-editor's case) watched only on a node that is killed:
+/// its `node_lost` stop says what the cluster served of it, from the
+/// counters every node reports each second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_api_stream_stops_with_the_bytes_served() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &hook.url("/hook"), "")).await;
+    let lead = leader(&redis).await;
+    let n = (lead + 1) % 3;
+    let (status, v) = crate::common::api(
+        c.node(lead),
+        reqwest::Method::POST,
+        "/streams",
+        Some(serde_json::json!({
+            "url": p.url("live/api-lost.ts?kbps=1000"),
+            "metadata": {"provider_profile_id": 52}
+        })),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let id = v["stream_id"].as_str().expect("stream_id").to_owned();
+    let mut v1 = watch(c.node(n), &id, "x").await;
+    // A few seconds of bytes, reported to Redis once a second.
+    for _ in 0..3 {
+        v1.read_n(188 * 500, T).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.node(n).kill();
+    drop(v1);
+    let stopped = hook.wait_for_events("stream_stopped", 1, T).await;
+    assert_eq!(stopped.len(), 1, "{:?}", bodies(&hook));
+    let stop = &stopped[0];
+    assert_eq!(stop["stream_id"], id.as_str());
+    assert_eq!(stop["data"]["reason"], "node_lost");
+    assert_eq!(stop["data"]["metadata"]["provider_profile_id"], "52");
+    let served = stop["data"]["bytes_served"].as_u64().unwrap_or(0);
+    assert!(served >= 188 * 1500, "bytes_served {served}: {stop}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_delivers_what_the_killed_one_had_pending() {
     let Some(redis) = RedisServer::start().await else {
