@@ -200,6 +200,20 @@ async fn players_on_three_nodes_cost_the_provider_one_nodes_fetches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn players_elsewhere_continue_when_the_hls_owner_is_killed() {
+    owner_goes_players_elsewhere_continue(false).await;
+}
+
+/// A rolling restart: SIGTERM of the HLS owner hands the stream over (it
+/// releases at once instead of after its session runs out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn players_elsewhere_continue_when_the_hls_owner_stops() {
+    owner_goes_players_elsewhere_continue(true).await;
+}
+
+/// Players on n1 (the HLS owner), n2, n3; after 3 s n1 is killed (`-9`) or
+/// stopped (SIGTERM, `stop`): the players on n2 and n3 go on with the
+/// provider's segments, fetched once again by the new owner.
+async fn owner_goes_players_elsewhere_continue(sigterm: bool) {
     let Some(redis) = RedisServer::start().await else {
         return;
     };
@@ -219,8 +233,12 @@ async fn players_elsewhere_continue_when_the_hls_owner_is_killed() {
         tasks.push(tokio::spawn(player(base.clone(), client, until, s)));
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    c.node(0).kill();
     let killed = Instant::now();
+    if sigterm {
+        c.node(0).stop().await;
+    } else {
+        c.node(0).kill();
+    }
     for t in tasks {
         t.await.unwrap();
     }
