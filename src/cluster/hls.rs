@@ -400,9 +400,13 @@ pub async fn open_via_owner(
             Via::Owner(o) => o,
         };
         match ask(app, c, &owner, stream_id, url, kind, range, header_timeout).await {
-            Answer::Got(r) => return Some(r),
+            Answer::Got(r) => {
+                c.metrics.hls_via_owner.inc();
+                return Some(r);
+            }
             Answer::NotOwner => c.hls.forget(stream_id),
             Answer::Unreachable(why) => {
+                c.metrics.hls_owner_unreachable.inc();
                 tracing::warn!(stream_id, owner = %owner.node, error = %why, "cluster: the stream's HLS owner does not answer: fetching directly until ownership moves");
                 let until = Instant::now() + DIRECT_RETRY;
                 c.hls.set(stream_id, Role::Direct { until });
@@ -661,6 +665,7 @@ pub async fn serve(
         respond::error(session, 403, "Invalid stream reference").await?;
         return Ok(403);
     };
+    c.metrics.hls_served.inc();
     let spec = stream.spec();
     if claims.kind == Kind::Playlist {
         let number = |name: &str| param(name).map(|v| v.parse::<u64>());

@@ -29,6 +29,15 @@ pub struct ClusterMetrics {
     /// `m3u_edge_cluster_takeovers_total`: channels this node took over
     /// after their owner was lost or gave them up.
     pub takeovers: IntCounter,
+    /// `m3u_edge_cluster_hls_via_owner_total`: HLS playlists and segments
+    /// this node got from the stream's owner node instead of the provider.
+    pub hls_via_owner: IntCounter,
+    /// `m3u_edge_cluster_hls_served_total`: HLS fetches this node answered
+    /// for other nodes as the stream's owner.
+    pub hls_served: IntCounter,
+    /// `m3u_edge_cluster_hls_owner_unreachable_total`: times the owner did
+    /// not answer and this node fetched from the provider itself for a while.
+    pub hls_owner_unreachable: IntCounter,
 }
 
 impl ClusterMetrics {
@@ -74,6 +83,21 @@ impl ClusterMetrics {
                 r,
                 "cluster_takeovers_total",
                 "Live channels this node took over after their owner was lost or gave them up.",
+            )?,
+            hls_via_owner: counter(
+                r,
+                "cluster_hls_via_owner_total",
+                "HLS playlists and segments this node got from the stream's owner node instead of the provider.",
+            )?,
+            hls_served: counter(
+                r,
+                "cluster_hls_served_total",
+                "HLS fetches this node answered for other nodes as the stream's owner.",
+            )?,
+            hls_owner_unreachable: counter(
+                r,
+                "cluster_hls_owner_unreachable_total",
+                "Times a stream's HLS owner did not answer and this node fetched from the provider itself for a while.",
             )?,
         })
     }

@@ -196,6 +196,37 @@ async fn players_on_three_nodes_cost_the_provider_one_nodes_fetches() {
         owned += v["cluster"]["hls"]["owned"].as_u64().unwrap_or(0);
     }
     assert_eq!(owned, 1, "HLS owners among the nodes");
+    // The metrics say the same: what the others got through the owner, the
+    // owner served to them.
+    let (mut via_owner, mut served) = (0, 0);
+    for i in 0..3 {
+        let m = crate::support::client::get(&c.node(i).url("/metrics"))
+            .await
+            .text()
+            .await
+            .unwrap_or_default();
+        via_owner += metric(&m, "m3u_edge_cluster_hls_via_owner_total");
+        served += metric(&m, "m3u_edge_cluster_hls_served_total");
+        assert_eq!(
+            metric(&m, "m3u_edge_cluster_hls_owner_unreachable_total"),
+            0,
+            "n{}",
+            i + 1
+        );
+    }
+    assert!(via_owner >= 10, "{via_owner} HLS fetches through the owner");
+    assert_eq!(
+        via_owner, served,
+        "fetched through the owner vs served by it"
+    );
+}
+
+/// The value of an unlabelled metric in a /metrics text (0 when absent).
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
