@@ -79,6 +79,20 @@ local function finish(key, sessions, stream, tomb)
 end
 "#;
 
+/// For JOIN and STARTED (KEYS: sess, sessions, tomb; ARGV[1]: stream): what
+/// a session record holds from whichever comes first, its listing in
+/// `sessions`, and the end of the tombstone of the stream's last session.
+const OPEN_SESSION: &str = r#"
+local function open_session(meta, transcoded, created)
+  redis.call('HSETNX', KEYS[1], 'meta', meta)
+  redis.call('HSETNX', KEYS[1], 'transcoded', transcoded)
+  redis.call('HSETNX', KEYS[1], 'created', created)
+  redis.call('PEXPIRE', KEYS[1], 86400000)
+  redis.call('SADD', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[3])
+end
+"#;
+
 /// KEYS: sess, sessions, tomb, own. ARGV: stream, node, token, meta,
 /// transcoded, now. Returns 2 when this join begins a new session of a
 /// channel that kept running after its last session ended (swept while its
@@ -88,12 +102,7 @@ const JOIN: &str = r#"
 local resumed = redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[3]) == 1
   and redis.call('EXISTS', KEYS[4]) == 1
 redis.call('HSET', KEYS[1], 'h:' .. ARGV[2], ARGV[3])
-redis.call('HSETNX', KEYS[1], 'meta', ARGV[4])
-redis.call('HSETNX', KEYS[1], 'transcoded', ARGV[5])
-redis.call('HSETNX', KEYS[1], 'created', ARGV[6])
-redis.call('PEXPIRE', KEYS[1], 86400000)
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[3])
+open_session(ARGV[4], ARGV[5], ARGV[6])
 if resumed and redis.call('HSETNX', KEYS[1], 'started', ARGV[6]) == 1 then
   redis.call('HSET', KEYS[1], 'started_by', ARGV[2])
   return 2
@@ -106,12 +115,7 @@ const STARTED: &str = r#"
 local won = redis.call('HSETNX', KEYS[1], 'started', ARGV[3])
 if won == 1 then
   redis.call('HSET', KEYS[1], 'started_by', ARGV[2])
-  redis.call('HSETNX', KEYS[1], 'meta', ARGV[4])
-  redis.call('HSETNX', KEYS[1], 'transcoded', ARGV[5])
-  redis.call('HSETNX', KEYS[1], 'created', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], 86400000)
-  redis.call('SADD', KEYS[2], ARGV[1])
-  redis.call('DEL', KEYS[3])
+  open_session(ARGV[4], ARGV[5], ARGV[3])
 end
 return won
 "#;
@@ -196,9 +200,11 @@ fn with_lib(body: &str) -> Script {
     Script::new(&format!("{SETTLED_LUA}{LIB}\n{body}"))
 }
 
-static JOIN_SCRIPT: LazyLock<Script> = LazyLock::new(|| super::once::script(JOIN));
+static JOIN_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| super::once::script(&format!("{OPEN_SESSION}{JOIN}")));
 // Their replies decide who sends the event: once per op (`super::once`).
-static STARTED_SCRIPT: LazyLock<Script> = LazyLock::new(|| super::once::script(STARTED));
+static STARTED_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| super::once::script(&format!("{OPEN_SESSION}{STARTED}")));
 static STOP_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| super::once::script(&format!("{SETTLED_LUA}{LIB}\n{STOP}")));
 static SWEEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_lib(SWEEP));

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::{hash, invoke, items, lua, text};
 use crate::app::App;
-use crate::cluster::{once, Bus, Cluster, ClusterError, Keys};
+use crate::cluster::{once, Bus, Cluster, ClusterError};
 use crate::events::EventType;
 use crate::registry::{Client, ClientWatcher, Stream, StreamSpec};
 
@@ -35,20 +35,16 @@ const TOUCH_BATCH: usize = 200;
 
 #[derive(Debug)]
 enum Note {
-    /// `once`: the reply key of this note's script, the same over its
-    /// retries (`crate::cluster::once`: a try that timed out may have run).
     Join {
         stream: String,
         spec: Arc<StreamSpec>,
         client: Arc<Client>,
-        once: String,
     },
     Leave {
         stream: String,
         spec: Arc<StreamSpec>,
         client: Arc<Client>,
         reason: String,
-        once: String,
     },
     /// Answered once every note before it is processed.
     Flush(tokio::sync::oneshot::Sender<()>),
@@ -57,7 +53,6 @@ enum Note {
 /// The registry's [`ClientWatcher`] in cluster mode: queues, never waits.
 pub struct Tracker {
     tx: mpsc::UnboundedSender<Note>,
-    keys: Keys,
 }
 
 impl ClientWatcher for Tracker {
@@ -66,7 +61,6 @@ impl ClientWatcher for Tracker {
             stream: stream.id.clone(),
             spec: stream.spec(),
             client: client.clone(),
-            once: self.keys.once(&once::new_op()),
         });
     }
 
@@ -76,7 +70,6 @@ impl ClientWatcher for Tracker {
             spec: stream.spec(),
             client: client.clone(),
             reason: reason.to_owned(),
-            once: self.keys.once(&once::new_op()),
         });
     }
 
@@ -90,10 +83,7 @@ impl ClientWatcher for Tracker {
 /// Installs the tracker on the registry and runs it on the cluster's runtime.
 pub fn start(app: &Arc<App>, c: &Arc<Cluster>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    app.registry.set_client_watcher(Arc::new(Tracker {
-        tx,
-        keys: c.keys().clone(),
-    }));
+    app.registry.set_client_watcher(Arc::new(Tracker { tx }));
     c.spawn(run(app.clone(), c.clone(), rx));
 }
 
@@ -115,7 +105,11 @@ fn hold(client: &Client) -> String {
 }
 
 async fn run(app: Arc<App>, c: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Note>) {
-    let mut pending: VecDeque<Note> = VecDeque::new();
+    // Each note with the reply key of its script, the same over its retries
+    // (`crate::cluster::once`: a try that timed out may still have run);
+    // made here, off the viewer's request path.
+    let mut pending: VecDeque<(Note, String)> = VecDeque::new();
+    let op = || c.keys().once(&once::new_op());
     let mut missing_before: HashSet<(String, String)> = HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -123,16 +117,16 @@ async fn run(app: Arc<App>, c: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Not
         tokio::select! {
             note = rx.recv() => {
                 let Some(note) = note else { return };
-                pending.push_back(note);
+                pending.push_back((note, op()));
                 while let Ok(n) = rx.try_recv() {
-                    pending.push_back(n);
+                    pending.push_back((n, op()));
                 }
             }
             _ = tick.tick() => {
                 renew(&app, &c, &mut missing_before).await;
             }
         }
-        while let Some(note) = pending.pop_front() {
+        while let Some((note, once)) = pending.pop_front() {
             let note = match note {
                 Note::Flush(tx) => {
                     let _ = tx.send(());
@@ -140,9 +134,9 @@ async fn run(app: Arc<App>, c: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Not
                 }
                 n => n,
             };
-            if let Err(e) = apply(&app, &c, &note).await {
+            if let Err(e) = apply(&app, &c, &note, &once).await {
                 tracing::debug!(error = %e, "cluster: client note kept for a retry");
-                pending.push_front(note);
+                pending.push_front((note, once));
                 while pending.len() > MAX_PENDING {
                     pending.pop_front();
                 }
@@ -187,14 +181,14 @@ async fn join(
     Ok((added, count))
 }
 
-async fn apply(app: &App, c: &Cluster, note: &Note) -> Result<(), ClusterError> {
+/// `once`: the reply key of the note's script (`crate::cluster::once`).
+async fn apply(app: &App, c: &Cluster, note: &Note, once: &str) -> Result<(), ClusterError> {
     match note {
         Note::Flush(_) => {}
         Note::Join {
             stream,
             spec,
             client,
-            once,
         } => {
             let (added, count) = join(c, stream, client, once).await?;
             if added {
@@ -217,7 +211,6 @@ async fn apply(app: &App, c: &Cluster, note: &Note) -> Result<(), ClusterError> 
             spec,
             client,
             reason,
-            once,
         } => {
             let v = invoke(
                 c,
@@ -306,9 +299,9 @@ async fn renew(app: &App, c: &Cluster, missing_before: &mut HashSet<(String, Str
                     stream: s.clone(),
                     spec: stream.spec(),
                     client: cl.clone(),
-                    once: c.keys().once(&once::new_op()),
                 };
-                if apply(app, c, &note).await.is_ok() {
+                let op = c.keys().once(&once::new_op());
+                if apply(app, c, &note, &op).await.is_ok() {
                     missing_now.remove(&key);
                 }
             }
