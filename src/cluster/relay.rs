@@ -189,7 +189,9 @@ async fn sleep_or_closed(ch: &Channel, d: Duration) {
 
 /// `ownership::take`, when the session has the margin to open a provider.
 async fn take(c: &Cluster, ch: &Channel) -> Option<Take> {
-    if c.session_left() < FENCE_MARGIN {
+    // A channel whose last viewer left while this node waited its turn
+    // takes nothing: the record would only be written and released again.
+    if ch.is_closed() || c.session_left() < FENCE_MARGIN {
         return None;
     }
     ownership::take(c, &ch.stream.id, "live")

@@ -33,7 +33,7 @@ local beat = tonumber(redis.call('HGET', KEYS[4], 'beat'))
 if not beat or now - beat > tonumber(ARGV[8]) then
   redis.call('HSET', KEYS[4], 'since', now)
 end
-redis.call('HSET', KEYS[4], 'beat', now, 'ttl', ARGV[2])
+redis.call('HSET', KEYS[4], 'beat', now, 'ttl', ARGV[2], 'stall', ARGV[8])
 local cur = redis.call('GET', KEYS[1])
 if ARGV[7] ~= '1' and cur ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -55,8 +55,12 @@ return 1
 /// followed by the same viewers joining again).
 pub const SETTLED_LUA: &str = r#"
 local function settled(prefix, now)
-  local u = redis.call('HMGET', prefix .. 'up', 'since', 'ttl')
+  local u = redis.call('HMGET', prefix .. 'up', 'since', 'ttl', 'beat', 'stall')
   local since, ttl = tonumber(u[1]), tonumber(u[2])
+  local beat, stall = tonumber(u[3]), tonumber(u[4])
+  -- No renewal lately: a stall is under way, or Redis just woke up and runs
+  -- the scripts queued meanwhile before any node renewed.
+  if beat and stall and now - beat > stall then return false end
   if not since then return true end
   return now - since >= (ttl or 0)
 end

@@ -875,7 +875,20 @@ mod scripts {
             texts(&db.run_once(&lua::SWEEP_NODE_SCRIPT, &["n3"]).await).is_empty(),
             "swept right after a stall"
         );
-        let _: () = db.cmd(&["HSET", &up, "since", "0"]).await;
+        // Redis just woke from a hang and runs a sweep queued meanwhile
+        // before any node renewed: the last beat is older than the stall
+        // bound, so nobody is judged dead either.
+        let old_beat = now_ms.saturating_sub(10_000).to_string();
+        let _: () = db
+            .cmd(&[
+                "HSET", &up, "since", "0", "beat", &old_beat, "stall", "2000",
+            ])
+            .await;
+        assert!(
+            texts(&db.run_once(&lua::SWEEP_NODE_SCRIPT, &["n3"]).await).is_empty(),
+            "swept by a script Redis ran on waking, before any renewal"
+        );
+        let _: () = db.cmd(&["HSET", &up, "beat", &now_ms.to_string()]).await;
         let swept = match db.run_once(&lua::SWEEP_NODE_SCRIPT, &["n3"]).await {
             Value::Array(a) => a,
             _ => Vec::new(),

@@ -435,8 +435,12 @@ pub async fn sweep_dead_nodes(
     let nodes: Vec<String> = c
         .run(async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut conn).await })
         .await?;
-    ops.retain(|n, _| nodes.contains(n));
-    for n in nodes.iter().filter(|n| n.as_str() != c.node_id()) {
+    // A node whose sweep reply did not come is tried again with the same
+    // op even when it left `cnodes`: that sweep may have run, and its reply
+    // is the only record of the clients it removed.
+    let mut todo: Vec<String> = ops.keys().cloned().collect();
+    todo.extend(nodes.into_iter().filter(|n| !ops.contains_key(n)));
+    for n in todo.iter().filter(|n| n.as_str() != c.node_id()) {
         let op = ops
             .entry(n.clone())
             .or_insert_with(|| c.keys().once(&once::new_op()))
