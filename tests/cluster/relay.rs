@@ -874,13 +874,17 @@ async fn file_detection_is_shared_between_nodes() {
     assert_eq!(body.len(), size);
     // The hub's first response showed a file; then the per-client request.
     assert_eq!(p.hits("/files/sample.ts"), 2);
-    let detected = redis
-        .command(&[
-            "HGET",
-            &m3u_edge::cluster::Keys::new("m3u-edge").stream("f1"),
-            "detected",
-        ])
-        .await;
+    // n1 writes what it found once its probe connection closed, just
+    // after the body ended here.
+    let key = m3u_edge::cluster::Keys::new("m3u-edge").stream("f1");
+    let mut detected = String::new();
+    for _ in 0..50 {
+        detected = redis.command(&["HGET", &key, "detected"]).await;
+        if detected.contains("file") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         detected.contains("file"),
         "stream:f1 detected = {detected:?}"
