@@ -75,11 +75,21 @@ pub struct Edge {
     bin: PathBuf,
 }
 
-/// A free loopback port: bind port 0, read it, drop the listener. (Racy in theory,
-/// fine on a test box: the kernel does not hand the same ephemeral port out at once.)
+/// A free loopback port: bind port 0, read it, drop the listener. The kernel may
+/// hand a port it just freed out again (two calls in a row gave a cluster node's
+/// internal listener and its public one the same port), so a port is given out
+/// at most once per test process.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local_addr").port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Replaces the placeholders documented in the module doc.
