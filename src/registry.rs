@@ -485,6 +485,23 @@ impl Stream {
         f.current = url::Url::parse(url).ok();
     }
 
+    /// Takes over the failover position another node recorded (the
+    /// channel's previous owner, or a failover forced through its API).
+    pub fn adopt_source(
+        &self,
+        index: i64,
+        url: &str,
+        attempts: u64,
+        last_time: Option<DateTime<Utc>>,
+    ) {
+        let mut f = self.failover.lock();
+        f.index = index;
+        f.current_url = url.to_string();
+        f.current = url::Url::parse(url).ok();
+        f.attempts = f.attempts.max(attempts);
+        f.last_time = f.last_time.max(last_time);
+    }
+
     /// The source the stream is on, parsed.
     pub fn current_source(&self) -> Option<url::Url> {
         self.failover.lock().current.clone()

@@ -396,7 +396,7 @@ pub async fn failover(app: &App, id: &str) -> ApiReply {
     s.record_failover(index, &url, "forced");
     if let Some(c) = &app.cluster {
         // The channel's owner may run on another node.
-        crate::cluster::relay::failover_everywhere(c, id, index, &url).await;
+        crate::cluster::relay::failover_everywhere(c, id, &s.failover()).await;
     }
     let live = app.hub.force_failover(id);
     tracing::warn!(stream_id = %id, index, live, "failover forced through the API");

@@ -12,6 +12,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use super::registry::SharedSource;
 use super::{Cluster, ClusterError};
 use crate::hub::{Channel, Phase};
 use crate::registry::Stream;
@@ -179,32 +180,35 @@ pub async fn watch(c: &Cluster, ch: &Arc<Channel>, epoch: u64) -> Yield {
 #[derive(Default)]
 struct Shared {
     detected: Option<&'static str>,
-    current_url: Option<String>,
+    /// current_url and failover_attempts.
+    source: Option<(String, u64)>,
 }
 
 impl Shared {
     async fn write(&mut self, c: &Cluster, ch: &Arc<Channel>, epoch: u64) {
         let detected = detected_of(ch);
         let f = ch.stream.failover();
-        let url_changed = self.current_url.as_deref() != Some(f.current_url.as_str());
-        if detected == self.detected && !url_changed {
+        let source = (f.current_url.clone(), f.attempts);
+        let source_changed = self.source.as_ref() != Some(&source) && ch.phase() == Phase::Live;
+        if detected == self.detected && !source_changed {
             return;
         }
         let mut fields: Vec<(&str, String)> = Vec::new();
         if let Some(d) = detected {
             fields.push(("detected", d.to_string()));
         }
-        if url_changed && ch.phase() == Phase::Live {
-            fields.push(("current_url", f.current_url.clone()));
-            fields.push(("failover_index", f.index.to_string()));
+        if source_changed {
+            // Every node's API shows these (`GET /streams`: m3u-editor reads
+            // current_url and the failover fields wherever it asks).
+            fields.extend(source_fields(&f));
         }
         if fields.is_empty() {
             return;
         }
         if write_fields(c, &ch.stream.id, epoch, &fields).await.is_ok() {
             self.detected = detected;
-            if url_changed && ch.phase() == Phase::Live {
-                self.current_url = Some(f.current_url);
+            if source_changed {
+                self.source = Some(source);
             }
         }
     }
@@ -280,35 +284,57 @@ pub async fn write_detected(c: &Cluster, ch: &Channel, epoch: u64) {
 /// (no failover event for it) and detection. Best effort: without Redis
 /// it starts at the stream's own position.
 pub async fn adopt_shared(c: &Cluster, stream: &Stream) {
-    let Some((detected, url, index)) = read_shared(c, &stream.id).await else {
+    let Some((detected, source)) = read_shared(c, &stream.id).await else {
         return;
     };
     apply_detected(stream, detected.as_deref());
-    if let (Some(url), Some(index)) = (url, index) {
+    if let Some(src) = source {
         let spec = stream.spec();
         let known = crate::upstream::sources::static_sources(&spec)
             .iter()
-            .any(|u| u.as_str() == url);
-        if known && stream.failover().current_url != url {
-            stream.set_current(index, &url);
+            .any(|u| u.as_str() == src.url);
+        if known && stream.failover().current_url != src.url {
+            stream.adopt_source(src.index, &src.url, src.attempts, src.last_failover);
         }
     }
 }
 
-/// `stream:{s}` detected, current_url, failover_index.
+/// `stream:{s}` detected, and the source the last owner (or a forced
+/// failover) recorded.
 pub async fn read_shared(
     c: &Cluster,
     stream: &str,
-) -> Option<(Option<String>, Option<String>, Option<i64>)> {
+) -> Option<(Option<String>, Option<SharedSource>)> {
     let mut conn = c.redis().await.ok()?;
     let mut cmd = redis::cmd("HMGET");
-    cmd.arg(c.keys().stream(stream))
-        .arg("detected")
-        .arg("current_url")
-        .arg("failover_index");
-    let (d, u, i): (Option<String>, Option<String>, Option<String>) =
-        c.run(cmd.query_async(&mut conn)).await.ok()?;
-    Some((d, u, i.and_then(|i| i.parse().ok())))
+    cmd.arg(c.keys().stream(stream)).arg("detected");
+    for f in SOURCE_FIELDS {
+        cmd.arg(f);
+    }
+    let mut v: Vec<Option<String>> = c.run(cmd.query_async(&mut conn)).await.ok()?;
+    v.resize(5, None);
+    let text = |i: usize| v[i].clone().unwrap_or_default();
+    let source = SharedSource::parse(&text(1), &text(2), &text(3), &text(4));
+    Some((v[0].clone(), source))
+}
+
+/// The `stream:{s}` fields of a channel's source, in [`SharedSource::parse`]'s order.
+pub const SOURCE_FIELDS: [&str; 4] = [
+    "current_url",
+    "failover_index",
+    "failover_attempts",
+    "last_failover",
+];
+
+/// `stream:{s}` fields recording failover state `f`, in [`SOURCE_FIELDS`] order.
+pub fn source_fields(f: &crate::registry::FailoverState) -> [(&'static str, String); 4] {
+    let last = f.last_time.map_or(0, |t| t.timestamp_millis());
+    [
+        (SOURCE_FIELDS[0], f.current_url.clone()),
+        (SOURCE_FIELDS[1], f.index.to_string()),
+        (SOURCE_FIELDS[2], f.attempts.to_string()),
+        (SOURCE_FIELDS[3], last.to_string()),
+    ]
 }
 
 /// Whether the owner at `epoch` recorded that the channel ended there

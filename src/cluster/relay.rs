@@ -31,6 +31,7 @@ use crate::app::App;
 use crate::hub::reader::{PeerBody, PeerEnd, Reader};
 use crate::hub::{Channel, Phase};
 use crate::provider::Full;
+use crate::registry::FailoverState;
 
 /// Take-over order after an owner is lost: each rank waits this much longer
 /// (CLUSTER.md), so the next node in ring order usually takes it alone.
@@ -69,7 +70,7 @@ pub async fn run(app: Arc<App>, ch: Arc<Channel>) {
         c.spawn(listen(app.clone(), c.clone()));
     });
     // Another node may already know this is a file or HLS: route alike.
-    if let Some((detected, _, _)) = owner::read_shared(&c, &id).await {
+    if let Some((detected, _)) = owner::read_shared(&c, &id).await {
         owner::apply_detected(&ch.stream, detected.as_deref());
         match detected.as_deref() {
             Some("hls") => return ch.set_phase(Phase::Hls),
@@ -539,11 +540,8 @@ async fn listen(app: Arc<App>, c: Arc<Cluster>) {
 
 /// `POST /streams/{id}/failover` on a cluster node: records the new source
 /// in `stream:{s}` and tells the owner (wherever it runs) to switch to it.
-pub async fn failover_everywhere(c: &Cluster, stream: &str, index: i64, url: &str) {
-    let fields = [
-        ("current_url", url.to_string()),
-        ("failover_index", index.to_string()),
-    ];
+pub async fn failover_everywhere(c: &Cluster, stream: &str, f: &FailoverState) {
+    let fields = owner::source_fields(f);
     if let Err(e) = owner::write_shared(c, stream, &fields).await {
         tracing::warn!(stream_id = %stream, error = %e, "cluster: could not share the forced failover");
     }

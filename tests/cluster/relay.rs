@@ -573,6 +573,67 @@ async fn failover_asked_on_a_relaying_node_switches_the_owner() {
     keeps_watching(&mut a, "viewer on n1", T).await;
     keeps_watching(&mut b, "viewer on n2", T).await;
     assert_eq!(p.open_streams("/live/"), 1);
+    // Every node's API shows where the owner (n1) has the channel now:
+    // m3u-editor reads current_url and the failover fields on any node.
+    nodes_show_the_source(&mut c, "fo", &p.url("live/fb.ts?kbps=800")).await;
+}
+
+/// The owner's primary drops; it fails over on its own. A node that only
+/// relays the channel shows the backup too, with the owner's failover count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owners_failover_shows_on_every_node() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Arc::new(Provider::start().await);
+    let yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n\
+         live:\n  stall_timeout: \"1s\"\n  retry_backoff: \"1s\"\n\
+         streams:\n  - id: fo\n    url: \"{}\"\n    live: true\n    failover_urls:\n      - \"{}\"\n",
+        p.url("live/fa.ts?kbps=4000&drop_after=600000"),
+        p.url("live/fb.ts?kbps=4000"),
+    );
+    let mut c = ClusterNodes::start(&redis, 2, &yaml).await;
+    let mut a = joined(c.node(0), "fo", "a").await;
+    let mut b = joined(c.node(1), "fo", "b").await;
+    assert!(
+        p.wait_until(T, |p| p.open_streams("/live/fb") == 1).await,
+        "the owner did not fail over"
+    );
+    keeps_watching(&mut a, "viewer on n1", T).await;
+    keeps_watching(&mut b, "viewer on n2", T).await;
+    nodes_show_the_source(&mut c, "fo", &p.url("live/fb.ts?kbps=4000")).await;
+}
+
+/// Waits until `GET /streams/{id}` on every node shows `url` as the current
+/// source at failover index 0, with the same attempts and a failover time.
+async fn nodes_show_the_source(c: &mut ClusterNodes, id: &str, url: &str) {
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        seen.clear();
+        for i in 0..c.len() {
+            let path = format!("/streams/{id}");
+            let (_, v) = client::api(c.node(i), http::Method::GET, &path, None, None).await;
+            let s = &v["stream"];
+            seen.push((
+                s["current_url"].clone(),
+                s["current_failover_index"].clone(),
+                s["failover_attempts"].clone(),
+                s["last_failover_time"].is_string(),
+            ));
+        }
+        let same = seen.iter().all(|x| *x == seen[0]);
+        if same && seen[0].0 == url && seen[0].1 == 0 && seen[0].2.as_u64() >= Some(1) && seen[0].3
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nodes disagree on the source of {id}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Relaying nodes send no `stream_started` and no `failover_triggered`: only the

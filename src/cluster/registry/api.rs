@@ -173,8 +173,30 @@ fn materialize(app: &App, shared: Vec<Shared>) -> Vec<(Arc<Stream>, Shared)> {
     out
 }
 
-fn stream_json(app: &App, s: &Stream, sh: &Shared) -> Value {
+fn stream_json(app: &App, c: &Cluster, s: &Stream, sh: &Shared) -> Value {
     let mut v = j::stream(app, s);
+    // The channel's source is where its owner has it: this node's copy of a
+    // stream it only relays (or does not play) keeps its first source.
+    let spec = s.spec();
+    let of_this_spec = |url: &str| {
+        spec.failover_resolver_url.is_some()
+            || url == spec.url
+            || spec.failover_urls.iter().any(|u| u == url)
+            || crate::upstream::sources::static_sources(&spec)
+                .iter()
+                .any(|u| u.as_str() == url)
+    };
+    let shared = sh
+        .source
+        .as_ref()
+        .filter(|src| c.table().owned(&s.id).is_none() && of_this_spec(&src.url));
+    if let Some(src) = shared {
+        v["current_url"] = json!(src.url);
+        v["current_failover_index"] = json!(src.index);
+        v["current_source_index"] = json!(src.index);
+        v["failover_attempts"] = json!(src.attempts);
+        v["last_failover_time"] = json!(src.last_failover.map(j::iso));
+    }
     v["client_count"] = json!(sh.clients);
     v["last_access"] = json!(j::iso(sh.last_access.max(s.last_access())));
     v["created_at"] = json!(j::iso(sh.created));
@@ -200,7 +222,7 @@ async fn list(app: &App, c: &Cluster, req: &ApiRequest) -> ApiReply {
     let streams: Vec<Value> = page
         .slice(&all)
         .iter()
-        .map(|(s, sh)| stream_json(app, s, sh))
+        .map(|(s, sh)| stream_json(app, c, s, sh))
         .collect();
     let mut out = json!({ "streams": streams, "total": all.len() });
     page.echo(&mut out);
@@ -221,7 +243,7 @@ async fn get(app: &App, c: &Cluster, id: &str) -> ApiReply {
         Err(e) => return e,
     };
     ApiReply::ok(json!({
-        "stream": stream_json(app, &s, &sh),
+        "stream": stream_json(app, c, &s, &sh),
         "client_count": clients.len(),
         "clients": clients,
     }))
@@ -576,7 +598,7 @@ async fn stats(app: &App, c: &Cluster, req: &ApiRequest) -> ApiReply {
     reply.body["streams"] = json!(page
         .slice(&all)
         .iter()
-        .map(|(s, sh)| stream_json(app, s, sh))
+        .map(|(s, sh)| stream_json(app, c, s, sh))
         .collect::<Vec<_>>());
     reply.body["clients"] = json!(page.slice(&clients));
     reply

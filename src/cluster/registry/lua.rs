@@ -9,7 +9,9 @@
 //!
 //! Layout:
 //! - `stream:{s}` HASH `spec` (StreamSpec JSON), `created`, `last_access` (ms),
-//!   `bytes`, `segments` (every node's, added once a second)
+//!   `bytes`, `segments` (every node's, added once a second); the owner's
+//!   `detected`, `current_url`, `failover_index`, `failover_attempts`,
+//!   `last_failover` (ms) (`crate::cluster::owner`)
 //! - `streams` ZSET s → created ms; `meta:{f}:{v}` SET of s
 //! - `clients:{s}` ZSET c → the latest hold (+inf while a socket is open)
 //! - `client:{s}:{c}` HASH `s`, `c`, `info` (JSON ip/ua/username), `created`, `last`,
@@ -115,6 +117,8 @@ if old then
   if live_clients(id, now) > 0 then return {'kept', old, created} end
   index(id, old, 'SREM')
   redis.call('HSET', sk, 'spec', spec)
+  -- What an owner found and where it failed over to belong to the old spec.
+  redis.call('HDEL', sk, 'detected', 'current_url', 'failover_index', 'failover_attempts', 'last_failover', 'ended_epoch')
   index(id, spec, 'SADD')
   return {'replaced', spec, created}
 end
@@ -137,7 +141,8 @@ elseif ARGV[2] == 'meta' then ids = redis.call('SMEMBERS', P .. 'meta:' .. ARGV[
 else ids = {} for i = 3, #ARGV do table.insert(ids, ARGV[i]) end end
 local out = {}
 for _, id in ipairs(ids) do
-  local h = redis.call('HMGET', P .. 'stream:' .. id, 'spec', 'created', 'last_access', 'bytes', 'segments')
+  local h = redis.call('HMGET', P .. 'stream:' .. id, 'spec', 'created', 'last_access', 'bytes', 'segments',
+    'current_url', 'failover_index', 'failover_attempts', 'last_failover')
   if h[1] or ARGV[2] == 'ids' then
     table.insert(out, id)
     table.insert(out, h[1] or '')
@@ -146,6 +151,7 @@ for _, id in ipairs(ids) do
     table.insert(out, tostring(live_clients(id, now)))
     table.insert(out, h[4] or '0')
     table.insert(out, h[5] or '0')
+    for i = 6, 9 do table.insert(out, h[i] or '') end
   end
 end
 return out

@@ -46,6 +46,34 @@ pub struct Shared {
     /// Served by every node (flushed once a second).
     pub bytes: u64,
     pub segments: u64,
+    /// Where the channel's owner has it (its failover position), when an
+    /// owner recorded one: every node answers with the owner's source.
+    pub source: Option<SharedSource>,
+}
+
+/// A channel's source as its owner recorded it in `stream:{s}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedSource {
+    pub url: String,
+    pub index: i64,
+    pub attempts: u64,
+    pub last_failover: Option<DateTime<Utc>>,
+}
+
+impl SharedSource {
+    /// From the four `stream:{s}` fields (empty when unset; see
+    /// `crate::cluster::owner::SOURCE_FIELDS`).
+    pub fn parse(url: &str, index: &str, attempts: &str, last: &str) -> Option<SharedSource> {
+        if url.is_empty() {
+            return None;
+        }
+        Some(SharedSource {
+            url: url.to_owned(),
+            index: index.parse().ok()?,
+            attempts: attempts.parse().unwrap_or(0),
+            last_failover: last.parse().ok().filter(|ms| *ms > 0).map(ms_time),
+        })
+    }
 }
 
 /// Milliseconds since the epoch (Redis `TIME`) as a time.
@@ -119,10 +147,16 @@ pub async fn streams(c: &Cluster, args: &[&str]) -> Result<Vec<Shared>, ClusterE
     let v = invoke(c, &lua::STREAMS_SCRIPT, args).await?;
     let flat = items(v);
     Ok(flat
-        .chunks_exact(7)
+        .chunks_exact(11)
         .map(|r| {
             let id = text(&r[0]);
             Shared {
+                source: SharedSource::parse(
+                    &text(&r[7]),
+                    &text(&r[8]),
+                    &text(&r[9]),
+                    &text(&r[10]),
+                ),
                 spec: parse_spec(&id, &text(&r[1])),
                 created: ms_time(text(&r[2]).parse().unwrap_or(0)),
                 last_access: ms_time(text(&r[3]).parse().unwrap_or(0)),
