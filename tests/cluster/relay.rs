@@ -616,6 +616,11 @@ async fn nodes_show_the_source(c: &mut ClusterNodes, id: &str, url: &str) {
             let path = format!("/streams/{id}");
             let (_, v) = client::api(c.node(i), http::Method::GET, &path, None, None).await;
             let s = &v["stream"];
+            let created = s["created_at"].as_str().unwrap_or("");
+            assert!(
+                created.starts_with("20"),
+                "node {i}: created_at {created:?} of a YAML stream"
+            );
             seen.push((
                 s["current_url"].clone(),
                 s["current_failover_index"].clone(),

@@ -231,10 +231,14 @@ async fn list(app: &App, c: &Cluster, req: &ApiRequest) -> ApiReply {
 
 /// `GET /streams/{id}`: the stream and its clients on every node.
 async fn get(app: &App, c: &Cluster, id: &str) -> ApiReply {
-    let shared = match or_503(super::one(c, id).await) {
+    let mut shared = match or_503(super::one(c, id).await) {
         Ok(s) => s,
         Err(e) => return e,
     };
+    if let Some(s) = app.registry.get(id).filter(|s| s.origin.read_only()) {
+        // YAML and playlist streams have no `created` in Redis.
+        shared.created = s.created_at;
+    }
     let Some((s, sh)) = materialize(app, vec![shared]).pop() else {
         return ApiReply::detail(404, "Stream not found");
     };
