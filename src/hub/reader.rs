@@ -467,10 +467,23 @@ async fn standby_task(
     app: Arc<App>,
     spec: Arc<StreamSpec>,
     url: Url,
-    lease: Lease,
+    lease: Option<Lease>,
     mut ask: mpsc::Receiver<oneshot::Sender<Upstream>>,
 ) -> String {
     let provider = provider_of(&app, &spec, &url);
+    let lease = match lease {
+        Some(l) => l,
+        // A limited provider in cluster mode: its lease is counted in
+        // Redis, a round trip the reader does not wait for.
+        None => match app
+            .leases
+            .acquire(provider.as_deref(), Duration::ZERO)
+            .await
+        {
+            Ok(l) => l,
+            Err(_) => return "provider at its connection limit".into(),
+        },
+    };
     let (resp, lease) = match open(&app, &spec, &url, lease, provider, |u| {
         provider_of(&app, &spec, u)
     })
@@ -1119,11 +1132,16 @@ impl Reader {
             }
         }
         let (spos, url) = picker.peek_next(pos)?;
-        let lease = self
+        let lease = match self
             .app
             .leases
             .try_acquire(self.provider_of(&url).as_deref())
-            .ok()?;
+        {
+            Ok(l) => Some(l),
+            // Cluster mode, limited provider: the task takes the lease.
+            Err(full) if self.app.cluster.is_some() && full.reason.is_some() => None,
+            Err(_) => return None,
+        };
         let (ask_tx, ask_rx) = mpsc::channel(1);
         let task = tokio::spawn(standby_task(
             self.app.clone(),
@@ -1160,38 +1178,48 @@ impl Reader {
             return Return::Switch;
         }
         let provider = self.provider_of(&primary);
-        match self.app.leases.try_acquire(provider.as_deref()) {
-            Ok(lease) => {
-                let (app, spec) = (self.app.clone(), self.spec.clone());
-                Return::Probe(tokio::spawn(async move {
-                    let opened = open(&app, &spec, &primary, lease, provider, |u| {
-                        provider_of(&app, &spec, u)
-                    })
-                    .await
-                    .map_err(|e| match e {
-                        OpenError::Failed(reason) => reason,
-                        OpenError::Full(..) => "provider at its connection limit".to_string(),
-                    })?;
-                    Ok(Prepared {
-                        pos: 0,
-                        url: primary,
-                        up: Upstream {
-                            body: Box::pin(opened.resp.bytes_stream()),
-                            lease: opened.lease,
-                            backlog: None,
-                        },
-                    })
-                }))
-            }
+        let lease = match self.app.leases.try_acquire(provider.as_deref()) {
+            Ok(lease) => Some(lease),
             Err(_)
                 if picker
                     .url(pos)
                     .is_some_and(|u| self.provider_of(u) == provider) =>
             {
-                Return::Switch
+                return Return::Switch
             }
-            Err(_) => Return::Later,
-        }
+            // Cluster mode, limited provider: the probe takes the lease.
+            Err(full) if self.app.cluster.is_some() && full.reason.is_some() => None,
+            Err(_) => return Return::Later,
+        };
+        let (app, spec) = (self.app.clone(), self.spec.clone());
+        Return::Probe(tokio::spawn(async move {
+            const FULL: &str = "provider at its connection limit";
+            let lease = match lease {
+                Some(l) => l,
+                None => app
+                    .leases
+                    .acquire(provider.as_deref(), Duration::ZERO)
+                    .await
+                    .map_err(|_| FULL.to_string())?,
+            };
+            let opened = open(&app, &spec, &primary, lease, provider, |u| {
+                provider_of(&app, &spec, u)
+            })
+            .await
+            .map_err(|e| match e {
+                OpenError::Failed(reason) => reason,
+                OpenError::Full(..) => FULL.to_string(),
+            })?;
+            Ok(Prepared {
+                pos: 0,
+                url: primary,
+                up: Upstream {
+                    body: Box::pin(opened.resp.bytes_stream()),
+                    lease: opened.lease,
+                    backlog: None,
+                },
+            })
+        }))
     }
 
     async fn pump(

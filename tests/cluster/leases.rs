@@ -204,3 +204,91 @@ async fn redis_down_refuses_new_provider_connections_with_a_reason() {
         "the file did not play after Redis came back"
     );
 }
+
+/// A warm standby and the return to the primary open their connections under
+/// cluster leases too. The primary and the backup are on two one-connection
+/// accounts: the owner keeps a standby on the backup's account beside the
+/// primary, switches to it without a reconnect when the primary drops, and
+/// probes the primary on its own account after the cooldown to go back, while
+/// neither account ever sees a second connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_standby_and_the_return_to_the_primary_hold_the_limit() {
+    standby_and_return(true).await;
+}
+
+/// Without a standby, the return to the primary probes it under a cluster
+/// lease of the primary's account (the backup's account is another one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_return_to_the_primary_takes_its_accounts_lease() {
+    standby_and_return(false).await;
+}
+
+async fn standby_and_return(standby: bool) {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let p = Provider::start().await;
+    p.set_max_connections(Some(2));
+    let backup = p
+        .url("live/backup.ts?kbps=4000")
+        .replace("127.0.0.1", "localhost");
+    let yaml = config(&format!(
+        "live:\n  stall_timeout: \"1s\"\n  give_up_after: \"20s\"\n  retry_backoff: \"1s\"\n  \
+         standby: {standby}\n  primary_cooldown: \"2s\"\n\
+         providers:\n  - name: main\n    hosts: [\"127.0.0.1\"]\n    max_connections: 1\n\
+         \x20 - name: spare\n    hosts: [\"localhost\"]\n    max_connections: 1\n\
+         streams:\n  - id: sb\n    url: \"{}\"\n    live: true\n    failover_urls:\n      - \"{backup}\"\n",
+        p.url("live/main.ts?kbps=4000&drop_after=2500000"),
+    ));
+    let mut c = ClusterNodes::start(&redis, 2, &yaml).await;
+    let mut a = watch(c.node(0), "sb", "a").await;
+    let mut b = watch(c.node(1), "sb", "b").await;
+    if standby {
+        assert!(
+            p.wait_until(T, |p| p.open_streams("/live/backup.ts") == 1
+                && p.open_streams("/live/main.ts") == 1)
+                .await,
+            "no standby beside the primary"
+        );
+    }
+    // Past the primary's drop, onto the standby, and back after the cooldown.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let one_each = |p: &Provider| {
+        let (m, s) = (
+            p.open_streams("/live/main.ts"),
+            p.open_streams("/live/backup.ts"),
+        );
+        assert!(m <= 1 && s <= 1, "{m} connections on main, {s} on spare");
+    };
+    let (mut back, mut on_backup) = (false, None);
+    while !back {
+        a.read_n(188 * 500, T).await;
+        one_each(&p);
+        b.read_n(188 * 500, T).await;
+        one_each(&p);
+        let (_, v) = crate::common::api(c.node(0), http::Method::GET, "/streams/sb", None).await;
+        if v["stream"]["current_failover_index"] == 0 && on_backup.is_none() {
+            on_backup = Some(p.hits("/live/backup.ts"));
+        }
+        back = on_backup.is_some() && v["stream"]["current_failover_index"] == -1;
+        assert!(
+            Instant::now() < deadline,
+            "never went back to the primary: {v}"
+        );
+    }
+    assert_eq!(
+        on_backup,
+        Some(1),
+        "the standby was reopened, not handed over"
+    );
+    assert!(
+        p.hits("/live/main.ts") >= 2,
+        "the primary was not opened again"
+    );
+    for _ in 0..4 {
+        a.read_n(188 * 500, T).await;
+        b.read_n(188 * 500, T).await;
+        one_each(&p);
+    }
+    assert_eq!(p.refused(), 0, "the provider had to refuse a connection");
+}
