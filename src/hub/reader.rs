@@ -56,6 +56,10 @@ const IDLE_ROUND: Duration = Duration::from_millis(500);
 const STANDBY_CAP: usize = 8 * 1024 * 1024;
 /// How long a handover may take before the standby counts as gone.
 const HANDOVER_WAIT: Duration = Duration::from_secs(1);
+/// A source's standby opens this long after the source connected: the
+/// connection a switch just closed has gone at the provider by then (an
+/// account that counts connections sees the close a moment late).
+const STANDBY_SETTLE: Duration = Duration::from_secs(1);
 
 type Body = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
 
@@ -91,10 +95,38 @@ enum Outcome {
     Finished,
 }
 
+/// Why a standby or a return probe has no connection.
+enum Unready {
+    /// The source failed: counted against it.
+    Failed(String),
+    /// No lease (its provider at its limit, or in cluster mode Redis
+    /// unavailable): nothing wrong with the source, tried again later.
+    NoLease,
+}
+
+impl From<OpenError> for Unready {
+    fn from(e: OpenError) -> Unready {
+        match e {
+            OpenError::Failed(reason) => Unready::Failed(reason),
+            OpenError::Full(..) => Unready::NoLease,
+        }
+    }
+}
+
+/// The return-to-primary probe. Aborted with the pump: a channel that was
+/// fenced, closed or switched must not open the primary after all.
+struct Probe(JoinHandle<Result<Prepared, Unready>>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How to go back to the primary.
 enum Return {
     /// A probe connection is being opened beside the current one.
-    Probe(JoinHandle<Result<Prepared, String>>),
+    Probe(Probe),
     /// No spare lease on a shared provider: drop the current source and connect.
     Switch,
     /// Not now (primary backing off, or its provider full).
@@ -438,7 +470,7 @@ struct Standby {
     pos: usize,
     url: Url,
     ask: mpsc::Sender<oneshot::Sender<Upstream>>,
-    task: JoinHandle<String>,
+    task: JoinHandle<Unready>,
 }
 
 impl Drop for Standby {
@@ -469,7 +501,7 @@ async fn standby_task(
     url: Url,
     lease: Option<Lease>,
     mut ask: mpsc::Receiver<oneshot::Sender<Upstream>>,
-) -> String {
+) -> Unready {
     let provider = provider_of(&app, &spec, &url);
     let lease = match lease {
         Some(l) => l,
@@ -481,7 +513,7 @@ async fn standby_task(
             .await
         {
             Ok(l) => l,
-            Err(_) => return "provider at its connection limit".into(),
+            Err(_) => return Unready::NoLease,
         },
     };
     let (resp, lease) = match open(&app, &spec, &url, lease, provider, |u| {
@@ -489,10 +521,11 @@ async fn standby_task(
     })
     .await
     {
-        Ok(o) if o.resp.content_length().is_some() => return "not a live stream".into(),
+        Ok(o) if o.resp.content_length().is_some() => {
+            return Unready::Failed("not a live stream".into())
+        }
         Ok(o) => (o.resp, o.lease),
-        Err(OpenError::Failed(e)) => return e,
-        Err(OpenError::Full(..)) => return "provider at its connection limit".into(),
+        Err(e) => return e.into(),
     };
     let stall = app.config.live.stall_timeout;
     let mut body: Body = Box::pin(resp.bytes_stream());
@@ -508,12 +541,14 @@ async fn standby_task(
                 }
                 backlog.extend_from_slice(&kept);
                 let _ = reply.send(Upstream { body, lease, backlog: Some(backlog.freeze()) });
-                return "handed over".into();
+                return Unready::Failed("handed over".into());
             }
             r = tokio::time::timeout(stall, body.next()) => match r {
-                Err(_) => return format!("no bytes for {stall:?}"),
-                Ok(None) => return "provider closed the stream".into(),
-                Ok(Some(Err(e))) => return format!("read error: {}", e.without_url()),
+                Err(_) => return Unready::Failed(format!("no bytes for {stall:?}")),
+                Ok(None) => return Unready::Failed("provider closed the stream".into()),
+                Ok(Some(Err(e))) => {
+                    return Unready::Failed(format!("read error: {}", e.without_url()))
+                }
                 Ok(Some(Ok(b))) => {
                     let aligned = aligner.push_bytes(b);
                     let scan = scanner.scan(&aligned);
@@ -530,14 +565,6 @@ async fn standby_task(
                 }
             }
         }
-    }
-}
-
-/// Polls an optional task; pending forever when there is none.
-async fn wait_task<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
-    match task {
-        Some(t) => t.await,
-        None => std::future::pending().await,
     }
 }
 
@@ -1192,24 +1219,19 @@ impl Reader {
             Err(_) => return Return::Later,
         };
         let (app, spec) = (self.app.clone(), self.spec.clone());
-        Return::Probe(tokio::spawn(async move {
-            const FULL: &str = "provider at its connection limit";
+        Return::Probe(Probe(tokio::spawn(async move {
             let lease = match lease {
                 Some(l) => l,
                 None => app
                     .leases
                     .acquire(provider.as_deref(), Duration::ZERO)
                     .await
-                    .map_err(|_| FULL.to_string())?,
+                    .map_err(|_| Unready::NoLease)?,
             };
             let opened = open(&app, &spec, &primary, lease, provider, |u| {
                 provider_of(&app, &spec, u)
             })
-            .await
-            .map_err(|e| match e {
-                OpenError::Failed(reason) => reason,
-                OpenError::Full(..) => FULL.to_string(),
-            })?;
+            .await?;
             Ok(Prepared {
                 pos: 0,
                 url: primary,
@@ -1219,7 +1241,7 @@ impl Reader {
                     backlog: None,
                 },
             })
-        }))
+        })))
     }
 
     async fn pump(
@@ -1238,8 +1260,8 @@ impl Reader {
         let mut progress_at = tokio::time::Instant::now();
         let mut last_byte_at = progress_at;
         let mut standby: Option<Standby> = None;
-        let mut standby_retry = tokio::time::Instant::now();
-        let mut probe: Option<JoinHandle<Result<Prepared, String>>> = None;
+        let mut standby_retry = tokio::time::Instant::now() + STANDBY_SETTLE;
+        let mut probe: Option<Probe> = None;
         let mut return_at = self
             .left_primary
             .filter(|_| pos != 0)
@@ -1270,10 +1292,18 @@ impl Reader {
                     }
                 } => {
                     if let Some(sb) = standby.take() {
-                        let why = why.unwrap_or_else(|e| e.to_string());
-                        tracing::warn!(stream_id = %self.ch.stream.id, source = picker.index_of(sb.pos), reason = %why, "standby source failed");
-                        picker.fail(sb.pos, &format!("standby: {why}"));
-                        *self.ch.stream.health.lock() = picker.health.clone();
+                        let failed = match why {
+                            Ok(Unready::NoLease) => None,
+                            Ok(Unready::Failed(w)) => Some(w),
+                            Err(e) => Some(e.to_string()),
+                        };
+                        if let Some(why) = failed {
+                            tracing::warn!(stream_id = %self.ch.stream.id, source = picker.index_of(sb.pos), reason = %why, "standby source failed");
+                            picker.fail(sb.pos, &format!("standby: {why}"));
+                            *self.ch.stream.health.lock() = picker.health.clone();
+                        } else {
+                            tracing::debug!(stream_id = %self.ch.stream.id, source = picker.index_of(sb.pos), "standby: no lease free on its provider");
+                        }
                     }
                 }
                 _ = wait_until(return_at) => {
@@ -1297,18 +1327,23 @@ impl Reader {
                         return_at = Some(tokio::time::Instant::now() + live.primary_cooldown);
                     }
                 }
-                r = wait_task(&mut probe) => {
+                r = async {
+                    match probe.as_mut() {
+                        Some(p) => (&mut p.0).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     probe = None;
                     match r {
                         Ok(Ok(prep)) => {
                             self.flush(&mut pending);
                             return Outcome::Handover(prep);
                         }
-                        Ok(Err(why)) => {
+                        Ok(Err(Unready::Failed(why))) => {
                             picker.fail(0, &why);
                             *self.ch.stream.health.lock() = picker.health.clone();
                         }
-                        Err(_) => {}
+                        Ok(Err(Unready::NoLease)) | Err(_) => {}
                     }
                     return_at = Some(tokio::time::Instant::now() + live.primary_cooldown);
                 }

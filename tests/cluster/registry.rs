@@ -888,7 +888,9 @@ mod scripts {
             texts(&db.run_once(&lua::SWEEP_NODE_SCRIPT, &["n3"]).await).is_empty(),
             "swept by a script Redis ran on waking, before any renewal"
         );
-        let _: () = db.cmd(&["HSET", &up, "beat", &now_ms.to_string()]).await;
+        let _: () = db
+            .cmd(&["HSET", &up, "beat", &now_ms.to_string(), "stall", "60000"])
+            .await;
         let swept = match db.run_once(&lua::SWEEP_NODE_SCRIPT, &["n3"]).await {
             Value::Array(a) => a,
             _ => Vec::new(),
