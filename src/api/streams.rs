@@ -365,6 +365,15 @@ pub async fn failover(app: &App, id: &str) -> ApiReply {
     let Some(s) = app.registry.get(id) else {
         return not_found();
     };
+    if let Some(c) = app
+        .cluster
+        .as_ref()
+        .filter(|c| c.table().owned(id).is_none())
+    {
+        // The next source counts from where the channel's owner has it,
+        // not from this node's copy.
+        crate::cluster::owner::adopt_shared(c, &s).await;
+    }
     let spec = s.spec();
     let f = s.failover();
     let next = if let Some(resolver) = &spec.failover_resolver_url {

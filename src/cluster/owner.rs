@@ -293,7 +293,9 @@ pub async fn adopt_shared(c: &Cluster, stream: &Stream) {
         let known = crate::upstream::sources::static_sources(&spec)
             .iter()
             .any(|u| u.as_str() == src.url);
-        if known && stream.failover().current_url != src.url {
+        // Also when the URL is the same: the attempts and time recorded
+        // there may be ahead of this copy's.
+        if known {
             stream.adopt_source(src.index, &src.url, src.attempts, src.last_failover);
         }
     }

@@ -575,7 +575,7 @@ async fn failover_asked_on_a_relaying_node_switches_the_owner() {
     assert_eq!(p.open_streams("/live/"), 1);
     // Every node's API shows where the owner (n1) has the channel now:
     // m3u-editor reads current_url and the failover fields on any node.
-    nodes_show_the_source(&mut c, "fo", &p.url("live/fb.ts?kbps=800")).await;
+    nodes_show_the_source(&mut c, "fo", &p.url("live/fb.ts?kbps=800"), 0, 1).await;
 }
 
 /// The owner's primary drops; it fails over on its own. A node that only
@@ -592,7 +592,7 @@ async fn an_owners_failover_shows_on_every_node() {
          streams:\n  - id: fo\n    url: \"{}\"\n    live: true\n    failover_urls:\n      - \"{}\"\n",
         p.url("live/fa.ts?kbps=4000&drop_after=600000"),
         p.url("live/fb.ts?kbps=4000"),
-    );
+    ) + &format!("      - \"{}\"\n", p.url("live/fc.ts?kbps=4000"));
     let mut c = ClusterNodes::start(&redis, 2, &yaml).await;
     let mut a = joined(c.node(0), "fo", "a").await;
     let mut b = joined(c.node(1), "fo", "b").await;
@@ -602,12 +602,41 @@ async fn an_owners_failover_shows_on_every_node() {
     );
     keeps_watching(&mut a, "viewer on n1", T).await;
     keeps_watching(&mut b, "viewer on n2", T).await;
-    nodes_show_the_source(&mut c, "fo", &p.url("live/fb.ts?kbps=4000")).await;
+    nodes_show_the_source(&mut c, "fo", &p.url("live/fb.ts?kbps=4000"), 0, 1).await;
+    // A failover asked on the relaying node goes on from where the owner
+    // is (fb, index 0) to the next source, not back to fb.
+    let (status, v) = client::api(
+        c.node(1),
+        http::Method::POST,
+        "/streams/fo/failover",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["new_url"], p.url("live/fc.ts?kbps=4000"), "{v}");
+    assert_eq!(v["failover_index"], 1, "{v}");
+    assert!(
+        p.wait_until(T, |p| p.open_streams("/live/fc") == 1
+            && p.open_streams("/live/fb") == 0)
+            .await,
+        "the owner did not switch to the third source"
+    );
+    keeps_watching(&mut a, "viewer on n1", T).await;
+    keeps_watching(&mut b, "viewer on n2", T).await;
+    nodes_show_the_source(&mut c, "fo", &p.url("live/fc.ts?kbps=4000"), 1, 2).await;
 }
 
 /// Waits until `GET /streams/{id}` on every node shows `url` as the current
-/// source at failover index 0, with the same attempts and a failover time.
-async fn nodes_show_the_source(c: &mut ClusterNodes, id: &str, url: &str) {
+/// source at failover `index`, with the same attempts (at least `attempts`)
+/// and a failover time.
+async fn nodes_show_the_source(
+    c: &mut ClusterNodes,
+    id: &str,
+    url: &str,
+    index: i64,
+    attempts: u64,
+) {
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + T;
     loop {
@@ -629,7 +658,11 @@ async fn nodes_show_the_source(c: &mut ClusterNodes, id: &str, url: &str) {
             ));
         }
         let same = seen.iter().all(|x| *x == seen[0]);
-        if same && seen[0].0 == url && seen[0].1 == 0 && seen[0].2.as_u64() >= Some(1) && seen[0].3
+        if same
+            && seen[0].0 == url
+            && seen[0].1 == index
+            && seen[0].2.as_u64() >= Some(attempts)
+            && seen[0].3
         {
             return;
         }

@@ -132,7 +132,8 @@ return {'created', spec, tostring(now)}
 /// Streams with their live client counts. ARGV: prefix, mode, ...:
 /// `all`; `meta` field value; `ids` id... (ids not in Redis come back with
 /// an empty spec: YAML streams, whose clients are shared too). Returns a
-/// flat list of {id, spec, created, last_access, clients, bytes, segments}.
+/// flat list of {id, spec, created, last_access, clients, bytes, segments,
+/// current_url, failover_index, failover_attempts, last_failover}.
 const STREAMS: &str = r#"
 local now = now_ms()
 local ids
