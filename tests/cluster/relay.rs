@@ -544,26 +544,12 @@ async fn failover_asked_on_a_relaying_node_switches_the_owner() {
         return;
     };
     let p = Arc::new(Provider::start().await);
-    let yaml = format!(
-        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n\
-         live:\n  stall_timeout: \"1s\"\n  retry_backoff: \"1s\"\n\
-         streams:\n  - id: fo\n    url: \"{}\"\n    live: true\n    failover_urls:\n      - \"{}\"\n",
-        p.url("live/fa.ts?kbps=800"),
-        p.url("live/fb.ts?kbps=800"),
-    );
+    let yaml = failover_yaml(&p, &["live/fa.ts?kbps=800", "live/fb.ts?kbps=800"]);
     let mut c = ClusterNodes::start(&redis, 2, &yaml).await;
     let mut a = joined(c.node(0), "fo", "a").await;
     let mut b = joined(c.node(1), "fo", "b").await;
     assert_eq!(p.open_streams("/live/fa"), 1);
-    let (status, v) = client::api(
-        c.node(1),
-        http::Method::POST,
-        "/streams/fo/failover",
-        None,
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
+    force_failover(c.node(1), "fo").await;
     assert!(
         p.wait_until(T, |p| p.open_streams("/live/fb") == 1
             && p.open_streams("/live/fa") == 0)
@@ -586,13 +572,14 @@ async fn an_owners_failover_shows_on_every_node() {
         return;
     };
     let p = Arc::new(Provider::start().await);
-    let yaml = format!(
-        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n\
-         live:\n  stall_timeout: \"1s\"\n  retry_backoff: \"1s\"\n\
-         streams:\n  - id: fo\n    url: \"{}\"\n    live: true\n    failover_urls:\n      - \"{}\"\n",
-        p.url("live/fa.ts?kbps=4000&drop_after=600000"),
-        p.url("live/fb.ts?kbps=4000"),
-    ) + &format!("      - \"{}\"\n", p.url("live/fc.ts?kbps=4000"));
+    let yaml = failover_yaml(
+        &p,
+        &[
+            "live/fa.ts?kbps=4000&drop_after=600000",
+            "live/fb.ts?kbps=4000",
+            "live/fc.ts?kbps=4000",
+        ],
+    );
     let mut c = ClusterNodes::start(&redis, 2, &yaml).await;
     let mut a = joined(c.node(0), "fo", "a").await;
     let mut b = joined(c.node(1), "fo", "b").await;
@@ -605,15 +592,7 @@ async fn an_owners_failover_shows_on_every_node() {
     nodes_show_the_source(&mut c, "fo", &p.url("live/fb.ts?kbps=4000"), 0, 1).await;
     // A failover asked on the relaying node goes on from where the owner
     // is (fb, index 0) to the next source, not back to fb.
-    let (status, v) = client::api(
-        c.node(1),
-        http::Method::POST,
-        "/streams/fo/failover",
-        None,
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
+    let v = force_failover(c.node(1), "fo").await;
     assert_eq!(v["new_url"], p.url("live/fc.ts?kbps=4000"), "{v}");
     assert_eq!(v["failover_index"], 1, "{v}");
     assert!(
@@ -625,6 +604,29 @@ async fn an_owners_failover_shows_on_every_node() {
     keeps_watching(&mut a, "viewer on n1", T).await;
     keeps_watching(&mut b, "viewer on n2", T).await;
     nodes_show_the_source(&mut c, "fo", &p.url("live/fc.ts?kbps=4000"), 1, 2).await;
+}
+
+/// Stream `fo` (live) on the provider's `paths`: the first is the primary, the
+/// rest its failover URLs in order.
+fn failover_yaml(p: &Provider, paths: &[&str]) -> String {
+    let mut yaml = format!(
+        "server:\n  listen: \"{{listen}}\"\n  state_file: \"{{state_file}}\"\n  grace_period: \"0s\"\n\
+         live:\n  stall_timeout: \"1s\"\n  retry_backoff: \"1s\"\n\
+         streams:\n  - id: fo\n    url: \"{}\"\n    live: true\n    failover_urls:\n",
+        p.url(paths[0])
+    );
+    for path in &paths[1..] {
+        yaml.push_str(&format!("      - \"{}\"\n", p.url(path)));
+    }
+    yaml
+}
+
+/// `POST /streams/{id}/failover` on `e`; its 200 reply.
+async fn force_failover(e: &Edge, id: &str) -> Value {
+    let path = format!("/streams/{id}/failover");
+    let (status, v) = client::api(e, http::Method::POST, &path, None, None).await;
+    assert_eq!(status, 200, "{v}");
+    v
 }
 
 /// Waits until `GET /streams/{id}` on every node shows `url` as the current
