@@ -196,8 +196,9 @@ if o[1] == ARGV[1] and o[2] == ARGV[2] then return 1 end
 return 0
 "#;
 
-fn with_lib(body: &str) -> Script {
-    Script::new(&format!("{SETTLED_LUA}{LIB}\n{body}"))
+/// `body` after the helpers it uses (`live_holders`, `finish`).
+fn with_lib(body: &str) -> String {
+    format!("{SETTLED_LUA}{LIB}\n{body}")
 }
 
 static JOIN_SCRIPT: LazyLock<Script> =
@@ -205,9 +206,8 @@ static JOIN_SCRIPT: LazyLock<Script> =
 // Their replies decide who sends the event: once per op (`super::once`).
 static STARTED_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| super::once::script(&format!("{OPEN_SESSION}{STARTED}")));
-static STOP_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| super::once::script(&format!("{SETTLED_LUA}{LIB}\n{STOP}")));
-static SWEEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_lib(SWEEP));
+static STOP_SCRIPT: LazyLock<Script> = LazyLock::new(|| super::once::script(&with_lib(STOP)));
+static SWEEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&with_lib(SWEEP)));
 static OWNER_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(OWNER_OK));
 
 /// What a node asks of the session task.
@@ -381,7 +381,7 @@ impl ClusterEvents {
     async fn run_op(&self, op: Op, held: bool) {
         let deadline = tokio::time::Instant::now() + GIVE_UP;
         // One id over every retry: a try that timed out may still have run.
-        let once = self.cluster.keys().once(&super::once::new_op());
+        let once = super::once::new_key(self.cluster.keys());
         loop {
             match self.try_op(&op, held, &once).await {
                 Ok(()) => return,

@@ -39,7 +39,7 @@ pub fn script(body: &str) -> Script {
     ))
 }
 
-/// A new operation id.
-pub fn new_op() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+/// The reply key (`once:{id}`) of a new operation, for all its sends.
+pub fn new_key(keys: &super::Keys) -> String {
+    keys.once(&uuid::Uuid::new_v4().simple().to_string())
 }

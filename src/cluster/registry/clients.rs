@@ -109,7 +109,7 @@ async fn run(app: Arc<App>, c: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Not
     // (`crate::cluster::once`: a try that timed out may still have run);
     // made here, off the viewer's request path.
     let mut pending: VecDeque<(Note, String)> = VecDeque::new();
-    let op = || c.keys().once(&once::new_op());
+    let op = || once::new_key(c.keys());
     let mut missing_before: HashSet<(String, String)> = HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -300,7 +300,7 @@ async fn renew(app: &App, c: &Cluster, missing_before: &mut HashSet<(String, Str
                     spec: stream.spec(),
                     client: cl.clone(),
                 };
-                let op = c.keys().once(&once::new_op());
+                let op = once::new_key(c.keys());
                 if apply(app, c, &note, &op).await.is_ok() {
                     missing_now.remove(&key);
                 }
@@ -443,7 +443,7 @@ pub async fn sweep_dead_nodes(
     for n in todo.iter().filter(|n| n.as_str() != c.node_id()) {
         let op = ops
             .entry(n.clone())
-            .or_insert_with(|| c.keys().once(&once::new_op()))
+            .or_insert_with(|| once::new_key(c.keys()))
             .clone();
         let v = invoke(c, &lua::SWEEP_NODE_SCRIPT, &[n, &op]).await?;
         ops.remove(n);
