@@ -200,7 +200,7 @@ impl Shared {
         if source_changed {
             // Every node's API shows these (`GET /streams`: m3u-editor reads
             // current_url and the failover fields wherever it asks).
-            fields.extend(source_fields(&f));
+            fields.extend(SharedSource::fields_of(&f));
         }
         if fields.is_empty() {
             return;
@@ -289,13 +289,9 @@ pub async fn adopt_shared(c: &Cluster, stream: &Stream) {
     };
     apply_detected(stream, detected.as_deref());
     if let Some(src) = source {
-        let spec = stream.spec();
-        let known = crate::upstream::sources::static_sources(&spec)
-            .iter()
-            .any(|u| u.as_str() == src.url);
         // Also when the URL is the same: the attempts and time recorded
         // there may be ahead of this copy's.
-        if known {
+        if crate::upstream::sources::is_static_source(&stream.spec(), &src.url) {
             stream.adopt_source(src.index, &src.url, src.attempts, src.last_failover);
         }
     }
@@ -309,34 +305,14 @@ pub async fn read_shared(
 ) -> Option<(Option<String>, Option<SharedSource>)> {
     let mut conn = c.redis().await.ok()?;
     let mut cmd = redis::cmd("HMGET");
-    cmd.arg(c.keys().stream(stream)).arg("detected");
-    for f in SOURCE_FIELDS {
-        cmd.arg(f);
-    }
+    cmd.arg(c.keys().stream(stream))
+        .arg("detected")
+        .arg(&SharedSource::FIELDS[..]);
     let mut v: Vec<Option<String>> = c.run(cmd.query_async(&mut conn)).await.ok()?;
     v.resize(5, None);
     let text = |i: usize| v[i].clone().unwrap_or_default();
     let source = SharedSource::parse(&text(1), &text(2), &text(3), &text(4));
     Some((v[0].clone(), source))
-}
-
-/// The `stream:{s}` fields of a channel's source, in [`SharedSource::parse`]'s order.
-pub const SOURCE_FIELDS: [&str; 4] = [
-    "current_url",
-    "failover_index",
-    "failover_attempts",
-    "last_failover",
-];
-
-/// `stream:{s}` fields recording failover state `f`, in [`SOURCE_FIELDS`] order.
-pub fn source_fields(f: &crate::registry::FailoverState) -> [(&'static str, String); 4] {
-    let last = f.last_time.map_or(0, |t| t.timestamp_millis());
-    [
-        (SOURCE_FIELDS[0], f.current_url.clone()),
-        (SOURCE_FIELDS[1], f.index.to_string()),
-        (SOURCE_FIELDS[2], f.attempts.to_string()),
-        (SOURCE_FIELDS[3], last.to_string()),
-    ]
 }
 
 /// Whether the owner at `epoch` recorded that the channel ended there

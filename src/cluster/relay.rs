@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::owner::{self, Owned, Yield};
 use super::ownership::{self, Owner, Take};
+use super::registry::SharedSource;
 use super::session::FENCE_MARGIN;
 use super::{Bus, Cluster};
 use crate::app::App;
@@ -541,7 +542,7 @@ async fn listen(app: Arc<App>, c: Arc<Cluster>) {
 /// `POST /streams/{id}/failover` on a cluster node: records the new source
 /// in `stream:{s}` and tells the owner (wherever it runs) to switch to it.
 pub async fn failover_everywhere(c: &Cluster, stream: &str, f: &FailoverState) {
-    let fields = owner::source_fields(f);
+    let fields = SharedSource::fields_of(f);
     if let Err(e) = owner::write_shared(c, stream, &fields).await {
         tracing::warn!(stream_id = %stream, error = %e, "cluster: could not share the forced failover");
     }

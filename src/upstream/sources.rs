@@ -24,6 +24,14 @@ pub fn static_sources(spec: &StreamSpec) -> Vec<Url> {
         .collect()
 }
 
+/// Whether `url` is one of the stream's static candidates, as written in
+/// its spec or as parsed (a switch records the parsed form).
+pub fn is_static_source(spec: &StreamSpec, url: &str) -> bool {
+    url == spec.url
+        || spec.failover_urls.iter().any(|u| u == url)
+        || static_sources(spec).iter().any(|u| u.as_str() == url)
+}
+
 /// m3u-proxy numbering: -1 = primary, 0.. = index into failover_urls.
 pub fn failover_index(position: usize) -> i64 {
     position as i64 - 1

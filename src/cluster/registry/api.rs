@@ -180,11 +180,7 @@ fn stream_json(app: &App, c: &Cluster, s: &Stream, sh: &Shared) -> Value {
     let spec = s.spec();
     let of_this_spec = |url: &str| {
         spec.failover_resolver_url.is_some()
-            || url == spec.url
-            || spec.failover_urls.iter().any(|u| u == url)
-            || crate::upstream::sources::static_sources(&spec)
-                .iter()
-                .any(|u| u.as_str() == url)
+            || crate::upstream::sources::is_static_source(&spec, url)
     };
     let shared = sh
         .source

@@ -61,8 +61,27 @@ pub struct SharedSource {
 }
 
 impl SharedSource {
-    /// From the four `stream:{s}` fields (empty when unset; see
-    /// `crate::cluster::owner::SOURCE_FIELDS`).
+    /// Its `stream:{s}` fields, in [`SharedSource::parse`]'s order (the
+    /// STREAMS script and REGISTER's clean-up name them too).
+    pub const FIELDS: [&str; 4] = [
+        "current_url",
+        "failover_index",
+        "failover_attempts",
+        "last_failover",
+    ];
+
+    /// The `stream:{s}` fields recording failover state `f`.
+    pub fn fields_of(f: &crate::registry::FailoverState) -> [(&'static str, String); 4] {
+        let last = f.last_time.map_or(0, |t| t.timestamp_millis());
+        [
+            (Self::FIELDS[0], f.current_url.clone()),
+            (Self::FIELDS[1], f.index.to_string()),
+            (Self::FIELDS[2], f.attempts.to_string()),
+            (Self::FIELDS[3], last.to_string()),
+        ]
+    }
+
+    /// From the four [`SharedSource::FIELDS`] (empty when unset).
     pub fn parse(url: &str, index: &str, attempts: &str, last: &str) -> Option<SharedSource> {
         if url.is_empty() {
             return None;
