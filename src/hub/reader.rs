@@ -503,18 +503,9 @@ async fn standby_task(
     mut ask: mpsc::Receiver<oneshot::Sender<Upstream>>,
 ) -> Unready {
     let provider = provider_of(&app, &spec, &url);
-    let lease = match lease {
-        Some(l) => l,
-        // A limited provider in cluster mode: its lease is counted in
-        // Redis, a round trip the reader does not wait for.
-        None => match app
-            .leases
-            .acquire(provider.as_deref(), Duration::ZERO)
-            .await
-        {
-            Ok(l) => l,
-            Err(_) => return Unready::NoLease,
-        },
+    let lease = match lease_in_task(&app, provider.as_deref(), lease).await {
+        Ok(l) => l,
+        Err(e) => return e,
     };
     let (resp, lease) = match open(&app, &spec, &url, lease, provider, |u| {
         provider_of(&app, &spec, u)
@@ -565,6 +556,23 @@ async fn standby_task(
                 }
             }
         }
+    }
+}
+
+/// The lease [`Reader::helper_lease`] left to a helper's task, taken now
+/// (no wait: the helper is tried again later).
+async fn lease_in_task(
+    app: &App,
+    provider: Option<&str>,
+    lease: Option<Lease>,
+) -> Result<Lease, Unready> {
+    match lease {
+        Some(l) => Ok(l),
+        None => app
+            .leases
+            .acquire(provider, Duration::ZERO)
+            .await
+            .map_err(|_| Unready::NoLease),
     }
 }
 
@@ -1146,6 +1154,18 @@ impl Reader {
         self.marker = Some(DiscontinuityMarker::new(&[], None));
     }
 
+    /// A lease for a helper connection (standby, return probe) on `provider`.
+    /// `Ok(None)`: a limited provider in cluster mode, whose lease takes a
+    /// Redis round trip the reader does not wait for: the helper's task
+    /// takes it ([`lease_in_task`]).
+    fn helper_lease(&self, provider: Option<&str>) -> Result<Option<Lease>, Full> {
+        match self.app.leases.try_acquire(provider) {
+            Ok(l) => Ok(Some(l)),
+            Err(full) if self.app.cluster.is_some() && full.reason.is_some() => Ok(None),
+            Err(full) => Err(full),
+        }
+    }
+
     /// Opens a standby on the next source, if configured and its provider has a
     /// free lease (most accounts allow one connection: then there is none).
     fn start_standby(&self, picker: &Picker, pos: usize) -> Option<Standby> {
@@ -1159,16 +1179,7 @@ impl Reader {
             }
         }
         let (spos, url) = picker.peek_next(pos)?;
-        let lease = match self
-            .app
-            .leases
-            .try_acquire(self.provider_of(&url).as_deref())
-        {
-            Ok(l) => Some(l),
-            // Cluster mode, limited provider: the task takes the lease.
-            Err(full) if self.app.cluster.is_some() && full.reason.is_some() => None,
-            Err(_) => return None,
-        };
+        let lease = self.helper_lease(self.provider_of(&url).as_deref()).ok()?;
         let (ask_tx, ask_rx) = mpsc::channel(1);
         let task = tokio::spawn(standby_task(
             self.app.clone(),
@@ -1205,29 +1216,19 @@ impl Reader {
             return Return::Switch;
         }
         let provider = self.provider_of(&primary);
-        let lease = match self.app.leases.try_acquire(provider.as_deref()) {
-            Ok(lease) => Some(lease),
-            Err(_)
-                if picker
-                    .url(pos)
-                    .is_some_and(|u| self.provider_of(u) == provider) =>
-            {
-                return Return::Switch
-            }
-            // Cluster mode, limited provider: the probe takes the lease.
-            Err(full) if self.app.cluster.is_some() && full.reason.is_some() => None,
+        let same_provider = picker
+            .url(pos)
+            .is_some_and(|u| self.provider_of(u) == provider);
+        let lease = match self.helper_lease(provider.as_deref()) {
+            Ok(Some(lease)) => Some(lease),
+            // No lease now, none to spare on the account in use: switch.
+            Ok(None) | Err(_) if same_provider => return Return::Switch,
+            Ok(None) => None,
             Err(_) => return Return::Later,
         };
         let (app, spec) = (self.app.clone(), self.spec.clone());
         Return::Probe(Probe(tokio::spawn(async move {
-            let lease = match lease {
-                Some(l) => l,
-                None => app
-                    .leases
-                    .acquire(provider.as_deref(), Duration::ZERO)
-                    .await
-                    .map_err(|_| Unready::NoLease)?,
-            };
+            let lease = lease_in_task(&app, provider.as_deref(), lease).await?;
             let opened = open(&app, &spec, &primary, lease, provider, |u| {
                 provider_of(&app, &spec, u)
             })
