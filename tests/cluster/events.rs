@@ -35,6 +35,18 @@ fn body(p: &Provider, hook: &str, hook_extra: &str) -> String {
     ))
 }
 
+/// Redis, the provider, the webhook receiver and three nodes with the webhook
+/// in their YAML (`hook_extra`: more webhook keys); None without redis-server.
+async fn three_nodes(
+    hook_extra: &str,
+) -> Option<(RedisServer, Provider, WebhookReceiver, ClusterNodes)> {
+    let redis = RedisServer::start().await?;
+    let p = Provider::start().await;
+    let hook = WebhookReceiver::start().await;
+    let c = ClusterNodes::start(&redis, 3, &body(&p, &hook.url("/hook"), hook_extra)).await;
+    Some((redis, p, hook, c))
+}
+
 async fn watch(e: &Edge, id: &str, client_id: &str) -> BodyReader {
     let resp = client::get(&e.url(&format!("/stream/{id}?client_id={client_id}"))).await;
     assert_eq!(resp.status(), 200, "viewer {client_id} of {id}");
@@ -76,12 +88,9 @@ async fn leader(redis: &RedisServer) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_event_reaches_the_webhook_once_though_three_nodes_run() {
-    let Some(redis) = RedisServer::start().await else {
+    let Some((redis, _p, hook, mut c)) = three_nodes("").await else {
         return;
     };
-    let p = Provider::start().await;
-    let hook = WebhookReceiver::start().await;
-    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &hook.url("/hook"), "")).await;
     let a = watch(c.node(0), "s0", "a").await;
     let b = watch(c.node(1), "s0", "b").await;
     let v = watch(c.node(2), "s0", "c").await;
@@ -130,12 +139,9 @@ async fn each_event_reaches_the_webhook_once_though_three_nodes_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_session_ends_with_one_stream_stopped() {
-    let Some(redis) = RedisServer::start().await else {
+    let Some((redis, _p, hook, mut c)) = three_nodes("").await else {
         return;
     };
-    let p = Provider::start().await;
-    let hook = WebhookReceiver::start().await;
-    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &hook.url("/hook"), "")).await;
     let lead = leader(&redis).await;
     // Viewers on one node that is not the delivery leader (the leader's
     // own death is the next test).
@@ -161,12 +167,9 @@ async fn a_killed_nodes_session_ends_with_one_stream_stopped() {
 /// counters every node reports each second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_api_stream_stops_with_the_bytes_served() {
-    let Some(redis) = RedisServer::start().await else {
+    let Some((redis, p, hook, mut c)) = three_nodes("").await else {
         return;
     };
-    let p = Provider::start().await;
-    let hook = WebhookReceiver::start().await;
-    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &hook.url("/hook"), "")).await;
     let lead = leader(&redis).await;
     let n = (lead + 1) % 3;
     let (status, v) = crate::common::api(
@@ -201,14 +204,11 @@ async fn a_killed_nodes_api_stream_stops_with_the_bytes_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_delivers_what_the_killed_one_had_pending() {
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let p = Provider::start().await;
-    let hook = WebhookReceiver::start().await;
     // Many retries: the receiver refuses until the leader is dead.
     let extra = "      timeout: \"2s\"\n      retry_attempts: 20\n";
-    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &hook.url("/hook"), extra)).await;
+    let Some((redis, _p, hook, mut c)) = three_nodes(extra).await else {
+        return;
+    };
     hook.set_status(500);
     let lead = leader(&redis).await;
     let n = (lead + 1) % 3;
@@ -252,12 +252,9 @@ async fn a_new_leader_delivers_what_the_killed_one_had_pending() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_delivery_leader_stopping_cleanly_hands_its_last_events_on() {
-    let Some(redis) = RedisServer::start().await else {
+    let Some((redis, _p, hook, mut c)) = three_nodes("").await else {
         return;
     };
-    let p = Provider::start().await;
-    let hook = WebhookReceiver::start().await;
-    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &hook.url("/hook"), "")).await;
     // Viewers on the leader itself: its own stop events are the last it
     // writes, and another node must deliver them.
     let lead = leader(&redis).await;
@@ -319,12 +316,9 @@ async fn an_hls_client_round_robined_over_three_nodes_is_one_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_deleted_on_a_third_node_stops_once() {
-    let Some(redis) = RedisServer::start().await else {
+    let Some((_redis, p, hook, mut c)) = three_nodes("").await else {
         return;
     };
-    let p = Provider::start().await;
-    let hook = WebhookReceiver::start().await;
-    let mut c = ClusterNodes::start(&redis, 3, &body(&p, &hook.url("/hook"), "")).await;
     let id = crate::common::register(
         c.node(0),
         serde_json::json!({"url": p.url("live/del.ts?kbps=1000"), "metadata": {"provider_profile_id": "5"}}),
